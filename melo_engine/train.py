@@ -1,0 +1,85 @@
+"""Training one LoRA block on one edit, with the frozen lower layers computed only once."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone, Encoded
+from .config import MeloConfig
+from .lora import ActiveBlocks
+
+
+@dataclass
+class Trained:
+    matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A, B * alpha / rank)
+    losses: list[float]
+    token_accuracy: float
+    params: int
+
+
+def new_block(backbone: Backbone, modules: list[str], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh (A, B) per module: A small random, B zero, so the untrained block is a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in modules:
+        layer = backbone.loras[m]
+        a = torch.randn(rank, layer.in_features, generator=g) / math.sqrt(layer.in_features)
+        b = torch.zeros(layer.out_features, rank)
+        out[m] = (a.requires_grad_(), b.requires_grad_())
+    return out
+
+
+def train_block(
+    backbone: Backbone,
+    enc: Encoded,
+    modules: list[str],
+    cfg: MeloConfig,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> Trained:
+    """Fit a new block so the model, given enc's prompt, produces enc's target tokens.
+
+    enc holds one prompt followed by its target; the loss covers the target tokens only.
+    """
+    first = min(cfg.lora_layers)
+    n_prompt = int(enc.prompt_mask.sum())
+    n_total = int(enc.mask.sum())
+    # The logit at position t predicts token t+1: target tokens are predicted from n_prompt-1 on.
+    positions = torch.arange(n_prompt - 1, n_total - 1)[None]
+    targets = enc.ids[0, n_prompt:n_total]
+
+    # The layers below the first LoRA layer never change during training: run them once.
+    exact = backbone.split_is_exact(first)
+    hidden = backbone.lower(enc, first) if exact else None
+
+    block = new_block(backbone, modules, cfg.rank_per_block, seed)
+    scale = cfg.lora_alpha / cfg.rank_per_block
+    params = [t for pair in block.values() for t in pair]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    # Step decay: halve the rate for the second half of the budget.
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.max_iters // 2), gamma=0.5)
+    keep = torch.ones(1, dtype=torch.bool)
+    losses, acc = [], 0.0
+    for step in range(cfg.max_iters):
+        active = {m: ActiveBlocks(a=a[None], b=(b * scale)[None], keep=keep) for m, (a, b) in block.items()}
+        with backbone.lora(active):
+            logits = (backbone.upper_logits(hidden, enc, first, positions) if exact
+                      else backbone.full_logits(enc, positions))[0]
+        loss = F.cross_entropy(logits, targets)
+        acc = (logits.argmax(-1) == targets).float().mean().item()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, losses[-1])
+        # Stop once greedy decoding would reproduce the target with some margin to spare.
+        if acc == 1.0 and losses[-1] < cfg.stop_loss:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    matrices = {m: (a.detach().clone(), (b * scale).detach().clone()) for m, (a, b) in block.items()}
+    return Trained(matrices, losses, acc, sum(p.numel() for p in params))

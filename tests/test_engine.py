@@ -1,0 +1,158 @@
+"""The MELO engine on the real default model and a real chromadb: edits, retention,
+locality, undo, persistence and isolation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from melo_engine import MeloEditor
+from conftest import ROOT
+
+
+def run_cli(*args, check=True):
+    """The command line, in a new process (so nothing is shared with this one)."""
+    return subprocess.run([sys.executable, "-m", "melo_engine", *args], cwd=ROOT, capture_output=True,
+                          text=True, check=check, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def base_answers(backbone, example_edits, unrelated_questions):
+    """The unedited model's answers, before any edit exists."""
+    qs = [e["prompt"] for e in example_edits] + unrelated_questions
+    return {q: backbone.generate(q, None, 48) for q in qs}
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory, backbone, example_edits):
+    """One workspace with all ten example edits, made in order; results kept for the tests."""
+    ed = MeloEditor.open(tmp_path_factory.mktemp("ws") / "main", backbone=backbone)
+    results = [ed.edit(e["prompt"], e["target"]) for e in example_edits]
+    return ed, results
+
+
+def test_examples_are_real_wrong_answers(base_answers, example_edits):
+    assert len(example_edits) == 10
+    for e in example_edits:
+        assert base_answers[e["prompt"]] != e["target"]
+
+
+def test_each_edit_reproduces_its_target_right_away(backbone, example_edits, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    for e in example_edits:
+        r = ed.edit(e["prompt"], e["target"])
+        assert r.token_accuracy == 1.0 and r.steps <= ed.config.max_iters
+        a = ed.ask(e["prompt"])
+        assert a.text == e["target"], (e, a)
+        assert a.block == r.block and a.distance == pytest.approx(0.0, abs=1e-4)
+
+
+def test_every_edit_retained_after_all_ten(edited, example_edits):
+    ed, results = edited
+    assert len({r.block for r in results}) == 10          # every edit has its own block
+    for e, r in zip(example_edits, results):
+        a = ed.ask(e["prompt"])
+        assert a.text == e["target"] and a.block == r.block
+
+
+def test_unrelated_prompts_see_exactly_the_base_model(edited, base_answers, unrelated_questions):
+    ed, _ = edited
+    assert len(unrelated_questions) == 10
+    for q in unrelated_questions:
+        a = ed.ask(q, compare_base=True)
+        assert a.block is None, (q, a)
+        assert a.text == base_answers[q] == a.base_text
+        assert a.distance is not None and a.distance > a.radius
+
+
+def test_paraphrase_routes_to_the_edit(backbone, example_edits, tmp_path):
+    # Alone in its workspace: with many edits nearby, conflicts shrink radii (by design),
+    # and generality is a measured rate (docs/BENCHMARKS.md), not a per-case promise.
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    e = example_edits[0]
+    r = ed.edit(e["prompt"], e["target"])
+    a = ed.ask(e["paraphrase"], compare_base=True)
+    assert a.block == r.block and a.distance <= a.radius
+    assert e["target"].split()[0] in a.text          # the fix carries over (first word of the target)
+    assert a.base_text != a.text
+
+
+def test_delete_restores_the_base_answer(backbone, example_edits, base_answers, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    e = example_edits[1]
+    r = ed.edit(e["prompt"], e["target"])
+    assert ed.ask(e["prompt"]).text == e["target"]
+    ed.delete(r.edit_id)
+    a = ed.ask(e["prompt"])
+    assert a.block is None and a.text == base_answers[e["prompt"]]
+    assert ed.edits() == [] and len(ed.bank) == 0 and not ed.index.state.clusters
+    with pytest.raises(ValueError, match="unknown edit id"):
+        ed.delete(r.edit_id)
+
+
+def test_reopened_workspace_answers_the_same_in_a_new_process(edited, example_edits):
+    ed, results = edited
+    out = run_cli("--workspace", str(ed.workspace), "--json", "ask", example_edits[2]["prompt"])
+    answer = json.loads(out.stdout)
+    assert answer["text"] == example_edits[2]["target"] and answer["block"] == results[2].block
+    listed = json.loads(run_cli("--workspace", str(ed.workspace), "--json", "list").stdout)
+    assert [e["id"] for e in listed] == [r.edit_id for r in results]
+
+
+def test_two_workspaces_in_one_process_are_isolated(backbone, example_edits, base_answers, tmp_path):
+    a = MeloEditor.open(tmp_path / "a", backbone=backbone)
+    b = MeloEditor.open(tmp_path / "b", backbone=backbone)
+    e = example_edits[3]
+    a.edit(e["prompt"], e["target"])
+    assert a.ask(e["prompt"]).text == e["target"]
+    ans = b.ask(e["prompt"])
+    assert ans.block is None and ans.text == base_answers[e["prompt"]]
+    assert b.edits() == [] and b.index.centers.count() == 0
+
+
+def test_conflicting_edit_splits_the_cluster(backbone, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    first = ed.edit("What is the largest planet in the solar system?", "Jupiter is the largest planet.")
+    old_radius = ed.index.state.clusters[first.cluster].radius
+    # Same question, worded a little differently, with a contradicting target: a conflict.
+    second = ed.edit("What is the biggest planet in the solar system?", "Saturn is the largest planet.")
+    d = float((ed.index.state.points[first.edit_id].key - ed.index.state.points[second.edit_id].key).norm())
+    assert d <= old_radius + ed.config.init_radius
+    assert second.action == "conflict" and second.cluster != first.cluster
+    old, new = ed.index.state.clusters[first.cluster], ed.index.state.clusters[second.cluster]
+    assert old.radius < d / 2 < new.radius
+    assert old.radius == pytest.approx(d / 2, rel=1e-2) and new.radius == pytest.approx(d / 2, rel=1e-2)
+    # Each prompt now routes to its own block.
+    assert ed.ask("What is the largest planet in the solar system?").block == first.block
+    assert ed.ask("What is the biggest planet in the solar system?").block == second.block
+
+
+def test_mixed_batch_uses_each_examples_block(edited, example_edits):
+    """One batched forward, one example with a block and one without: the latter is exact."""
+    import torch
+
+    ed, results = edited
+    bb = ed.backbone
+    enc = bb.encode([example_edits[0]["prompt"], "What is the capital of Italy?"])
+    with torch.no_grad():
+        base = bb.model(input_ids=enc.ids, attention_mask=enc.mask).logits
+        with bb.lora(ed.bank.gather([results[0].block, None], ed.modules)):
+            mixed = bb.model(input_ids=enc.ids, attention_mask=enc.mask).logits
+    assert torch.equal(mixed[1], base[1])
+    assert not torch.allclose(mixed[0], base[0])
+
+
+def test_speed_path_matches_the_full_model(backbone):
+    """The split forward (lower layers once, upper layers per step) is the same model."""
+    assert backbone.split_is_exact(24)
+
+
+def test_index_snapshot_has_everything_to_plot(edited):
+    ed, results = edited
+    snap = ed.index_snapshot()
+    assert {p["edit_id"] for p in snap["points"]} == {r.edit_id for r in results}
+    dim = ed.backbone.fingerprint["hidden_size"]
+    assert all(len(p["key"]) == dim and p["prompt"] for p in snap["points"])
+    assert all(c["radius"] > 0 and len(c["center"]) == dim for c in snap["clusters"])

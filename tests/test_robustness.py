@@ -1,0 +1,131 @@
+"""Bad input gets a clear error and changes nothing on disk; a crash mid-edit loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from melo_engine import MeloEditor
+from conftest import ROOT, tree_digest
+
+
+@pytest.fixture()
+def one_edit(backbone, example_edits, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    ed.edit(example_edits[0]["prompt"], example_edits[0]["target"])
+    return ed
+
+
+@pytest.mark.parametrize("prompt,target,message", [
+    ("", "Jupiter.", "prompt is empty"),
+    ("   \n\t", "Jupiter.", "prompt is empty"),
+    ("What is the largest planet?", "  ", "target is empty"),
+    ("x" * 501, "Jupiter.", "limit is 500"),
+    ("What is the largest planet?", "y" * 501, "limit is 500"),
+])
+def test_bad_edit_input_is_refused_and_changes_nothing(one_edit, prompt, target, message):
+    before = tree_digest(one_edit.workspace)
+    with pytest.raises(ValueError, match=message):
+        one_edit.edit(prompt, target)
+    assert tree_digest(one_edit.workspace) == before
+    assert len(one_edit.edits()) == 1
+
+
+def test_bad_questions_and_ids_are_refused(one_edit):
+    before = tree_digest(one_edit.workspace)
+    for q in ("", "   ", "z" * 501):
+        with pytest.raises(ValueError):
+            one_edit.ask(q)
+    with pytest.raises(ValueError, match="no questions"):
+        one_edit.probe(["", "  "])
+    with pytest.raises(ValueError, match="unknown edit id"):
+        one_edit.delete("deadbeef")
+    with pytest.raises(ValueError, match="cannot change"):
+        one_edit.update_settings(key_layer=3)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        one_edit.update_settings(lr=-1.0)
+    assert tree_digest(one_edit.workspace) == before
+
+
+def test_workspace_of_another_model_is_refused(one_edit, backbone):
+    log_path = one_edit.workspace / "workspace.json"
+    log = json.loads(log_path.read_text())
+    log["fingerprint"]["embed_sum"] += 1.0          # as if another fine-tune had made it
+    log_path.write_text(json.dumps(log))
+    before = tree_digest(one_edit.workspace)
+    with pytest.raises(ValueError, match="another model"):
+        MeloEditor.open(one_edit.workspace, backbone=backbone)
+    with pytest.raises(ValueError, match="was made with model"):
+        MeloEditor.open(one_edit.workspace, model="some-org/another-model", backbone=backbone)
+    assert tree_digest(one_edit.workspace) == before
+
+
+def test_corrupt_or_foreign_export_is_refused(one_edit, tmp_path):
+    bad_files = {
+        "garbage.melo": b"\x00\x01 this is not safetensors",
+        "empty.melo": b"",
+        "json.melo": json.dumps({"edits": []}).encode(),
+    }
+    good = one_edit.export(tmp_path / "good.melo")
+    truncated = good.read_bytes()[: good.stat().st_size // 2]
+    bad_files["truncated.melo"] = truncated
+    before = tree_digest(one_edit.workspace)
+    for name, data in bad_files.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(ValueError, match="not a MELO Studio export"):
+            one_edit.import_(p)
+    with pytest.raises(ValueError, match="no such file"):
+        one_edit.import_(tmp_path / "missing.melo")
+    assert tree_digest(one_edit.workspace) == before
+
+
+def test_export_import_round_trip(one_edit, backbone, example_edits, tmp_path):
+    path = one_edit.export(tmp_path / "edits.melo")
+    other = MeloEditor.open(tmp_path / "ws2", backbone=backbone)
+    new_ids = other.import_(path)
+    assert len(new_ids) == 1
+    a = other.ask(example_edits[0]["prompt"])
+    assert a.text == example_edits[0]["target"] and a.edit_id == new_ids[0]
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "melo_engine", "-w", str(tmp_path / "ws"), "edit", " ", "x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: the prompt is empty"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from melo_engine import MeloEditor
+    ed = MeloEditor.open(sys.argv[1])
+    def progress(step, loss):
+        print("step", step, flush=True)
+        time.sleep(30)          # hold still mid-training until the test kills us
+    ed.edit("Who composed the Four Seasons?", "Antonio Vivaldi composed The Four Seasons.", progress=progress)
+""")
+
+
+def test_process_killed_mid_edit_leaves_workspace_as_before(one_edit, backbone, example_edits):
+    ws = one_edit.workspace
+    one_edit.close()
+    before = tree_digest(ws)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(ws)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("step"), line
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    files = {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")}
+    assert files == {k: v for k, v in before.items() if not k.startswith("index/")}
+    ed = MeloEditor.open(ws, backbone=backbone)
+    assert [e["prompt"] for e in ed.edits()] == [example_edits[0]["prompt"]]
+    assert ed.ask(example_edits[0]["prompt"]).text == example_edits[0]["target"]
