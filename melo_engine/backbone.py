@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -213,15 +214,55 @@ class Backbone:
                     layer.active = None
 
     @torch.no_grad()
-    def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int) -> str:
+    def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int,
+                 min_new_tokens: int = 0) -> str:
         """Greedy answer to one question with the given blocks held for every new token."""
         enc = self.encode([question])
         with self.lora(active):
-            out = self.model.generate(
-                input_ids=enc.ids,
-                attention_mask=enc.mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            return self._greedy(enc, max_new_tokens, min_new_tokens)
+
+    def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+        out = self.model.generate(
+            input_ids=enc.ids,
+            attention_mask=enc.mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def generate_routed(self, question: str, key_layer: int, reduction: str, distance: str,
+                        choose: Callable[[torch.Tensor], tuple[dict | None, object]], max_new_tokens: int,
+                        min_new_tokens: int = 0):
+        """Greedy answer where the block is chosen from the prompt inside the first forward.
+
+        A hook on the key layer reduces the prompt's hidden states to the key, asks
+        `choose(key)` for (blocks, info), and sets the blocks before any LoRA layer runs:
+        no separate forward for the key, and one routing decision held for all new tokens.
+        Returns (text, info).
+        """
+        enc = self.encode([question])
+        decided: dict = {}
+
+        def route_on_prefill(_module, _args, output):
+            if decided:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            key = reduce_key(hidden, enc, reduction)[0]
+            if distance == "cosine":
+                key = torch.nn.functional.normalize(key, dim=-1)
+            active, decided["info"] = choose(key)
+            for name, layer in self.loras.items():
+                layer.active = active.get(name) if active else None
+
+        with self.lock:
+            handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
+            try:
+                text = self._greedy(enc, max_new_tokens, min_new_tokens)
+            finally:
+                handle.remove()
+                for layer in self.loras.values():
+                    layer.active = None
+        return text, decided["info"]

@@ -36,6 +36,8 @@ class BlockBank:
 
         Returns None when no example has a block, so the model runs untouched.
         """
+        # A block freed by a concurrent delete counts as no block.
+        block_ids = [b if b in self.blocks else None for b in block_ids]
         if all(b is None for b in block_ids):
             return None
         out = {}

@@ -150,15 +150,21 @@ class MeloEditor:
     def ask(self, question: str, compare_base: bool = False) -> Answer:
         """Answer with the edited model: route once from the prompt, hold that block throughout."""
         question = self._check(question, "the question")
+        c = self.config
         t0 = time.perf_counter()
-        with self._lock:
-            r = self.index.route(self.key(question))
-            active = self.bank.gather([r.block], self.modules)
-        text = self.backbone.generate(question, active, self.config.max_new_tokens)
+
+        def choose(key):
+            # Reads the current index and bank without the editor lock: a commit swaps both
+            # by assignment, so a query sees the workspace before or after an edit, whole.
+            r = self.index.route(key)
+            return self.bank.gather([r.block], self.modules), r
+
+        text, r = self.backbone.generate_routed(question, c.key_layer, c.key_reduction, c.distance,
+                                                choose, c.max_new_tokens)
         base = None
         if compare_base:
             # With no block fired, the edited model *is* the base model: no second run needed.
-            base = text if r.block is None else self.backbone.generate(question, None, self.config.max_new_tokens)
+            base = text if r.block is None else self.backbone.generate(question, None, c.max_new_tokens)
         return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0)
 
     def probe(self, questions: list[str]) -> list[Answer]:

@@ -1,0 +1,226 @@
+"""Callbacks: plain functions that call the engine and return what the page shows.
+
+Each takes the WorkspacePool and the visitor's token first (layout.py binds them). Engine
+errors are ValueErrors with a message meant for the user; `user_errors` turns them into a
+short gr.Error instead of a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import html
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from . import plots
+from .sessions import WorkspacePool
+
+MAX_PROBES = 20
+HISTORY_COLUMNS = ["id", "prompt", "target", "block", "cluster", "action", "status", "seconds", "created"]
+
+
+def user_errors(fn):
+    """Show a ValueError (bad input, unknown id, bad file) as a short message, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+    return wrapper
+
+
+def visitor_token(token: str | None) -> str:
+    """The browser's workspace token, or a new one on a first visit."""
+    return token if token and len(token) >= 8 else secrets.token_urlsafe(12)
+
+
+# ---- rendering -----------------------------------------------------------------------
+def routing_badge(block, distance, radius) -> str:
+    """'block N' or 'none: original model', with distance against radius as a number and a bar."""
+    fired = block is not None
+    label = f"block {block}" if fired else "none: original model"
+    color = "#c0392b" if fired else "#7f8c8d"
+    if distance is None:
+        detail = '<span class="melo-dist">index empty</span>'
+    else:
+        # The bar spans 0..2*radius; the tick marks the radius.
+        frac = min(distance / (2 * radius), 1.0) if radius else 1.0
+        detail = (f'<span class="melo-dist">distance {distance:.3f} / radius {radius:.3f}</span>'
+                  f'<span class="melo-bar"><span class="melo-fill" style="width:{100 * frac:.0f}%;'
+                  f'background:{color}"></span><span class="melo-tick"></span></span>')
+    return f'<span class="melo-badge" style="background:{color}">{html.escape(label)}</span> {detail}'
+
+
+def diff_html(edited: str, base: str) -> tuple[str, str]:
+    """Both texts with the words that differ highlighted."""
+    a, b = edited.split(), base.split()
+    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    out_a, out_b = [], []
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        wa, wb = html.escape(" ".join(a[i1:i2])), html.escape(" ".join(b[j1:j2]))
+        if op == "equal":
+            out_a.append(wa)
+            out_b.append(wb)
+        else:
+            if wa:
+                out_a.append(f'<mark class="melo-new">{wa}</mark>')
+            if wb:
+                out_b.append(f'<mark class="melo-old">{wb}</mark>')
+    return " ".join(out_a), " ".join(out_b)
+
+
+def answer_html(ans) -> str:
+    return (f'<div class="melo-answer"><div class="melo-text">{html.escape(ans.text)}</div>'
+            f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
+
+
+def probe_html(questions: list[str], answers) -> str:
+    rows = []
+    for q, a in zip(questions, answers):
+        edited, base = diff_html(a.text, a.base_text or "")
+        same = "" if a.text != a.base_text else ' <span class="melo-same">(identical)</span>'
+        rows.append(f"<tr><td>{html.escape(q)}</td><td>{edited}</td><td>{base}{same}</td>"
+                    f"<td>{routing_badge(a.block, a.distance, a.radius)}</td></tr>")
+    return ('<table class="melo-probe"><thead><tr><th>query</th><th>edited model</th><th>unedited model</th>'
+            '<th>block fired</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+
+
+def history_rows(ed) -> list[list]:
+    rows = []
+    for e in reversed(ed.edits()):
+        rows.append([e["id"], e["prompt"], e["target"], "" if e.get("block") is None else e["block"],
+                     e.get("cluster") or "", e.get("action", ""), e["status"], e.get("seconds", 0.0),
+                     time.strftime("%H:%M:%S", time.localtime(e.get("created", 0)))])
+    return rows
+
+
+def losses_figure(losses: list[float]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines+markers"))
+    fig.update_layout(height=220, template="plotly_white", margin=dict(l=40, r=10, t=30, b=30),
+                      title=dict(text="training loss per step", font=dict(size=12)),
+                      xaxis_title="step", yaxis_title="loss")
+    return fig
+
+
+# ---- actions -------------------------------------------------------------------------
+@user_errors
+def ask(pool: WorkspacePool, token: str, question: str) -> str:
+    ed = pool.editor(token)
+    return answer_html(ed.ask(question))
+
+
+@user_errors
+def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=gr.Progress()):
+    ed = pool.editor(token)
+    max_iters = ed.config.max_iters
+    progress(0, desc="waiting for the model")
+
+    def report(step, loss):
+        progress(step / max_iters, desc=f"training step {step}: loss {loss:.3f}")
+
+    r = ed.edit(question, target, progress=report)
+    after = ed.ask(question)
+    forgotten = (f" It split a conflicting cluster; forgotten earlier edits: {', '.join(r.forgotten)}."
+                 if r.forgotten else "")
+    what = {"new": "opened a new cluster", "joined": "joined an existing cluster with the same answer",
+            "conflict": "split a cluster that held a different answer"}[r.action]
+    summary = (f"**Edit `{r.edit_id}`** trained **block {r.block}** in {r.steps} steps ({r.seconds:.1f} s) "
+               f"and {what} (`{r.cluster}`).{forgotten}")
+    return summary, answer_html(after), losses_figure(r.losses)
+
+
+@user_errors
+def probe(pool: WorkspacePool, token: str, text: str):
+    ed = pool.editor(token)
+    questions = [q.strip() for q in (text or "").splitlines() if q.strip()]
+    if not questions:
+        raise ValueError("type one or more queries, one per line")
+    if len(questions) > MAX_PROBES:
+        raise ValueError(f"at most {MAX_PROBES} queries at once ({len(questions)} given)")
+    answers = ed.probe(questions)
+    probes = [{"text": q, "key": ed.key(q).tolist(), "block": a.block, "cluster": a.cluster}
+              for q, a in zip(questions, answers)]
+    return probe_html(questions, answers), probes
+
+
+def index_map(pool: WorkspacePool, token: str, probes: list | None):
+    try:
+        ed = pool.editor(token)
+    except ValueError:
+        return plots.index_map({"points": [], "clusters": []})
+    return plots.index_map(ed.index_snapshot(), probes or [])
+
+
+def history(pool: WorkspacePool, token: str):
+    try:
+        return history_rows(pool.editor(token))
+    except ValueError:
+        return []
+
+
+@user_errors
+def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
+    edit_id = (edit_id or "").strip()
+    if not edit_id:
+        raise ValueError("select an edit in the table first")
+    ed = pool.editor(token)
+    ed.delete(edit_id)
+    return f"Deleted edit `{edit_id}`: its block is freed and its prompt gets the original answer again."
+
+
+@user_errors
+def export(pool: WorkspacePool, token: str) -> str:
+    ed = pool.editor(token)
+    if not any(e["status"] == "active" for e in ed.edits()):
+        raise ValueError("there are no edits to export")
+    out = Path(tempfile.mkdtemp(prefix="melo-export-")) / f"melo-edits-{time.strftime('%Y%m%d-%H%M%S')}.melo"
+    return str(ed.export(out))
+
+
+@user_errors
+def import_file(pool: WorkspacePool, token: str, file) -> str:
+    if file is None:
+        raise ValueError("choose a .melo file to import")
+    path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
+    ids = pool.editor(token).import_(path)
+    return f"Imported {len(ids)} edit(s)."
+
+
+@user_errors
+def save_settings(pool: WorkspacePool, token: str, radius: float, rank: int, lr: float, iters: int) -> str:
+    ed = pool.editor(token)
+    cfg = ed.update_settings(init_radius=float(radius), rank_per_block=int(rank), lr=float(lr), max_iters=int(iters))
+    return f"Saved: radius {cfg.init_radius:.3f}, rank {cfg.rank_per_block}, lr {cfg.lr:g}, up to {cfg.max_iters} steps."
+
+
+def settings_values(pool: WorkspacePool, token: str):
+    try:
+        c = pool.editor(token).config
+    except ValueError:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return c.init_radius, c.rank_per_block, c.lr, c.max_iters
+
+
+@user_errors
+def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
+    if not confirmed:
+        raise ValueError("tick the box to confirm that every edit should be removed")
+    pool.editor(token).reset()
+    return "The workspace is empty again: the model is the original."
+
+
+# ---- API (gradio_client): plain data in, plain data out -------------------------------
+def api_answer(ans) -> dict:
+    return dataclasses.asdict(ans)
+
+
+def api_edit_result(r) -> dict:
+    return dataclasses.asdict(r)

@@ -1,0 +1,176 @@
+"""The MELO Studio page, top to bottom, and its API endpoints."""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from . import callbacks as cb
+from .sessions import WorkspacePool
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+ABOUT = """
+**MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
+AAAI 2024, [arXiv:2312.11795](https://arxiv.org/abs/2312.11795)) changes what a frozen language
+model answers without retraining it. Every edit trains its own small LoRA *block*, a few thousand
+numbers added to the top layers of the model, and leaves every earlier block alone. A vector
+index remembers, for each edit, the hidden state (*key*) of its question in a low layer of the
+model, grouped into clusters with a radius. A new question fires the block of the nearest edit
+only when its key falls inside that cluster's radius; otherwise no block fires and the model
+answers exactly as before. This is why a fix can carry over to paraphrases while unrelated
+answers stay the same: the *Index map* shows where each edit sits and which queries reached it.
+"""
+
+HELP = {
+    "radius": "How far (in key distance) a question may be from an edit and still fire its block. "
+              "Larger: more paraphrases fixed, more risk of touching unrelated questions.",
+    "rank": "Size of each edit's LoRA block. Larger blocks learn harder edits but store more numbers.",
+    "lr": "Step size of the optimiser that trains a block. Too high may overshoot; too low needs more steps.",
+    "iters": "Most training steps per edit; training stops earlier once the answer is reproduced.",
+}
+
+
+def build_demo(pool: WorkspacePool) -> gr.Blocks:
+    examples = json.loads((ASSETS / "example_edits.json").read_text())
+    bind = lambda fn: partial(fn, pool)  # noqa: E731 - every callback gets the pool first
+
+    with gr.Blocks(title="MELO Studio") as demo:
+        token = gr.BrowserState("", storage_key="melo-studio-workspace")
+        probes_state = gr.State([])
+        gr.Markdown("# MELO Studio\nFix a wrong answer of a language model, then check where the fix applies.")
+
+        with gr.Tab("Edit", id="edit"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    question = gr.Textbox(label="Question", placeholder="Ask the model something…", lines=2,
+                                          elem_id="question")
+                    ask_btn = gr.Button("Ask the model", elem_id="ask-btn")
+                    answer = gr.HTML(elem_id="answer")
+                    target = gr.Textbox(label="Correct answer", placeholder="What the model should say…", lines=2,
+                                        elem_id="target")
+                    edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-btn")
+                with gr.Column(scale=2):
+                    edit_summary = gr.Markdown(elem_id="edit-summary")
+                    after = gr.HTML(elem_id="after")
+                    loss_plot = gr.Plot(label="Training", elem_id="loss-plot")
+            gr.Examples([[e["prompt"], e["target"]] for e in examples], inputs=[question, target],
+                        label="Real wrong answers of the default model: click one to fill the boxes")
+
+        with gr.Tab("Probe", id="probe"):
+            gr.Markdown("One query per line: each is answered by the edited and by the unedited model.")
+            probe_text = gr.Textbox(label="Queries", lines=4, elem_id="probe-text",
+                                    placeholder="Which planet is the biggest in our solar system?\n"
+                                                "What is the capital of France?")
+            probe_btn = gr.Button("Probe", variant="primary", elem_id="probe-btn")
+            probe_out = gr.HTML(elem_id="probe-out")
+
+        with gr.Tab("Index map", id="map"):
+            map_plot = gr.Plot(label="Index map", elem_id="index-map")
+            refresh_btn = gr.Button("Refresh", size="sm")
+
+        with gr.Tab("History", id="history"):
+            table = gr.Dataframe(headers=cb.HISTORY_COLUMNS, interactive=False, wrap=True, elem_id="history")
+            with gr.Row():
+                selected = gr.Textbox(label="Selected edit id", elem_id="selected-id", scale=2)
+                delete_btn = gr.Button("Delete (undo) this edit", variant="stop", elem_id="delete-btn")
+            history_msg = gr.Markdown(elem_id="history-msg")
+            with gr.Row():
+                export_btn = gr.Button("Export all edits", elem_id="export-btn")
+                export_file = gr.File(label="Exported file", interactive=False)
+                import_file = gr.File(label="Import a .melo file", file_types=[".melo"], elem_id="import-file")
+
+        with gr.Tab("Settings", id="settings"):
+            gr.Markdown("These apply to **new** edits; existing edits keep what they were trained with.")
+            radius = gr.Number(label="Radius", info=HELP["radius"], precision=4, minimum=1e-4, elem_id="radius")
+            rank = gr.Slider(1, 16, step=1, label="Rank per block", info=HELP["rank"])
+            lr = gr.Number(label="Learning rate", info=HELP["lr"], minimum=1e-5, maximum=1.0)
+            iters = gr.Slider(1, 200, step=1, label="Max iterations", info=HELP["iters"])
+            save_btn = gr.Button("Save settings")
+            settings_msg = gr.Markdown()
+            with gr.Row():
+                confirm = gr.Checkbox(label="Yes, remove every edit in my workspace", elem_id="reset-confirm")
+                reset_btn = gr.Button("Reset workspace", variant="stop", elem_id="reset-btn")
+
+        with gr.Tab("About", id="about"):
+            gr.Markdown(ABOUT)
+
+        # ---- wiring ----------------------------------------------------------------------
+        private = dict(api_visibility="private")
+        refresh_all = [(bind(cb.history), [token], table),
+                       (bind(cb.index_map), [token, probes_state], map_plot)]
+
+        def after_change(event):
+            """Refresh the table, then the map (slower), without holding up the first result."""
+            for fn, ins, out in refresh_all:
+                event = event.then(fn, ins, out, **private)
+            return event
+
+        demo.load(cb.visitor_token, token, token, **private).then(
+            bind(cb.settings_values), token, [radius, rank, lr, iters], **private).then(
+            bind(cb.history), token, table, **private).then(
+            bind(cb.index_map), [token, probes_state], map_plot, **private)
+
+        ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, concurrency_limit=4, **private)
+        question.submit(bind(cb.ask), [token, question], answer, concurrency_limit=4, **private)
+        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target], [edit_summary, after, loss_plot],
+                                 concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
+        after_change(edit_ev.success(lambda: None, None, None, **private))
+        probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text], [probe_out, probes_state],
+                                   concurrency_limit=4, **private)
+        probe_ev.success(bind(cb.index_map), [token, probes_state], map_plot, **private)
+        refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
+        del ask_ev
+
+        def pick(evt: gr.SelectData, rows):
+            return rows.iloc[evt.index[0], 0] if hasattr(rows, "iloc") else rows[evt.index[0]][0]
+
+        table.select(pick, table, selected, **private)
+        after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private).success(
+            lambda: "", None, selected, **private))
+        export_btn.click(bind(cb.export), token, export_file, **private)
+        after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
+        save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
+        after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
+            lambda: (False, []), None, [confirm, probes_state], **private))
+
+        # ---- API endpoints (gradio_client): plain JSON, a workspace per client session --------
+        def api_editor(request: gr.Request):
+            return pool.editor("api-" + (request.session_hash or "anonymous").replace("/", "_")[:48])
+
+        @cb.user_errors
+        def ask_api(question: str, request: gr.Request) -> dict:
+            """Answer with the edited model; routing info: block, distance, radius, cluster."""
+            return cb.api_answer(api_editor(request).ask(question, compare_base=True))
+
+        @cb.user_errors
+        def edit_api(question: str, target: str, request: gr.Request) -> dict:
+            """Edit the model so `question` gets `target`; returns the edit result."""
+            return cb.api_edit_result(api_editor(request).edit(question, target))
+
+        @cb.user_errors
+        def probe_api(queries: str, request: gr.Request) -> list:
+            """One query per line: each answered by the edited and the unedited model."""
+            qs = [q for q in queries.splitlines() if q.strip()]
+            if len(qs) > cb.MAX_PROBES:
+                raise ValueError(f"at most {cb.MAX_PROBES} queries at once")
+            return [cb.api_answer(a) for a in api_editor(request).probe(qs)]
+
+        @cb.user_errors
+        def delete_api(edit_id: str, request: gr.Request) -> dict:
+            """Undo one edit by id."""
+            api_editor(request).delete(edit_id.strip())
+            return {"deleted": edit_id.strip()}
+
+        def edits_api(request: gr.Request) -> list:
+            """Every edit of this client's workspace."""
+            return api_editor(request).edits()
+
+        gr.api(ask_api, api_name="ask", concurrency_limit=4)
+        gr.api(edit_api, api_name="edit", concurrency_limit=1, concurrency_id="train")
+        gr.api(probe_api, api_name="probe", concurrency_limit=4)
+        gr.api(delete_api, api_name="delete")
+        gr.api(edits_api, api_name="edits")
+    return demo

@@ -1,0 +1,117 @@
+"""The index map: edit keys, cluster centers and radii, and probe queries, in two dimensions.
+
+With few points UMAP is not meaningful, so below UMAP_MIN_POINTS we use PCA and say so.
+Radii: PCA is an orthogonal projection, and the projection of a ball of radius r is a disk
+of radius r, so under PCA the circles are exact. UMAP bends space; there each circle is
+scaled by how much UMAP stretched the distances from that center to its own members and
+to the nearest other centers (an approximation, labelled as such).
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+UMAP_MIN_POINTS = 15
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+
+
+def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates for the rows of `vectors`, and the method used."""
+    n = len(vectors)
+    if n >= UMAP_MIN_POINTS:
+        import umap
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), min_dist=0.1, random_state=seed,
+                            n_jobs=1)
+        return reducer.fit_transform(vectors), "UMAP"
+    centered = vectors - vectors.mean(0)
+    if n < 2:
+        return np.zeros((n, 2)), "PCA"
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    coords = centered @ vt[:2].T
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    return coords, "PCA"
+
+
+def _circle(cx: float, cy: float, r: float, n: int = 48):
+    t = np.linspace(0, 2 * np.pi, n)
+    return cx + r * np.cos(t), cy + r * np.sin(t)
+
+
+def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
+    """Plotly figure of an `index_snapshot()`, with optional probes [{text, key, cluster, block}]."""
+    probes = probes or []
+    points, clusters = snapshot["points"], snapshot["clusters"]
+    fig = go.Figure()
+    if not points and not probes:
+        fig.add_annotation(text="No edits yet: apply one and it appears here.", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(height=420, xaxis_visible=False, yaxis_visible=False, template="plotly_white")
+        return fig
+
+    vecs = [p["key"] for p in points] + [c["center"] for c in clusters] + [q["key"] for q in probes]
+    coords, method = project(np.asarray(vecs, dtype=np.float32))
+    P = coords[: len(points)]
+    C = coords[len(points): len(points) + len(clusters)]
+    Q = coords[len(points) + len(clusters):]
+    high = np.asarray(vecs, dtype=np.float32)
+    Ph, Ch = high[: len(points)], high[len(points): len(points) + len(clusters)]
+
+    # Radii, drawn first so the markers sit on top.
+    for i, c in enumerate(clusters):
+        scale = 1.0
+        if method == "UMAP":
+            others = [j for j in range(len(clusters)) if j != i]
+            members = [k for k, p in enumerate(points) if p["cluster"] == c["id"]]
+            hd = [np.linalg.norm(Ph[k] - Ch[i]) for k in members] + [np.linalg.norm(Ch[j] - Ch[i]) for j in others]
+            ld = [np.linalg.norm(P[k] - C[i]) for k in members] + [np.linalg.norm(C[j] - C[i]) for j in others]
+            ratios = [l / h for h, l in zip(hd, ld) if h > 1e-6]
+            scale = float(np.median(ratios)) if ratios else 0.0
+        x, y = _circle(C[i, 0], C[i, 1], c["radius"] * scale)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
+                                 hoverinfo="skip", showlegend=i == 0,
+                                 name="radius" + (" (approx.)" if method == "UMAP" else "")))
+
+    blocks = sorted({p["block"] for p in points})
+    for b in blocks:
+        idx = [k for k, p in enumerate(points) if p["block"] == b]
+        fig.add_trace(go.Scatter(
+            x=P[idx, 0], y=P[idx, 1], mode="markers", name=f"edit, block {b}",
+            marker=dict(size=11, color=PALETTE[b % len(PALETTE)], line=dict(width=1, color="white")),
+            text=[f"{points[k]['prompt']}<br>→ {points[k]['label']}<br>block {b}, cluster {points[k]['cluster']}"
+                  for k in idx],
+            hovertemplate="%{text}<extra></extra>"))
+    if clusters:
+        fig.add_trace(go.Scatter(
+            x=C[:, 0], y=C[:, 1], mode="markers", name="cluster center",
+            marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
+            text=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}, {len(c['members'])} edit(s)"
+                  for c in clusters],
+            hovertemplate="%{text}<extra></extra>"))
+    center_of = {c["id"]: C[i] for i, c in enumerate(clusters)}
+    for k, q in enumerate(probes):
+        fired = q.get("block") is not None and q.get("cluster") in center_of
+        if fired:
+            cx, cy = center_of[q["cluster"]]
+            fig.add_trace(go.Scatter(x=[Q[k, 0], cx], y=[Q[k, 1], cy], mode="lines", showlegend=False,
+                                     line=dict(color="#d62728", width=1.5), hoverinfo="skip"))
+    if probes:
+        fired = [q.get("block") is not None for q in probes]
+        fig.add_trace(go.Scatter(
+            x=Q[:, 0], y=Q[:, 1], mode="markers", name="probe query",
+            marker=dict(symbol="x", size=12, color=["#d62728" if f else "#999" for f in fired]),
+            text=[f"probe: {q['text']}<br>" + (f"fired block {q['block']}" if f else "routed nowhere (original model)")
+                  for q, f in zip(probes, fired)],
+            hovertemplate="%{text}<extra></extra>"))
+    note = ("PCA (fewer than %d points): circles are the true radii" % UMAP_MIN_POINTS if method == "PCA"
+            else "UMAP: circles are approximate (scaled by the local stretch)")
+    fig.update_layout(title=dict(text=f"Neuron index: {len(points)} edits, {len(clusters)} clusters. {note}",
+                                 font=dict(size=13)),
+                      height=480, template="plotly_white", legend=dict(orientation="h", y=-0.12),
+                      margin=dict(l=20, r=20, t=50, b=20))
+    fig.update_yaxes(scaleanchor="x", scaleratio=1, visible=False)
+    fig.update_xaxes(visible=False)
+    fig.layout.meta = {"method": method, "points": len(points), "clusters": len(clusters), "probes": len(probes)}
+    return fig
