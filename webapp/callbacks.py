@@ -77,7 +77,8 @@ def diff_html(edited: str, base: str) -> tuple[str, str]:
 
 def answer_html(ans) -> str:
     return (f'<div class="melo-answer"><div class="melo-text">{html.escape(ans.text)}</div>'
-            f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
+            f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}'
+            f' <span class="melo-time">answered in {ans.seconds:.2f} s</span></div></div>')
 
 
 def probe_html(questions: list[str], answers) -> str:
@@ -160,17 +161,20 @@ def index_map(pool: WorkspacePool, token: str, probes: list | None):
 
 
 def history(pool: WorkspacePool, token: str):
+    """The history table and the choices of the "edit to delete" menu."""
     try:
-        return history_rows(pool.editor(token))
+        ed = pool.editor(token)
     except ValueError:
-        return []
+        return [], gr.update(choices=[], value=None)
+    choices = [(f"{e['id']}: {e['prompt'][:60]} → {e['target'][:40]}", e["id"]) for e in reversed(ed.edits())]
+    return history_rows(ed), gr.update(choices=choices, value=None)
 
 
 @user_errors
 def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
     edit_id = (edit_id or "").strip()
     if not edit_id:
-        raise ValueError("select an edit in the table first")
+        raise ValueError("choose an edit to delete first")
     ed = pool.editor(token)
     ed.delete(edit_id)
     return f"Deleted edit `{edit_id}`: its block is freed and its prompt gets the original answer again."

@@ -74,7 +74,8 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
         with gr.Tab("History", id="history"):
             table = gr.Dataframe(headers=cb.HISTORY_COLUMNS, interactive=False, wrap=True, elem_id="history")
             with gr.Row():
-                selected = gr.Textbox(label="Selected edit id", elem_id="selected-id", scale=2)
+                selected = gr.Dropdown(label="Edit to delete (or click its row)", choices=[], elem_id="selected-id",
+                                       scale=2)
                 delete_btn = gr.Button("Delete (undo) this edit", variant="stop", elem_id="delete-btn")
             history_msg = gr.Markdown(elem_id="history-msg")
             with gr.Row():
@@ -99,7 +100,7 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
 
         # ---- wiring ----------------------------------------------------------------------
         private = dict(api_visibility="private")
-        refresh_all = [(bind(cb.history), [token], table),
+        refresh_all = [(bind(cb.history), [token], [table, selected]),
                        (bind(cb.index_map), [token, probes_state], map_plot)]
 
         def after_change(event):
@@ -110,7 +111,7 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
 
         demo.load(cb.visitor_token, token, token, **private).then(
             bind(cb.settings_values), token, [radius, rank, lr, iters], **private).then(
-            bind(cb.history), token, table, **private).then(
+            bind(cb.history), token, [table, selected], **private).then(
             bind(cb.index_map), [token, probes_state], map_plot, **private)
 
         ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, concurrency_limit=4, **private)
@@ -128,8 +129,7 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
             return rows.iloc[evt.index[0], 0] if hasattr(rows, "iloc") else rows[evt.index[0]][0]
 
         table.select(pick, table, selected, **private)
-        after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private).success(
-            lambda: "", None, selected, **private))
+        after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private))
         export_btn.click(bind(cb.export), token, export_file, **private)
         after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)

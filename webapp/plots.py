@@ -53,6 +53,7 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
 
     vecs = [p["key"] for p in points] + [c["center"] for c in clusters] + [q["key"] for q in probes]
     coords, method = project(np.asarray(vecs, dtype=np.float32))
+    coords = np.asarray(coords, dtype=float)
     P = coords[: len(points)]
     C = coords[len(points): len(points) + len(clusters)]
     Q = coords[len(points) + len(clusters):]
@@ -70,7 +71,7 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             ratios = [l / h for h, l in zip(hd, ld) if h > 1e-6]
             scale = float(np.median(ratios)) if ratios else 0.0
         x, y = _circle(C[i, 0], C[i, 1], c["radius"] * scale)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
+        fig.add_trace(go.Scatter(x=x.tolist(), y=y.tolist(), mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
                                  hoverinfo="skip", showlegend=i == 0,
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
 
@@ -78,14 +79,14 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
     for b in blocks:
         idx = [k for k, p in enumerate(points) if p["block"] == b]
         fig.add_trace(go.Scatter(
-            x=P[idx, 0], y=P[idx, 1], mode="markers", name=f"edit, block {b}",
+            x=P[idx, 0].tolist(), y=P[idx, 1].tolist(), mode="markers", name=f"edit, block {b}",
             marker=dict(size=11, color=PALETTE[b % len(PALETTE)], line=dict(width=1, color="white")),
             text=[f"{points[k]['prompt']}<br>→ {points[k]['label']}<br>block {b}, cluster {points[k]['cluster']}"
                   for k in idx],
             hovertemplate="%{text}<extra></extra>"))
     if clusters:
         fig.add_trace(go.Scatter(
-            x=C[:, 0], y=C[:, 1], mode="markers", name="cluster center",
+            x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
             text=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}, {len(c['members'])} edit(s)"
                   for c in clusters],
@@ -95,12 +96,12 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         fired = q.get("block") is not None and q.get("cluster") in center_of
         if fired:
             cx, cy = center_of[q["cluster"]]
-            fig.add_trace(go.Scatter(x=[Q[k, 0], cx], y=[Q[k, 1], cy], mode="lines", showlegend=False,
+            fig.add_trace(go.Scatter(x=[float(Q[k, 0]), float(cx)], y=[float(Q[k, 1]), float(cy)], mode="lines", showlegend=False,
                                      line=dict(color="#d62728", width=1.5), hoverinfo="skip"))
     if probes:
         fired = [q.get("block") is not None for q in probes]
         fig.add_trace(go.Scatter(
-            x=Q[:, 0], y=Q[:, 1], mode="markers", name="probe query",
+            x=Q[:, 0].tolist(), y=Q[:, 1].tolist(), mode="markers", name="probe query",
             marker=dict(symbol="x", size=12, color=["#d62728" if f else "#999" for f in fired]),
             text=[f"probe: {q['text']}<br>" + (f"fired block {q['block']}" if f else "routed nowhere (original model)")
                   for q, f in zip(probes, fired)],

@@ -1,0 +1,172 @@
+"""The web app in a real browser (Debian chromium through Playwright)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tree_digest
+
+# Screenshots go to docs/screenshots when MELO_SCREENSHOTS names that folder (make screenshots).
+SHOTS = Path(os.environ.get("MELO_SCREENSHOTS", "")) if os.environ.get("MELO_SCREENSHOTS") else None
+LONG = 180_000   # ms: an edit on a busy 2-core machine
+
+
+def open_page(context, url):
+    page = context.new_page()
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#question textarea", timeout=LONG)
+    # The page has its workspace once the history table has been filled from it.
+    page.wait_for_function("() => !!localStorage.getItem('melo-studio-workspace')", timeout=LONG)
+    return page
+
+
+def ask(page, question):
+    page.locator("#question textarea").fill(question)
+    before = page.locator("#answer").inner_html()
+    page.locator("#ask-btn").click()
+    # Every answer carries its own timing, so a new answer always changes the block.
+    page.wait_for_function("(b) => { const el = document.querySelector('#answer');"
+                           " return el.querySelector('.melo-text') && el.innerHTML !== b; }", arg=before, timeout=LONG)
+    return page.locator("#answer .melo-text").inner_text(), page.locator("#answer .melo-badge").inner_text()
+
+
+def tab(page, name):
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name):
+    if SHOTS:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def map_points(page) -> dict:
+    """Count the markers of each kind in the index map's plotly figure."""
+    page.wait_for_selector("#index-map .js-plotly-plot", timeout=LONG)
+    return page.evaluate("""() => {
+        const data = document.querySelector('#index-map .js-plotly-plot').data || [];
+        const n = (pred) => data.filter(t => pred(t.name || '')).reduce((s, t) => s + (t.x ? t.x.length : 0), 0);
+        return {edits: n(s => s.startsWith('edit, block')), centers: n(s => s === 'cluster center'),
+                probes: n(s => s === 'probe query')};
+    }""")
+
+
+@pytest.fixture(scope="module")
+def context(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield ctx
+    ctx.close()
+
+
+def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits):
+    url, _ = app_server
+    page = open_page(context, url)
+    e = example_edits[0]
+    base_text, badge = ask(page, e["prompt"])
+    assert badge == "none: original model" and base_text != e["target"]
+
+    # An example fills both boxes with one click.
+    page.get_by_text(e["target"], exact=True).first.click()
+    page.wait_for_function("(t) => document.querySelector('#target textarea').value === t", arg=e["target"],
+                           timeout=30_000)
+    assert page.locator("#question textarea").input_value() == e["prompt"]
+    assert page.locator("#target textarea").input_value() == e["target"]
+    page.locator("#edit-btn").click()
+    page.wait_for_selector("#after .melo-text", timeout=LONG)
+    assert page.locator("#after .melo-text").inner_text() == e["target"]
+    assert page.locator("#after .melo-badge").inner_text().startswith("block ")
+    assert "opened a new cluster" in page.locator("#edit-summary").inner_text()
+    page.wait_for_selector("#loss-plot .js-plotly-plot", timeout=LONG)
+    shot(page, "edit")
+
+    tab(page, "Probe")
+    page.locator("#probe-text textarea").fill(f"{e['paraphrase']}\nWhat is the capital of France?")
+    page.locator("#probe-btn").click()
+    page.wait_for_selector("#probe-out table", timeout=LONG)
+    rows = page.locator("#probe-out tbody tr")
+    assert rows.count() == 2
+    assert rows.nth(0).locator(".melo-badge").inner_text().startswith("block ")
+    assert rows.nth(1).locator(".melo-badge").inner_text() == "none: original model"
+    assert "(identical)" in rows.nth(1).inner_text()
+    shot(page, "probe")
+
+    tab(page, "Index map")
+    page.wait_for_function("""() => { const p = document.querySelector('#index-map .js-plotly-plot');
+        return p && p.data && p.data.some(t => t.name === 'probe query'); }""", timeout=LONG)
+    assert map_points(page) == {"edits": 1, "centers": 1, "probes": 2}
+    assert "PCA" in page.locator("#index-map").inner_text()
+    shot(page, "index_map")
+
+    tab(page, "Settings")
+    shot(page, "settings")
+    tab(page, "About")
+    shot(page, "about")
+
+    tab(page, "History")
+    page.locator("#selected-id input").click()
+    page.get_by_role("option", name=e["prompt"][:30]).first.click()
+    shot(page, "history")
+    page.locator("#delete-btn").click()
+    page.wait_for_selector("#history-msg :text('Deleted edit')", timeout=LONG)
+    tab(page, "Edit")
+    text, badge = ask(page, e["prompt"])
+    assert badge == "none: original model" and text == base_text
+
+
+def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edits):
+    url, _ = app_server
+    a = browser.new_context()
+    b = browser.new_context()
+    try:
+        pa, pb = open_page(a, url), open_page(b, url)
+        e = example_edits[9]
+        pa.locator("#question textarea").fill(e["prompt"])
+        pa.locator("#target textarea").fill(e["target"])
+        pa.locator("#edit-btn").click()
+        pa.wait_for_selector("#after .melo-text", timeout=LONG)
+        assert ask(pa, e["prompt"]) == (e["target"], pa.locator("#answer .melo-badge").inner_text())
+        text, badge = ask(pb, e["prompt"])
+        assert badge == "none: original model" and text != e["target"]
+        # A reload keeps the same workspace (the token lives in the browser).
+        pa.reload()
+        pa.wait_for_selector("#question textarea", timeout=LONG)
+        assert ask(pa, e["prompt"])[0] == e["target"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
+    url, workspaces = app_server
+    known = set(p.name for p in workspaces.iterdir())
+    ctx = browser.new_context()
+    try:
+        page = open_page(ctx, url)
+        new = []
+        for _ in range(240):                 # the page's first load creates its workspace
+            new = [p for p in workspaces.iterdir() if p.name not in known and (p / "ws" / "workspace.json").is_file()]
+            if new:
+                break
+            page.wait_for_timeout(500)
+        assert len(new) == 1, new
+        ws = new[0] / "ws"
+        # The committed files (edit log, settings, blocks). chroma's sqlite file is left out:
+        # the server process owns it and sqlite rewrites it on its own (checkpoints) even
+        # when nothing changes; it mirrors the committed files and is rebuilt from them.
+        # The engine tests compare it byte for byte within one process.
+        def committed():
+            return {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")}
+        before = committed()
+        page.locator("#question textarea").fill("")
+        page.locator("#target textarea").fill("")
+        page.locator("#edit-btn").click()
+        page.get_by_text("the prompt is empty").first.wait_for(timeout=LONG)
+        page.locator("#question textarea").fill("What is the capital of Turkey?")
+        page.locator("#edit-btn").dblclick()      # a double click on a half-filled form: same
+        page.get_by_text("the target is empty").first.wait_for(timeout=LONG)
+        assert committed() == before
+        assert "Traceback" not in page.content()
+    finally:
+        ctx.close()
