@@ -12,7 +12,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench browser clean
+.PHONY: setup run test bench screenshots browser clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: setup browser
 
 bench: setup
 	$(PY) -m melo_engine.bench speed
+
+# Screenshots of every tab into docs/screenshots, taken by the browser tests.
+screenshots: setup browser
+	MELO_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_webapp_browser.py -k edit_probe
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,10 +12,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from melo_engine.backbone import Backbone  # noqa: E402
 from melo_engine.config import DEFAULT_MODEL  # noqa: E402
+from webapp import plots  # noqa: E402
 from webapp.layout import build_demo  # noqa: E402
 from webapp.sessions import WorkspacePool  # noqa: E402
 
@@ -26,6 +28,7 @@ def main() -> None:
     backbone = Backbone.load(os.environ.get("MELO_MODEL", DEFAULT_MODEL))
     pool = WorkspacePool(backbone, idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
     pool.start_sweeper(every_seconds=min(600.0, pool.idle_seconds / 2))
+    threading.Thread(target=plots.warm_up, name="umap-warm-up", daemon=True).start()
     demo = build_demo(pool)
     demo.queue(default_concurrency_limit=4)
     demo.launch(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 
@@ -76,8 +75,9 @@ def show(result) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from melo_engine.model import quiet_env
+
+    quiet_env()
     args = build_parser().parse_args(argv)
     try:
         result = run(args)

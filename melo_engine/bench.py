@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m melo_engine.bench speed` (cost of editing and routing on this machine).
+"""Benchmarks: `python -m melo_engine.bench speed` (cost of editing and routing on this machine)
+and `python -m melo_engine.bench keys` (which key routes paraphrases best).
 
 Prints a table and, with --json OUT, writes the figures. Numbers are measured, never
 asserted: docs/BENCHMARKS.md records them with the machine and date.
@@ -15,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from melo_engine.model import quiet_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +120,56 @@ def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
     }
 
 
+def key_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: float = 0.99) -> dict:
+    """Which key (layer, reduction, distance) routes paraphrases to their own edit best?
+
+    Edits: the first n_edits zsRE questions. Negatives: the next n_edits zsRE questions
+    (same style, other subjects: the hard case) and the NQ questions of the edits' `loc`.
+    For each setting, the radius is set so that `locality` of the negatives stay outside
+    every edit; generality is the share of paraphrases whose nearest edit is their own
+    and lies within that radius.
+    """
+    import torch
+
+    from melo_engine.backbone import Backbone, reduce_key
+    from melo_engine.config import DEFAULT_MODEL
+
+    bb = Backbone.load(DEFAULT_MODEL)
+    records = json.loads((ROOT / "assets" / "data" / "zsre_mend_eval_head.json").read_text())
+    edits, held = records[:n_edits], records[n_edits:2 * n_edits]
+    reductions = ("mean_user", "last_user", "last")
+
+    def keys(questions):
+        out = {(l, r): [] for l in layers for r in reductions}
+        for i in range(0, len(questions), 32):
+            enc = bb.encode(questions[i:i + 32])
+            with torch.no_grad():
+                hs = bb.model(input_ids=enc.ids, attention_mask=enc.mask, output_hidden_states=True,
+                              use_cache=False).hidden_states
+            for l in layers:
+                for r in reductions:
+                    out[(l, r)].append(reduce_key(hs[l + 1], enc, r))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    src = keys([r["src"] for r in edits])
+    para = keys([r["rephrase"] for r in edits])
+    neg = keys([r["src"] for r in held] + [r["loc"] for r in edits])
+    rows = []
+    for (layer, red) in src:
+        for dist in ("l2", "cosine"):
+            f = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if dist == "cosine" else (lambda x: x)
+            s, p, n = f(src[(layer, red)]), f(para[(layer, red)]), f(neg[(layer, red)])
+            dp = torch.cdist(p, s)
+            own = dp.argmin(1) == torch.arange(len(s))
+            radius = float(torch.quantile(torch.cdist(n, s).min(1).values, 1 - locality))
+            gen = float((own & (dp.min(1).values <= radius)).float().mean())
+            rows.append({"layer": layer, "reduction": red, "distance": dist, "radius": radius,
+                         "generality": gen, "nearest_is_own": float(own.float().mean())})
+    rows.sort(key=lambda r: -r["generality"])
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "edits": n_edits, "locality": locality,
+            "rows": rows}
+
+
 def print_table(res: dict) -> None:
     width = max(len(k) for k in res)
     for k, v in res.items():
@@ -124,17 +177,25 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_env(offline=True)
     p = argparse.ArgumentParser(prog="python -m melo_engine.bench")
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speed", help="seconds per edit, routing time, generation overhead, sizes, load time")
     s.add_argument("--edits", type=int, default=10)
     s.add_argument("--json", default=None, help="also write the figures to this file")
+    k = sub.add_parser("keys", help="key study: generality at fixed locality per layer, reduction, distance")
+    k.add_argument("--edits", type=int, default=200)
+    k.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    res = speed(args.edits)
-    print_table(res)
+    if args.what == "keys":
+        res = key_study(args.edits)
+        print(f"{'layer':>5} {'reduction':10} {'distance':8} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
+        for r in res["rows"]:
+            print(f"{r['layer']:>5} {r['reduction']:10} {r['distance']:8} {r['radius']:8.3f} {r['generality']:10.3f}"
+                  f" {r['nearest_is_own']:11.3f}")
+    else:
+        res = speed(args.edits)
+        print_table(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -29,6 +29,15 @@ BUNDLED = {
 }
 
 
+def quiet_env(offline: bool = False) -> None:
+    """Environment defaults for command-line runs: no telemetry, quiet logs, and with
+    `offline` no waiting on a model hub (benchmarks use only the bundled model)."""
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def cache_dir() -> Path:
     """Where dequantized models are cached: $MELO_CACHE, else the user's cache directory."""
     env = os.environ.get("MELO_CACHE")

@@ -35,6 +35,12 @@ def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     return coords, "PCA"
 
 
+def warm_up() -> None:
+    """Run UMAP once on random data: its first call compiles code (numba) for many seconds,
+    which would otherwise land on the first visitor whose index reaches UMAP_MIN_POINTS."""
+    project(np.random.default_rng(0).normal(size=(UMAP_MIN_POINTS + 5, 8)).astype(np.float32))
+
+
 def _circle(cx: float, cy: float, r: float, n: int = 48):
     t = np.linspace(0, 2 * np.pi, n)
     return cx + r * np.cos(t), cy + r * np.sin(t)

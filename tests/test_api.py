@@ -1,0 +1,53 @@
+"""Every API endpoint through gradio_client against the running app."""
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    url, _ = app_server
+    return Client(url, verbose=False)
+
+
+def test_api_endpoints_are_listed(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/ask", "/edit", "/probe", "/delete", "/edits"} <= names
+
+
+def test_api_edit_ask_probe_delete(client, example_edits):
+    e = example_edits[7]
+    before = client.predict(e["prompt"], api_name="/ask")
+    assert before["block"] is None and before["text"] != e["target"]
+
+    r = client.predict(e["prompt"], e["target"], api_name="/edit")
+    assert r["action"] == "new" and r["token_accuracy"] == 1.0 and r["steps"] >= 1
+    after = client.predict(e["prompt"], api_name="/ask")
+    assert after["text"] == e["target"] and after["block"] == r["block"] and after["edit_id"] == r["edit_id"]
+    assert after["base_text"] == before["text"]
+
+    answers = client.predict(f"{e['prompt']}\nWho invented the telephone?", api_name="/probe")
+    assert [a["block"] for a in answers] == [r["block"], None]
+    assert answers[1]["text"] == answers[1]["base_text"]
+
+    listed = client.predict(api_name="/edits")
+    assert [x["id"] for x in listed] == [r["edit_id"]]
+    assert client.predict(r["edit_id"], api_name="/delete") == {"deleted": r["edit_id"]}
+    assert client.predict(api_name="/edits") == []
+    assert client.predict(e["prompt"], api_name="/ask")["text"] == before["text"]
+
+
+def test_api_bad_input_is_a_clear_error(client):
+    with pytest.raises(Exception, match="the prompt is empty"):
+        client.predict("   ", "x", api_name="/edit")
+    with pytest.raises(Exception, match="unknown edit id"):
+        client.predict("nope", api_name="/delete")
+
+
+def test_api_clients_have_separate_workspaces(app_server, client, example_edits):
+    other = Client(app_server[0], verbose=False)
+    e = example_edits[5]
+    client.predict(e["prompt"], e["target"], api_name="/edit")
+    assert other.predict(e["prompt"], api_name="/ask")["block"] is None
+    assert other.predict(api_name="/edits") == []
