@@ -22,7 +22,7 @@ class MeloConfig:
     # 200 zsRE edits against 200 held-out zsRE questions (docs/BENCHMARKS.md, key study):
     # at a radius that lets 1% of those questions fire, "mean_user" at layer 10 of 30 with
     # cosine routed 44.5% of paraphrases to their own edit; "last_user" and "last" (the
-    # last prompt token, as in the reference code) routed under 10% at every layer.
+    # last prompt token, as in the reference code) routed at most 2% at every layer.
     key_layer: int | None = None          # None: a third of the depth (10 of 30)
     key_reduction: str = "mean_user"     # "mean_user" | "last_user" | "last" | "mean"
     distance: str = "cosine"             # "cosine" | "l2"

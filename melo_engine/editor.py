@@ -133,7 +133,9 @@ class MeloEditor:
         self.index.load(ClusterState.from_files(log["clusters"], tensors), int(log["gen"]))
 
     def close(self) -> None:
-        self.index.close()
+        """Release the chroma index (waits for an edit in progress to finish)."""
+        with self._lock:
+            self.index.close()
 
     # ---- asking --------------------------------------------------------------------------
     def _check(self, text: str, what: str) -> str:
@@ -357,6 +359,11 @@ class MeloEditor:
             raise ValueError(f"{path.name} is not a MELO Studio export ({type(err).__name__})") from None
         if fingerprint != self.backbone.fingerprint:
             raise ValueError(f"{path.name} was exported from another model ({meta.get('model')})")
+        settings = json.loads(meta.get("settings", "{}"))
+        for name in ("key_layer", "key_reduction", "distance"):
+            if settings.get(name) != getattr(self.config, name):
+                raise ValueError(f"{path.name} was exported with {name}={settings.get(name)!r}; this workspace "
+                                 f"uses {getattr(self.config, name)!r}, so its keys would not compare")
         for e in edits:
             needed = [f"key.{e['id']}"] + [f"edit.{e['id']}.{m}.{w}" for m in self.modules for w in "AB"]
             missing = [n for n in needed if n not in tensors]

@@ -51,3 +51,20 @@ def test_api_clients_have_separate_workspaces(app_server, client, example_edits)
     client.predict(e["prompt"], e["target"], api_name="/edit")
     assert other.predict(e["prompt"], api_name="/ask")["block"] is None
     assert other.predict(api_name="/edits") == []
+
+
+def test_concurrent_edits_are_queued_and_asks_still_answered(app_server, example_edits):
+    """Two clients edit at once and a third asks meanwhile: all are served, none mixed up."""
+    url = app_server[0]
+    c1, c2, c3 = (Client(url, verbose=False) for _ in range(3))
+    e1, e2 = example_edits[3], example_edits[4]
+    j1 = c1.submit(e1["prompt"], e1["target"], api_name="/edit")
+    j2 = c2.submit(e2["prompt"], e2["target"], api_name="/edit")
+    j3 = c3.submit("Who invented the telephone?", api_name="/ask")
+    r1, r2, a3 = j1.result(timeout=600), j2.result(timeout=600), j3.result(timeout=600)
+    assert r1["token_accuracy"] == 1.0 and r2["token_accuracy"] == 1.0
+    assert a3["block"] is None
+    assert [e["prompt"] for e in c1.predict(api_name="/edits")] == [e1["prompt"]]
+    assert [e["prompt"] for e in c2.predict(api_name="/edits")] == [e2["prompt"]]
+    assert c1.predict(e1["prompt"], api_name="/ask")["text"] == e1["target"]
+    assert c2.predict(e1["prompt"], api_name="/ask")["block"] is None

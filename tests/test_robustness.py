@@ -129,3 +129,14 @@ def test_process_killed_mid_edit_leaves_workspace_as_before(one_edit, backbone, 
     ed = MeloEditor.open(ws, backbone=backbone)
     assert [e["prompt"] for e in ed.edits()] == [example_edits[0]["prompt"]]
     assert ed.ask(example_edits[0]["prompt"]).text == example_edits[0]["target"]
+
+
+def test_export_with_other_key_settings_is_refused(one_edit, backbone, tmp_path):
+    from melo_engine import MeloConfig
+
+    path = one_edit.export(tmp_path / "edits.melo")
+    other = MeloEditor.open(tmp_path / "ws-l2", config=MeloConfig(distance="l2"), backbone=backbone)
+    before = tree_digest(other.workspace)
+    with pytest.raises(ValueError, match="distance='cosine'"):
+        other.import_(path)
+    assert tree_digest(other.workspace) == before and other.edits() == []

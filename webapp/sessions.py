@@ -66,8 +66,7 @@ class WorkspacePool:
             with self._lock:
                 ed = self._editors.pop(d.name, None)
             if ed is not None:
-                with ed._lock:   # noqa: SLF001 - wait for an edit in progress to finish
-                    ed.close()
+                ed.close()
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
         return removed
