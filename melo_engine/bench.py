@@ -1,5 +1,6 @@
-"""Benchmarks: `python -m melo_engine.bench speed` (cost of editing and routing on this machine)
-and `python -m melo_engine.bench keys` (which key routes paraphrases best).
+"""Benchmarks: `python -m melo_engine.bench speed` (cost of editing and routing on this machine),
+`python -m melo_engine.bench keys` (which key routes paraphrases best) and
+`python -m melo_engine.bench edits` (sequential editing, MELO against GRACE and plain LoRA).
 
 Prints a table and, with --json OUT, writes the figures. Numbers are measured, never
 asserted: docs/BENCHMARKS.md records them with the machine and date.
@@ -170,6 +171,90 @@ def key_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: fl
             "rows": rows}
 
 
+def load_records(dataset: str, n: int) -> list[dict]:
+    """The first n usable records of a bundled sample as {prompt, target, paraphrase, locality}.
+
+    zsRE: target = `alt` (the MEND/EasyEdit convention), records with an empty `alt` are
+    skipped; locality = the unrelated NQ question `loc`. CounterFact: target = `target_new`,
+    locality = `locality_prompt` (a different subject with the same relation: harder).
+    """
+    if dataset == "zsre":
+        raw = json.loads((ROOT / "assets" / "data" / "zsre_mend_eval_head.json").read_text())
+        recs = [{"prompt": r["src"], "target": r["alt"], "paraphrase": r["rephrase"], "locality": r["loc"]}
+                for r in raw if r["alt"].strip()]
+    elif dataset == "counterfact":
+        raw = json.loads((ROOT / "assets" / "data" / "counterfact_head.json").read_text())
+        recs = [{"prompt": r["prompt"], "target": r["target_new"], "paraphrase": r["rephrase_prompt"],
+                 "locality": r["locality_prompt"]} for r in raw]
+    else:
+        raise ValueError(f"unknown dataset {dataset!r} (zsre, counterfact)")
+    return recs[:n]
+
+
+def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc_tokens: int = 10,
+                    show_progress: bool = True) -> dict:
+    """N sequential edits per method, same records, same order, same model, one run.
+
+    Per method: edit success right after each edit; retention of all earlier edits at every
+    N/10 edits and at the end; generality on the paraphrases and locality (agreement with
+    the unedited model's first `loc_tokens` greedy tokens) at the end; cost per edit.
+    Teacher-forced token accuracy is the headline; greedy exact match is reported beside it.
+    """
+    from tqdm import tqdm
+
+    from melo_engine.backbone import Backbone
+    from melo_engine.config import DEFAULT_MODEL
+    from melo_engine.evaluate import agreement, exact_match, greedy_ids, token_accuracy
+    from melo_engine.methods import build
+
+    bb = backbone or Backbone.load(DEFAULT_MODEL)
+    recs = load_records(dataset, n)
+    base_loc = [greedy_ids(bb, None, r["locality"], loc_tokens) for r in recs]
+    every = max(1, len(recs) // 10)
+    out = {"dataset": dataset, "n": len(recs), "model": DEFAULT_MODEL, "machine": machine(),
+           "date": time.strftime("%Y-%m-%d"), "target_field": "alt" if dataset == "zsre" else "target_new",
+           "locality_tokens": loc_tokens, "methods": {}}
+    for name in methods:
+        with tempfile.TemporaryDirectory() as tmp:
+            m = build(name, bb, Path(tmp) / "ws")
+            success, success_em, seconds, params, curve = [], [], [], [], []
+            bar = tqdm(recs, desc=f"{dataset} {name}", disable=not show_progress)
+            for i, r in enumerate(bar):
+                info = m.edit(r["prompt"], r["target"])
+                seconds.append(info["seconds"])
+                params.append(info["params"])
+                success.append(token_accuracy(bb, m, r["prompt"], r["target"]))
+                success_em.append(exact_match(bb, m, r["prompt"], r["target"]))
+                if (i + 1) % every == 0 or i + 1 == len(recs):
+                    kept = [token_accuracy(bb, m, q["prompt"], q["target"]) for q in recs[: i + 1]]
+                    curve.append({"edits": i + 1, "retention": sum(kept) / len(kept)})
+                    bar.set_postfix(retention=f"{curve[-1]['retention']:.3f}")
+            kept_em = [exact_match(bb, m, r["prompt"], r["target"]) for r in recs]
+            gen = [token_accuracy(bb, m, r["paraphrase"], r["target"]) for r in recs]
+            gen_em = [exact_match(bb, m, r["paraphrase"], r["target"]) for r in recs]
+            loc = [agreement(base, greedy_ids(bb, m, r["locality"], loc_tokens)) for base, r in zip(base_loc, recs)]
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            out["methods"][name] = {
+                "edit_success": mean(success), "edit_success_exact_match": mean(success_em),
+                "retention": curve[-1]["retention"], "retention_exact_match": mean(kept_em),
+                "generality": mean(gen), "generality_exact_match": mean(gen_em),
+                "locality": mean(loc), "seconds_per_edit": mean(seconds),
+                "params_per_edit": int(round(mean(params))), "retention_curve": curve, **m.summary(),
+            }
+            if hasattr(m, "editor"):
+                m.editor.close()
+    return out
+
+
+def print_edits_table(res: dict) -> None:
+    cols = ["edit_success", "retention", "generality", "locality", "edit_success_exact_match",
+            "generality_exact_match", "seconds_per_edit", "params_per_edit"]
+    print(f"{res['dataset']}, {res['n']} sequential edits, {res['model']}")
+    print(f"{'method':8}" + "".join(f"{c.replace('_exact_match', ' EM'):>18}" for c in cols))
+    for name, r in res["methods"].items():
+        print(f"{name:8}" + "".join(f"{r[c]:18.3f}" if isinstance(r[c], float) else f"{r[c]:18d}" for c in cols))
+
+
 def print_table(res: dict) -> None:
     width = max(len(k) for k in res)
     for k, v in res.items():
@@ -186,8 +271,16 @@ def main(argv=None) -> int:
     k = sub.add_parser("keys", help="key study: generality at fixed locality per layer, reduction, distance")
     k.add_argument("--edits", type=int, default=200)
     k.add_argument("--json", default=None)
+    e = sub.add_parser("edits", help="sequential editing: MELO against GRACE and plain LoRA")
+    e.add_argument("--dataset", choices=["zsre", "counterfact"], default="zsre")
+    e.add_argument("--n", type=int, default=20)
+    e.add_argument("--methods", default="melo,grace,lora")
+    e.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.what == "keys":
+    if args.what == "edits":
+        res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()])
+        print_edits_table(res)
+    elif args.what == "keys":
         res = key_study(args.edits)
         print(f"{'layer':>5} {'reduction':10} {'distance':8} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
         for r in res["rows"]:

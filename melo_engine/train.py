@@ -21,6 +21,13 @@ class Trained:
     params: int
 
 
+def target_positions(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one prompt followed by its target: the positions whose logits predict the target
+    tokens ([1, n]; the logit at t predicts token t+1), and those target tokens ([n])."""
+    n_prompt, n_total = int(enc.prompt_mask[0].sum()), int(enc.mask[0].sum())
+    return torch.arange(n_prompt - 1, n_total - 1)[None], enc.ids[0, n_prompt:n_total]
+
+
 def new_block(backbone: Backbone, modules: list[str], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fresh (A, B) per module: A small random, B zero, so the untrained block is a no-op."""
     g = torch.Generator().manual_seed(seed)
@@ -40,24 +47,27 @@ def train_block(
     cfg: MeloConfig,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    start_from: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Trained:
     """Fit a new block so the model, given enc's prompt, produces enc's target tokens.
 
     enc holds one prompt followed by its target; the loss covers the target tokens only.
+    `start_from` continues training an existing block (as stored: B already scaled) instead
+    of a fresh one: the plain-LoRA baseline trains one adapter on every edit in turn.
     """
     first = min(cfg.lora_layers)
-    n_prompt = int(enc.prompt_mask.sum())
-    n_total = int(enc.mask.sum())
-    # The logit at position t predicts token t+1: target tokens are predicted from n_prompt-1 on.
-    positions = torch.arange(n_prompt - 1, n_total - 1)[None]
-    targets = enc.ids[0, n_prompt:n_total]
+    positions, targets = target_positions(enc)
 
     # The layers below the first LoRA layer never change during training: run them once.
     exact = backbone.split_is_exact(first)
     hidden = backbone.lower(enc, first) if exact else None
 
-    block = new_block(backbone, modules, cfg.rank_per_block, seed)
     scale = cfg.lora_alpha / cfg.rank_per_block
+    if start_from is None:
+        block = new_block(backbone, modules, cfg.rank_per_block, seed)
+    else:
+        block = {m: (a.clone().requires_grad_(), (b / scale).clone().requires_grad_())
+                 for m, (a, b) in start_from.items()}
     params = [t for pair in block.values() for t in pair]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     # Step decay: halve the rate for the second half of the budget.

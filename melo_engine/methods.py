@@ -1,0 +1,216 @@
+"""Editing methods under one interface, so one benchmark loop measures them all alike.
+
+A method makes edits and, for a given prompt, makes the shared Backbone behave as the
+edited model (`applied(prompt)`, a context manager). Three methods:
+
+- MELO: a MeloEditor (one LoRA block per edit, routed by the cluster index).
+- LoRA: the paper's "LoRA" row: one adapter of the same size as one MELO block, trained on
+  each edit in turn and always on, with no routing.
+- GRACE (Hartvigsen et al., 2023): a codebook at one layer. Each entry holds a key (that
+  layer's input at the prompt's last token), a deferral radius and a trained value that
+  replaces the layer's MLP output from the last prompt token on. Entry rules as in GRACE:
+  a key farther than any entry's radius + the initial radius opens an entry; a nearby entry
+  with the same answer widens to cover it; a nearby entry with another answer splits (both
+  radii become half the distance).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .config import MeloConfig
+from .editor import MeloEditor
+from .index import normalize_label
+from .lora import ActiveBlocks
+from .train import target_positions, train_block
+
+
+class MeloMethod:
+    name = "melo"
+
+    def __init__(self, backbone: Backbone, workspace: Path, config: MeloConfig | None = None):
+        self.editor = MeloEditor.open(workspace, config=config, backbone=backbone)
+        self.backbone = backbone
+
+    def edit(self, prompt: str, target: str) -> dict:
+        r = self.editor.edit(prompt, target)
+        return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten)}
+
+    @contextlib.contextmanager
+    def applied(self, prompt: str):
+        r = self.editor.index.route(self.editor.key(prompt))
+        with self.backbone.lora(self.editor.bank.gather([r.block], self.editor.modules)):
+            yield
+
+    def summary(self) -> dict:
+        s = self.editor.stats()
+        edits = self.editor.edits()
+        return {"clusters": s["clusters"], "conflicts": sum(e.get("action") == "conflict" for e in edits),
+                "forgotten": sum(e["status"] == "forgotten" for e in edits),
+                "settings": self.editor.config.to_json()}
+
+
+class LoRAMethod:
+    name = "lora"
+
+    def __init__(self, backbone: Backbone, config: MeloConfig | None = None):
+        self.backbone = backbone
+        self.config = (config or MeloConfig()).resolved(backbone.num_layers)
+        self.modules = backbone.ensure_lora(self.config.lora_layers, self.config.lora_modules)
+        self.block: dict | None = None
+
+    def edit(self, prompt: str, target: str) -> dict:
+        t0 = time.perf_counter()
+        enc = self.backbone.encode([prompt], [target])
+        trained = train_block(self.backbone, enc, self.modules, self.config, start_from=self.block)
+        self.block = trained.matrices
+        return {"seconds": time.perf_counter() - t0, "params": trained.params}
+
+    @contextlib.contextmanager
+    def applied(self, prompt: str):
+        active = None
+        if self.block is not None:
+            keep = torch.ones(1, dtype=torch.bool)
+            active = {m: ActiveBlocks(a=a[None], b=b[None], keep=keep) for m, (a, b) in self.block.items()}
+        with self.backbone.lora(active):
+            yield
+
+    def summary(self) -> dict:
+        return {"settings": self.config.to_json()}
+
+
+@dataclasses.dataclass
+class GraceEntry:
+    key: torch.Tensor
+    value: torch.Tensor
+    radius: float
+    label: str
+
+
+@dataclasses.dataclass
+class GraceConfig:
+    layer: int | None = None          # None: two thirds of the depth (20 of 30)
+    reduction: str = "last"           # GRACE's key: the prompt's last token
+    init_radius: float | None = None  # None: calibrated like MELO's, for this key
+    lr: float = 1.0                   # GRACE trains values with lr 1.0; 0.1-0.3 took 3-9x longer here
+    max_iters: int = 60
+    stop_loss: float = 0.05
+
+
+class GraceMethod:
+    name = "grace"
+
+    def __init__(self, backbone: Backbone, config: GraceConfig | None = None):
+        from .calibrate import calibrated_radius
+
+        self.backbone = backbone
+        c = dataclasses.replace(config or GraceConfig())
+        if c.layer is None:
+            c.layer = round(2 * backbone.num_layers / 3)
+        if c.init_radius is None:
+            probe = MeloConfig(key_layer=c.layer - 1, key_reduction=c.reduction, distance="l2",
+                               lora_layers=(backbone.num_layers - 1,))
+            c.init_radius = calibrated_radius(backbone, probe)
+        self.config = c
+        self.entries: list[GraceEntry] = []
+        self.mlp = backbone.layers[c.layer].mlp
+
+    def key(self, prompt: str) -> torch.Tensor:
+        # The input of the edited layer = the output of the layer below it.
+        return self.backbone.keys(self.backbone.encode([prompt]), self.config.layer - 1, self.config.reduction, "l2")[0]
+
+    @contextlib.contextmanager
+    def _replacing(self, value: torch.Tensor | None, start: int):
+        """Replace the edited layer's MLP output from position `start` on (every new token too)."""
+        if value is None:
+            yield
+            return
+
+        def hook(_module, _args, out):
+            pos = start if out.shape[1] > 1 else 0
+            keep = torch.ones_like(out[..., :1])
+            keep[:, pos:] = 0
+            return out * keep + value * (1 - keep)
+
+        with self.backbone.lock:
+            handle = self.mlp.register_forward_hook(hook)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    def _nearest(self, key: torch.Tensor) -> tuple[int | None, float]:
+        if not self.entries:
+            return None, float("inf")
+        d = torch.stack([e.key for e in self.entries]).sub(key).norm(dim=-1)
+        i = int(d.argmin())
+        return i, float(d[i])
+
+    def edit(self, prompt: str, target: str) -> dict:
+        t0 = time.perf_counter()
+        c, bb = self.config, self.backbone
+        key = self.key(prompt)
+        label = normalize_label(target)
+        enc = bb.encode([prompt], [target])
+        positions, targets = target_positions(enc)
+        n_prompt = int(positions[0, 0]) + 1
+        hidden = bb.lower(enc, c.layer)
+        with torch.no_grad():                     # start from the original activation
+            captured = {}
+            h = self.mlp.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+            with bb.lock:
+                try:
+                    bb.upper_logits(hidden, enc, c.layer, positions)
+                finally:
+                    h.remove()
+        value = captured["out"][0, n_prompt - 1].clone().requires_grad_()
+        opt = torch.optim.Adam([value], lr=c.lr)
+        for _ in range(c.max_iters):
+            with self._replacing(value, n_prompt - 1):
+                logits = bb.upper_logits(hidden, enc, c.layer, positions)[0]
+            loss = F.cross_entropy(logits, targets)
+            if bool((logits.argmax(-1) == targets).all()) and loss.item() < c.stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        i, d = self._nearest(key)
+        entry = GraceEntry(key, value.detach().clone(), c.init_radius, label)
+        if i is not None and d <= self.entries[i].radius + c.init_radius:
+            near = self.entries[i]
+            if near.label == label:
+                near.radius = max(near.radius, d)      # widen the entry to cover the new key
+                entry = None
+            else:
+                near.radius = entry.radius = d / 2     # split between the two answers
+        if entry is not None:
+            self.entries.append(entry)
+        return {"seconds": time.perf_counter() - t0, "params": int(value.numel())}
+
+    @contextlib.contextmanager
+    def applied(self, prompt: str):
+        i, d = self._nearest(self.key(prompt))
+        value = self.entries[i].value if i is not None and d <= self.entries[i].radius else None
+        n_prompt = int(self.backbone.encode([prompt]).prompt_mask.sum())
+        with self._replacing(value, n_prompt - 1):
+            yield
+
+    def summary(self) -> dict:
+        return {"entries": len(self.entries), "settings": dataclasses.asdict(self.config)}
+
+
+def build(name: str, backbone: Backbone, workspace: Path):
+    if name == "melo":
+        return MeloMethod(backbone, workspace)
+    if name == "lora":
+        return LoRAMethod(backbone)
+    if name == "grace":
+        return GraceMethod(backbone)
+    raise ValueError(f"unknown method {name!r} (melo, grace, lora)")
+
