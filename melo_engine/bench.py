@@ -192,13 +192,14 @@ def load_records(dataset: str, n: int) -> list[dict]:
 
 
 def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc_tokens: int = 10,
-                    show_progress: bool = True) -> dict:
+                    show_progress: bool = True, progress=None) -> dict:
     """N sequential edits per method, same records, same order, same model, one run.
 
     Per method: edit success right after each edit; retention of all earlier edits at every
     N/10 edits and at the end; generality on the paraphrases and locality (agreement with
     the unedited model's first `loc_tokens` greedy tokens) at the end; cost per edit.
     Teacher-forced token accuracy is the headline; greedy exact match is reported beside it.
+    `progress(method, edits_done, n)` is called after every edit (the web app's progress bar).
     """
     from tqdm import tqdm
 
@@ -225,6 +226,8 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc
                 params.append(info["params"])
                 success.append(token_accuracy(bb, m, r["prompt"], r["target"]))
                 success_em.append(exact_match(bb, m, r["prompt"], r["target"]))
+                if progress is not None:
+                    progress(name, i + 1, len(recs))
                 if (i + 1) % every == 0 or i + 1 == len(recs):
                     kept = [token_accuracy(bb, m, q["prompt"], q["target"]) for q in recs[: i + 1]]
                     curve.append({"edits": i + 1, "retention": sum(kept) / len(kept)})

@@ -170,3 +170,22 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
         assert "Traceback" not in page.content()
     finally:
         ctx.close()
+
+
+def test_benchmark_tab_runs_a_small_benchmark(app_server, browser):
+    url, _ = app_server
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = open_page(ctx, url)
+        tab(page, "Benchmark")
+        page.locator("#bench-n input").fill("2")
+        page.locator("#bench-btn").click()
+        page.wait_for_function("""() => { const p = document.querySelector('#bench-plot .js-plotly-plot');
+            return p && p.data && p.data.length === 3; }""", timeout=600_000)
+        names = page.evaluate("() => document.querySelector('#bench-plot .js-plotly-plot').data.map(t => t.name)")
+        assert names == ["melo", "grace", "lora"]
+        text = page.locator("#bench-table").inner_text()
+        assert all(m in text for m in ("melo", "grace", "lora"))
+        shot(page, "benchmark")
+    finally:
+        ctx.close()

@@ -221,6 +221,51 @@ def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
     return "The workspace is empty again: the model is the original."
 
 
+BENCH_METHODS = ("melo", "grace", "lora")
+BENCH_MAX_EDITS = 50
+BENCH_COLUMNS = ["method", "edit success", "retention", "generality", "locality", "s / edit", "params / edit"]
+
+
+def retention_figure(res: dict):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    # Distinct dashes: methods that keep every edit draw the same line at 1.0.
+    dashes = {"melo": "solid", "grace": "dash", "lora": "dot"}
+    for name, m in res["methods"].items():
+        curve = m["retention_curve"]
+        fig.add_trace(go.Scatter(x=[c["edits"] for c in curve], y=[c["retention"] for c in curve],
+                                 mode="lines+markers", name=name,
+                                 line=dict(dash=dashes.get(name, "solid"), width=4 if name == "melo" else 2)))
+    fig.update_layout(height=320, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
+                      title=dict(text="retention of all earlier edits", font=dict(size=13)),
+                      xaxis_title="edits made", yaxis_title="retention", yaxis_range=[0, 1.05])
+    return fig
+
+
+@user_errors
+def run_benchmark(pool: WorkspacePool, n, methods, progress=gr.Progress()):
+    """A small zsRE run on the shared model: the same table as `python -m melo_engine.bench edits`."""
+    from melo_engine.bench import edits_benchmark
+
+    n = int(n or 0)
+    if not 1 <= n <= BENCH_MAX_EDITS:
+        raise ValueError(f"choose between 1 and {BENCH_MAX_EDITS} edits")
+    methods = [m for m in BENCH_METHODS if m in (methods or [])]
+    if not methods:
+        raise ValueError("choose at least one method")
+    order = {m: i for i, m in enumerate(methods)}
+
+    def report(name, done, total):
+        progress((order[name] * total + done) / (len(methods) * total), desc=f"{name}: {done}/{total} edits")
+
+    res = edits_benchmark("zsre", n, methods, backbone=pool.backbone, show_progress=False, progress=report)
+    rows = [[name, round(m["edit_success"], 3), round(m["retention"], 3), round(m["generality"], 3),
+             round(m["locality"], 3), round(m["seconds_per_edit"], 2), m["params_per_edit"]]
+            for name, m in res["methods"].items()]
+    return rows, retention_figure(res)
+
+
 # ---- API (gradio_client): plain data in, plain data out -------------------------------
 def api_answer(ans) -> dict:
     return dataclasses.asdict(ans)

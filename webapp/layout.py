@@ -95,6 +95,22 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
                 confirm = gr.Checkbox(label="Yes, remove every edit in my workspace", elem_id="reset-confirm")
                 reset_btn = gr.Button("Reset workspace", variant="stop", elem_id="reset-btn")
 
+        with gr.Tab("Benchmark", id="benchmark"):
+            gr.Markdown(
+                "Sequential zsRE edits, the same questions in the same order, made with **MELO**, with "
+                "**GRACE** (a codebook of replacement activations) and with one **plain LoRA** adapter trained "
+                "on every edit in turn. *Retention*: earlier edits still hold; *generality*: paraphrases get "
+                "the new answer; *locality*: unrelated questions get the original answer. It runs on the shared "
+                "model, queued with everyone's edits; 20 edits take a few minutes.")
+            with gr.Row():
+                bench_n = gr.Number(value=20, precision=0, minimum=1, maximum=cb.BENCH_MAX_EDITS,
+                                    label="Edits per method", elem_id="bench-n")
+                bench_methods = gr.CheckboxGroup(list(cb.BENCH_METHODS), value=list(cb.BENCH_METHODS),
+                                                 label="Methods", elem_id="bench-methods")
+            bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="bench-btn")
+            bench_table = gr.Dataframe(headers=cb.BENCH_COLUMNS, interactive=False, elem_id="bench-table")
+            bench_plot = gr.Plot(label="Retention", elem_id="bench-plot")
+
         with gr.Tab("About", id="about"):
             gr.Markdown(ABOUT)
 
@@ -123,6 +139,8 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
                                    concurrency_limit=4, **private)
         probe_ev.success(bind(cb.index_map), [token, probes_state], map_plot, **private)
         refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
+        bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
+                        concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
         del ask_ev
 
         def pick(evt: gr.SelectData, rows):
