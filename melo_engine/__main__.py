@@ -66,6 +66,7 @@ def show(result) -> str:
         return out
     if isinstance(result, EditResult):
         lost = f", forgot {', '.join(result.forgotten)}" if result.forgotten else ""
+        lost += f", moved {', '.join(result.moved)} to clusters of their own" if result.moved else ""
         return (f"edit {result.edit_id}: block {result.block}, cluster {result.cluster} ({result.action}{lost}), "
                 f"{result.steps} steps, loss {result.losses[-1]:.3f}, {result.seconds:.2f} s")
     if isinstance(result, list):

@@ -53,6 +53,7 @@ class EditResult:
     losses: list[float]
     seconds: float
     forgotten: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)   # earlier edits given clusters of their own
     token_accuracy: float = 0.0   # teacher-forced, on the edit prompt, at the end of training
     params: int = 0               # trainable parameters of this edit's block
 
@@ -190,7 +191,7 @@ class MeloEditor:
                 edit_id = secrets.token_hex(4)
             block = self.bank.allocate()
             state = self.index.state.copy()
-            placed = state.add(edit_id, key, block, target, c.init_radius)
+            placed = state.add(edit_id, key, block, target, c.init_radius, c.on_conflict)
 
             enc = self.backbone.encode([prompt], [target])
             trained = train_block(self.backbone, enc, self.modules, c, seed=len(self.log["edits"]), progress=progress)
@@ -210,9 +211,12 @@ class MeloEditor:
             for e in edits:
                 if e["id"] in placed.forgotten:
                     e.update(status="forgotten", forgotten_by=edit_id, block=None, cluster=None)
+                if e["id"] in placed.moved:
+                    e.update(cluster=placed.moved[e["id"]])
             self._commit(edits + [entry], state, bank)
             return EditResult(edit_id, block, placed.cluster, placed.action, len(trained.losses),
-                              trained.losses, seconds, placed.forgotten, trained.token_accuracy, trained.params)
+                              trained.losses, seconds, placed.forgotten, list(placed.moved),
+                              trained.token_accuracy, trained.params)
 
     def _entry(self, edit_id: str) -> dict:
         for e in self.log["edits"]:
@@ -327,12 +331,16 @@ class MeloEditor:
                 block = bank.allocate()
                 bank.put(block, {m: (tensors[f"edit.{e['id']}.{m}.A"], tensors[f"edit.{e['id']}.{m}.B"])
                                  for m in self.modules})
-                placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius)
+                placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
+                                   self.config.on_conflict)
                 for f in placed.forgotten:
                     for le in log_edits:
                         if le["id"] == f:
                             bank.free(le["block"])
                             le.update(status="forgotten", forgotten_by=eid, block=None, cluster=None)
+                for le in log_edits:
+                    if le["id"] in placed.moved:
+                        le.update(cluster=placed.moved[le["id"]])
                 log_edits.append({"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
                                   "cluster": placed.cluster, "action": placed.action, "created": time.time(),
                                   "steps": 0, "seconds": 0.0, "status": "active", "imported": True})

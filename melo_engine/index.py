@@ -10,6 +10,7 @@ them (after a crash between the file commit and the chroma update, say).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class Placement:
     action: str                 # "new" | "joined" | "conflict"
     cluster: str
     distance: float | None      # to the nearest center before the edit
-    forgotten: list[str]        # edit ids that fell out of a shrunk cluster
+    forgotten: list[str]        # edit ids that fell out of a shrunk cluster (on_conflict="forget")
+    moved: dict[str, str] = field(default_factory=dict)   # edit id -> its new cluster (on_conflict="keep")
 
 
 class ClusterState:
@@ -89,10 +91,16 @@ class ClusterState:
         c.center = keys.mean(0)
         c.radius = max(float((keys - c.center).norm(dim=-1).max()), float(min_radius))
 
-    def add(self, edit_id: str, key: torch.Tensor, block: int, target: str, init_radius: float) -> Placement:
+    def add(self, edit_id: str, key: torch.Tensor, block: int, target: str, init_radius: float,
+            on_conflict: str = "keep") -> Placement:
+        """Place a new edit's key by the MELO rules. On a conflict, members of the shrunk
+        cluster that fall outside it are forgotten (the paper's rule, `on_conflict="forget"`)
+        or each moved into a one-point cluster of its own that stops short of the new key
+        (`"keep"`): their edits keep working and the new edit's key still routes to it."""
         label = normalize_label(target)
         near, d = self.nearest(key)
         forgotten: list[str] = []
+        moved: dict[str, str] = {}
         if near is None or d > near.radius + init_radius:
             c, action = self._new_cluster(key, init_radius, label), "new"
         elif near.label == label:
@@ -104,14 +112,25 @@ class ClusterState:
             c = self._new_cluster(key, 0.5 * d * (1 + SPLIT_MARGIN), label)
             near.radius = min(near.radius, 0.5 * d * (1 - SPLIT_MARGIN))
             for e in list(near.members):
-                if float((self.points[e].key - near.center).norm()) > near.radius:
+                p = self.points[e]
+                if float((p.key - near.center).norm()) <= near.radius:
+                    continue
+                if on_conflict == "forget":
                     forgotten.append(e)
                     self._drop_point(e)
+                    continue
+                # Half way to the new key at most, so the new edit's key stays outside it.
+                d_new = float((p.key - key).norm())
+                self._drop_point(e)
+                home = self._new_cluster(p.key, min(init_radius, 0.5 * d_new * (1 - SPLIT_MARGIN)), p.label)
+                home.members.append(e)
+                self.points[e] = dataclasses.replace(p, cluster=home.id)
+                moved[e] = home.id
         self.points[edit_id] = Point(edit_id, key.clone(), block, c.id, label)
         c.members.append(edit_id)
         if action == "joined":
             self._refit(c, init_radius)
-        return Placement(action, c.id, None if near is None else d, forgotten)
+        return Placement(action, c.id, None if near is None else d, forgotten, moved)
 
     def _drop_point(self, edit_id: str) -> None:
         p = self.points.pop(edit_id)

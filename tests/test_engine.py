@@ -129,6 +129,38 @@ def test_conflicting_edit_splits_the_cluster(backbone, tmp_path):
     assert ed.ask("What is the biggest planet in the solar system?").block == second.block
 
 
+@pytest.mark.parametrize("on_conflict", ["keep", "forget"])
+def test_conflict_forgets_or_rehomes_members_left_outside(on_conflict):
+    """The cluster rules alone, on hand-placed keys: two members of one answer, then a
+    conflicting key close to both. "forget" drops them (the paper); "keep" gives each a
+    cluster of its own that still holds its key and stops short of the new key."""
+    import torch
+
+    from melo_engine.index import ClusterState
+
+    s = ClusterState()
+    r0 = 1.0
+    s.add("a", torch.tensor([0.0, 0.0]), 0, "Paris", r0, on_conflict)
+    joined = s.add("b", torch.tensor([0.8, 0.0]), 1, "paris.", r0, on_conflict)
+    assert joined.action == "joined" and s.clusters[joined.cluster].members == ["a", "b"]
+    placed = s.add("c", torch.tensor([0.4, 0.5]), 2, "Rome", r0, on_conflict)
+    assert placed.action == "conflict"
+    new = s.clusters[placed.cluster]
+    if on_conflict == "forget":
+        assert sorted(placed.forgotten) == ["a", "b"] and not placed.moved
+        assert set(s.points) == {"c"}
+        return
+    assert not placed.forgotten and sorted(placed.moved) == ["a", "b"]
+    for e in ("a", "b"):
+        home = s.clusters[s.points[e].cluster]
+        assert home.members == [e] and torch.equal(home.center, s.points[e].key)
+        assert home.radius < float((s.points[e].key - new.center).norm()) / 2
+    # Every key is nearest to its own cluster's center, inside its radius.
+    for e, p in s.points.items():
+        c, d = s.nearest(p.key)
+        assert c.id == p.cluster and d <= c.radius
+
+
 def test_mixed_batch_uses_each_examples_block(edited, example_edits):
     """One batched forward, one example with a block and one without: the latter is exact."""
     import torch

@@ -131,6 +131,9 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
     after = ed.ask(question)
     forgotten = (f" It split a conflicting cluster; forgotten earlier edits: {', '.join(r.forgotten)}."
                  if r.forgotten else "")
+    if r.moved:
+        forgotten += (f" Earlier edits left outside the shrunk cluster moved to clusters of their own "
+                      f"(still active): {', '.join(r.moved)}.")
     what = {"new": "opened a new cluster", "joined": "joined an existing cluster with the same answer",
             "conflict": "split a cluster that held a different answer"}[r.action]
     summary = (f"**Edit `{r.edit_id}`** trained **block {r.block}** in {r.steps} steps ({r.seconds:.1f} s) "
