@@ -121,18 +121,25 @@ def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
     }
 
 
+FRONTIER_LOCALITY = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+
+
 def key_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: float = 0.99) -> dict:
     """Which key (layer, reduction, distance) routes paraphrases to their own edit best?
 
     Edits: the first n_edits zsRE questions. Negatives: the next n_edits zsRE questions
     (same style, other subjects: the hard case) and the NQ questions of the edits' `loc`.
-    For each setting, the radius is set so that `locality` of the negatives stay outside
-    every edit; generality is the share of paraphrases whose nearest edit is their own
-    and lies within that radius.
+    For each setting and each routing locality in FRONTIER_LOCALITY, the radius is set so
+    that that share of the negatives stays outside every edit; generality is the share of
+    paraphrases whose nearest edit is their own and lies within that radius. `rows` holds
+    the table at `locality`; `frontier` the whole generality-against-locality curve.
+    Distances: l2, cosine, and "standardized" (l2 after scaling each dimension by its mean
+    and spread over the calibration questions, which no edit or negative comes from).
     """
     import torch
 
     from melo_engine.backbone import Backbone, reduce_key
+    from melo_engine.calibrate import reference_questions
     from melo_engine.config import DEFAULT_MODEL
 
     bb = Backbone.load(DEFAULT_MODEL)
@@ -155,20 +162,31 @@ def key_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: fl
     src = keys([r["src"] for r in edits])
     para = keys([r["rephrase"] for r in edits])
     neg = keys([r["src"] for r in held] + [r["loc"] for r in edits])
-    rows = []
+    ref = keys(reference_questions()[0])
+    rows, frontier = [], []
     for (layer, red) in src:
-        for dist in ("l2", "cosine"):
-            f = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if dist == "cosine" else (lambda x: x)
+        mu, sd = ref[(layer, red)].mean(0), ref[(layer, red)].std(0).clamp_min(1e-6)
+        transforms = {"l2": lambda x: x, "cosine": lambda x: torch.nn.functional.normalize(x, dim=-1),
+                      "standardized": lambda x: (x - mu) / sd}
+        for dist, f in transforms.items():
             s, p, n = f(src[(layer, red)]), f(para[(layer, red)]), f(neg[(layer, red)])
             dp = torch.cdist(p, s)
             own = dp.argmin(1) == torch.arange(len(s))
-            radius = float(torch.quantile(torch.cdist(n, s).min(1).values, 1 - locality))
-            gen = float((own & (dp.min(1).values <= radius)).float().mean())
-            rows.append({"layer": layer, "reduction": red, "distance": dist, "radius": radius,
-                         "generality": gen, "nearest_is_own": float(own.float().mean())})
+            nearest_neg = torch.cdist(n, s).min(1).values
+            curve = []
+            for loc in FRONTIER_LOCALITY:
+                # Just under the nearest negative at 100 %, so that none of them fires.
+                radius = (float(nearest_neg.min()) * (1 - 1e-6) if loc >= 1
+                          else float(torch.quantile(nearest_neg, 1 - loc)))
+                gen = float((own & (dp.min(1).values <= radius)).float().mean())
+                curve.append({"locality": loc, "radius": radius, "generality": gen})
+            at = min(curve, key=lambda c: abs(c["locality"] - locality))
+            rows.append({"layer": layer, "reduction": red, "distance": dist, "radius": at["radius"],
+                         "generality": at["generality"], "nearest_is_own": float(own.float().mean())})
+            frontier.append({"layer": layer, "reduction": red, "distance": dist, "curve": curve})
     rows.sort(key=lambda r: -r["generality"])
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "edits": n_edits, "locality": locality,
-            "rows": rows}
+            "rows": rows, "frontier": frontier}
 
 
 def load_records(dataset: str, n: int) -> list[dict]:
@@ -192,14 +210,16 @@ def load_records(dataset: str, n: int) -> list[dict]:
 
 
 def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc_tokens: int = 10,
-                    show_progress: bool = True, progress=None) -> dict:
+                    show_progress: bool = True, progress=None, checkpoint=None) -> dict:
     """N sequential edits per method, same records, same order, same model, one run.
 
     Per method: edit success right after each edit; retention of all earlier edits at every
     N/10 edits and at the end; generality on the paraphrases and locality (agreement with
     the unedited model's first `loc_tokens` greedy tokens) at the end; cost per edit.
     Teacher-forced token accuracy is the headline; greedy exact match is reported beside it.
-    `progress(method, edits_done, n)` is called after every edit (the web app's progress bar).
+    `progress(method, edits_done, n)` is called after every edit (the web app's progress bar);
+    `checkpoint(partial_result)` at every retention checkpoint, so a long run that is stopped
+    still leaves its curve so far (the CLI writes it to --json).
     """
     from tqdm import tqdm
 
@@ -230,8 +250,12 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc
                     progress(name, i + 1, len(recs))
                 if (i + 1) % every == 0 or i + 1 == len(recs):
                     kept = [token_accuracy(bb, m, q["prompt"], q["target"]) for q in recs[: i + 1]]
-                    curve.append({"edits": i + 1, "retention": sum(kept) / len(kept)})
+                    curve.append({"edits": i + 1, "retention": sum(kept) / len(kept),
+                                  "seconds_per_edit": sum(seconds) / len(seconds)})
                     bar.set_postfix(retention=f"{curve[-1]['retention']:.3f}")
+                    if checkpoint is not None:
+                        out["methods"][name] = {"partial": True, "retention_curve": curve, **m.summary()}
+                        checkpoint(out)
             kept_em = [exact_match(bb, m, r["prompt"], r["target"]) for r in recs]
             gen = [token_accuracy(bb, m, r["paraphrase"], r["target"]) for r in recs]
             gen_em = [exact_match(bb, m, r["paraphrase"], r["target"]) for r in recs]
@@ -281,13 +305,17 @@ def main(argv=None) -> int:
     e.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.what == "edits":
-        res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()])
+        def write(partial):
+            if args.json:
+                Path(args.json).write_text(json.dumps(partial, indent=1))
+        res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
+                              checkpoint=write)
         print_edits_table(res)
     elif args.what == "keys":
         res = key_study(args.edits)
-        print(f"{'layer':>5} {'reduction':10} {'distance':8} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
+        print(f"{'layer':>5} {'reduction':10} {'distance':12} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
         for r in res["rows"]:
-            print(f"{r['layer']:>5} {r['reduction']:10} {r['distance']:8} {r['radius']:8.3f} {r['generality']:10.3f}"
+            print(f"{r['layer']:>5} {r['reduction']:10} {r['distance']:12} {r['radius']:8.3f} {r['generality']:10.3f}"
                   f" {r['nearest_is_own']:11.3f}")
     else:
         res = speed(args.edits)

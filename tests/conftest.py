@@ -88,8 +88,7 @@ def app_server(tmp_path_factory):
     log.close()
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from webapp.bench import CHROMIUM, CHROMIUM_ARGS  # noqa: E402 - one list for tests and benchmarks
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +97,6 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()

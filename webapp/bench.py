@@ -2,6 +2,7 @@
 
     python -m webapp.bench startup      # `make run` (set-up done) until the app answers a question
     python -m webapp.bench map --edits 200   # building the index map for a workspace of N real edits
+    python -m webapp.bench frontier STUDY.json OUT.png   # the key study's frontier, drawn in chromium
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from pathlib import Path
 from melo_engine.model import quiet_env
 
 ROOT = Path(__file__).resolve().parent.parent
+# Debian's chromium, as the browser tests drive it (never a downloaded browser).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
 def startup(runs: int = 2) -> dict:
@@ -81,6 +86,24 @@ def index_map(n_edits: int) -> dict:
             "seconds_to_make_the_edits": edit_seconds}
 
 
+def frontier_png(study_json: str, out_png: str) -> dict:
+    """Draw the key study's frontier with plotly and photograph it in chromium (no kaleido)."""
+    from playwright.sync_api import sync_playwright
+
+    from webapp import plots
+
+    fig = plots.frontier(json.loads(Path(study_json).read_text()))
+    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 620})
+        page.set_content(html, wait_until="load")
+        page.wait_for_selector(".main-svg")
+        page.screenshot(path=out_png)
+        browser.close()
+    return {"png": out_png, "settings": len(fig.data)}
+
+
 def main(argv=None) -> int:
     quiet_env(offline=True)
     p = argparse.ArgumentParser(prog="python -m webapp.bench")
@@ -88,8 +111,14 @@ def main(argv=None) -> int:
     sub.add_parser("startup", help="make run (set-up done) to the first answer")
     m = sub.add_parser("map", help="index map time for N real edits")
     m.add_argument("--edits", type=int, default=200)
+    f = sub.add_parser("frontier", help="draw the key study's frontier (bench keys --json) to a PNG")
+    f.add_argument("study")
+    f.add_argument("png")
     args = p.parse_args(argv)
-    res = startup() if args.what == "startup" else index_map(args.edits)
+    if args.what == "frontier":
+        res = frontier_png(args.study, args.png)
+    else:
+        res = startup() if args.what == "startup" else index_map(args.edits)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -122,3 +122,33 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
     fig.update_xaxes(visible=False)
     fig.layout.meta = {"method": method, "points": len(points), "clusters": len(clusters), "probes": len(probes)}
     return fig
+
+
+def frontier(study: dict, default: tuple[int, str, str] = (10, "mean_user", "cosine")) -> go.Figure:
+    """Generality against routing locality for every key setting of a key study
+    (`python -m melo_engine.bench keys --json`). Keys over the whole question (mean_user)
+    are coloured by layer; last-token keys are grey; the engine's default is drawn thick."""
+    fig = go.Figure()
+    dashes = {"cosine": "solid", "l2": "dash", "standardized": "dot"}
+    layers = sorted({f["layer"] for f in study["frontier"]})
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for f in study["frontier"]:
+        curve = f["curve"]
+        is_default = (f["layer"], f["reduction"], f["distance"]) == default
+        colour = palette[layers.index(f["layer"]) % len(palette)] if f["reduction"] == "mean_user" else "#bbbbbb"
+        name = f"L{f['layer']} {f['reduction']} {f['distance']}" + (" (default)" if is_default else "")
+        fig.add_trace(go.Scatter(
+            x=[c["locality"] for c in curve], y=[c["generality"] for c in curve], mode="lines+markers",
+            name=name, showlegend=f["reduction"] == "mean_user",
+            line=dict(color="black" if is_default else colour, dash=dashes.get(f["distance"], "solid"),
+                      width=5 if is_default else 1.5),
+            marker=dict(size=4), hovertemplate=name + "<br>locality %{x}<br>generality %{y}<extra></extra>"))
+    fig.update_layout(
+        template="plotly_white", width=1000, height=620, margin=dict(l=60, r=10, t=60, b=50),
+        title=dict(text=(f"Key study, {study['edits']} zsRE edits: generality against routing locality "
+                         "(grey: last-token keys; solid cosine, dashed L2, dotted standardized)"),
+                   font=dict(size=14)),
+        xaxis=dict(title="routing locality (share of held-out questions that fire no edit)", autorange="reversed"),
+        yaxis=dict(title="generality (paraphrase routed to its own edit)", rangemode="tozero"),
+        legend=dict(font=dict(size=10)))
+    return fig
