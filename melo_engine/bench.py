@@ -225,12 +225,14 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc
 
     from melo_engine.backbone import Backbone
     from melo_engine.config import DEFAULT_MODEL
-    from melo_engine.evaluate import agreement, exact_match, greedy_ids, token_accuracy
+    from melo_engine.evaluate import agreement, exact_match, exact_matches, greedy_batch, token_accuracies, token_accuracy
     from melo_engine.methods import build
 
     bb = backbone or Backbone.load(DEFAULT_MODEL)
     recs = load_records(dataset, n)
-    base_loc = [greedy_ids(bb, None, r["locality"], loc_tokens) for r in recs]
+    prompts, targets = [r["prompt"] for r in recs], [r["target"] for r in recs]
+    paraphrases, unrelated = [r["paraphrase"] for r in recs], [r["locality"] for r in recs]
+    base_loc = greedy_batch(bb, None, unrelated, loc_tokens)
     every = max(1, len(recs) // 10)
     out = {"dataset": dataset, "n": len(recs), "model": DEFAULT_MODEL, "machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "target_field": "alt" if dataset == "zsre" else "target_new",
@@ -249,17 +251,17 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc
                 if progress is not None:
                     progress(name, i + 1, len(recs))
                 if (i + 1) % every == 0 or i + 1 == len(recs):
-                    kept = [token_accuracy(bb, m, q["prompt"], q["target"]) for q in recs[: i + 1]]
+                    kept = token_accuracies(bb, m, prompts[: i + 1], targets[: i + 1])
                     curve.append({"edits": i + 1, "retention": sum(kept) / len(kept),
                                   "seconds_per_edit": sum(seconds) / len(seconds)})
                     bar.set_postfix(retention=f"{curve[-1]['retention']:.3f}")
                     if checkpoint is not None:
                         out["methods"][name] = {"partial": True, "retention_curve": curve, **m.summary()}
                         checkpoint(out)
-            kept_em = [exact_match(bb, m, r["prompt"], r["target"]) for r in recs]
-            gen = [token_accuracy(bb, m, r["paraphrase"], r["target"]) for r in recs]
-            gen_em = [exact_match(bb, m, r["paraphrase"], r["target"]) for r in recs]
-            loc = [agreement(base, greedy_ids(bb, m, r["locality"], loc_tokens)) for base, r in zip(base_loc, recs)]
+            kept_em = exact_matches(bb, m, prompts, targets)
+            gen = token_accuracies(bb, m, paraphrases, targets)
+            gen_em = exact_matches(bb, m, paraphrases, targets)
+            loc = [agreement(base, got) for base, got in zip(base_loc, greedy_batch(bb, m, unrelated, loc_tokens))]
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             out["methods"][name] = {
                 "edit_success": mean(success), "edit_success_exact_match": mean(success_em),

@@ -1,7 +1,8 @@
 """Editing methods under one interface, so one benchmark loop measures them all alike.
 
-A method makes edits and, for a given prompt, makes the shared Backbone behave as the
-edited model (`applied(prompt)`, a context manager). Three methods:
+A method makes edits and, for a batch of prompts, makes the shared Backbone behave as the
+edited model, each prompt routed on its own (`applied(prompts, last)`, a context manager;
+`last[i]` is where prompt i's last token sits in the batch). Three methods:
 
 - MELO: a MeloEditor (one LoRA block per edit, routed by the cluster index).
 - LoRA: the paper's "LoRA" row: one adapter of the same size as one MELO block, trained on
@@ -43,9 +44,11 @@ class MeloMethod:
         return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten)}
 
     @contextlib.contextmanager
-    def applied(self, prompt: str):
-        r = self.editor.index.route(self.editor.key(prompt))
-        with self.backbone.lora(self.editor.bank.gather([r.block], self.editor.modules)):
+    def applied(self, prompts: list[str], last: list[int]):
+        ed, c = self.editor, self.editor.config
+        keys = self.backbone.keys(self.backbone.encode(prompts), c.key_layer, c.key_reduction, c.distance)
+        blocks = [ed.index.route(k).block for k in keys]
+        with self.backbone.lora(ed.bank.gather(blocks, ed.modules)):
             yield
 
     def summary(self) -> dict:
@@ -73,11 +76,12 @@ class LoRAMethod:
         return {"seconds": time.perf_counter() - t0, "params": trained.params}
 
     @contextlib.contextmanager
-    def applied(self, prompt: str):
-        active = None
+    def applied(self, prompts: list[str], last: list[int]):
+        active, n = None, len(prompts)
         if self.block is not None:
-            keep = torch.ones(1, dtype=torch.bool)
-            active = {m: ActiveBlocks(a=a[None], b=b[None], keep=keep) for m, (a, b) in self.block.items()}
+            keep = torch.ones(n, dtype=torch.bool)
+            active = {m: ActiveBlocks(a=a[None].expand(n, -1, -1), b=b[None].expand(n, -1, -1), keep=keep)
+                      for m, (a, b) in self.block.items()}
         with self.backbone.lora(active):
             yield
 
@@ -121,22 +125,32 @@ class GraceMethod:
         self.entries: list[GraceEntry] = []
         self.mlp = backbone.layers[c.layer].mlp
 
-    def key(self, prompt: str) -> torch.Tensor:
+    def keys(self, prompts: list[str]) -> torch.Tensor:
         # The input of the edited layer = the output of the layer below it.
-        return self.backbone.keys(self.backbone.encode([prompt]), self.config.layer - 1, self.config.reduction, "l2")[0]
+        return self.backbone.keys(self.backbone.encode(prompts), self.config.layer - 1, self.config.reduction, "l2")
+
+    def key(self, prompt: str) -> torch.Tensor:
+        return self.keys([prompt])[0]
 
     @contextlib.contextmanager
-    def _replacing(self, value: torch.Tensor | None, start: int):
-        """Replace the edited layer's MLP output from position `start` on (every new token too)."""
-        if value is None:
+    def _replacing(self, values: list[torch.Tensor | None], starts: list[int]):
+        """Replace the edited layer's MLP output of example i from position starts[i] on, and
+        on every new token, by values[i] (None: leave example i alone)."""
+        if all(v is None for v in values):
             yield
             return
+        on = torch.tensor([v is not None for v in values])
+        ref = next(v for v in values if v is not None)
+        value = torch.stack([v if v is not None else torch.zeros_like(ref) for v in values])[:, None, :]
+        start = torch.tensor(starts)
 
         def hook(_module, _args, out):
-            pos = start if out.shape[1] > 1 else 0
-            keep = torch.ones_like(out[..., :1])
-            keep[:, pos:] = 0
-            return out * keep + value * (1 - keep)
+            if out.shape[1] > 1:
+                replace = torch.arange(out.shape[1])[None, :] >= start[:, None]
+            else:                                   # one new token per step during generation
+                replace = torch.ones(out.shape[0], 1, dtype=torch.bool)
+            replace = (replace & on[:, None])[..., None]
+            return torch.where(replace, value.to(out.dtype), out)
 
         with self.backbone.lock:
             handle = self.mlp.register_forward_hook(hook)
@@ -172,7 +186,7 @@ class GraceMethod:
         value = captured["out"][0, n_prompt - 1].clone().requires_grad_()
         opt = torch.optim.Adam([value], lr=c.lr)
         for _ in range(c.max_iters):
-            with self._replacing(value, n_prompt - 1):
+            with self._replacing([value], [n_prompt - 1]):
                 logits = bb.upper_logits(hidden, enc, c.layer, positions)[0]
             loss = F.cross_entropy(logits, targets)
             if bool((logits.argmax(-1) == targets).all()) and loss.item() < c.stop_loss:
@@ -194,11 +208,12 @@ class GraceMethod:
         return {"seconds": time.perf_counter() - t0, "params": int(value.numel())}
 
     @contextlib.contextmanager
-    def applied(self, prompt: str):
-        i, d = self._nearest(self.key(prompt))
-        value = self.entries[i].value if i is not None and d <= self.entries[i].radius else None
-        n_prompt = int(self.backbone.encode([prompt]).prompt_mask.sum())
-        with self._replacing(value, n_prompt - 1):
+    def applied(self, prompts: list[str], last: list[int]):
+        values = []
+        for k in self.keys(prompts):
+            i, d = self._nearest(k)
+            values.append(self.entries[i].value if i is not None and d <= self.entries[i].radius else None)
+        with self._replacing(values, last):
             yield
 
     def summary(self) -> dict:
