@@ -1,6 +1,7 @@
 """Benchmarks: `python -m melo_engine.bench speed` (cost of editing and routing on this machine),
-`python -m melo_engine.bench keys` (which key routes paraphrases best) and
-`python -m melo_engine.bench edits` (sequential editing, MELO against GRACE and plain LoRA).
+`python -m melo_engine.bench keys` (which key routes paraphrases best),
+`python -m melo_engine.bench edits` (sequential editing, MELO against GRACE and plain LoRA) and
+`python -m melo_engine.bench routing` (where N edits' index sends prompts and paraphrases).
 
 Prints a table and, with --json OUT, writes the figures. Numbers are measured, never
 asserted: docs/BENCHMARKS.md records them with the machine and date.
@@ -275,6 +276,58 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, loc
     return out
 
 
+def routing_study(dataset: str, n: int, backbone=None) -> dict:
+    """Where MELO's index sends each question once N edits are in it, without training a block.
+
+    Builds the index from the edits' keys alone by the same cluster rules (blocks are
+    numbered, not trained), then routes every prompt and paraphrase twice: through chroma
+    (what the engine does) and by exact nearest-center search. It separates what routing
+    allows from what training achieves: a paraphrase that does not reach its own block can
+    only be right by luck. Takes minutes where `edits` takes an hour.
+    """
+    from melo_engine.backbone import Backbone
+    from melo_engine.calibrate import calibrated_radius
+    from melo_engine.config import DEFAULT_MODEL, MeloConfig
+    from melo_engine.index import ClusterIndex
+
+    bb = backbone or Backbone.load(DEFAULT_MODEL)
+    cfg = MeloConfig().resolved(bb.num_layers)
+    radius = calibrated_radius(bb, cfg)
+    recs = load_records(dataset, n)
+
+    def keys(texts):
+        return [k for i in range(0, len(texts), 16)
+                for k in bb.keys(bb.encode(texts[i:i + 16]), cfg.key_layer, cfg.key_reduction, cfg.distance)]
+
+    prompts, paraphrases = keys([r["prompt"] for r in recs]), keys([r["paraphrase"] for r in recs])
+    with tempfile.TemporaryDirectory() as tmp:
+        index = ClusterIndex(Path(tmp))
+        for i, (r, k) in enumerate(zip(recs, prompts)):
+            state = index.state.copy()
+            state.add(f"e{i}", k, i, r["target"], radius, cfg.on_conflict)
+            index.commit(state, i + 1)
+
+        def exact_block(key):
+            near, d = index.state.nearest(key)
+            if d > near.radius:
+                return None
+            own = min(near.members, key=lambda e: float((index.state.points[e].key - key).norm()))
+            return index.state.points[own].block
+
+        out = {"dataset": dataset, "n": len(recs), "model": DEFAULT_MODEL, "machine": machine(),
+               "date": time.strftime("%Y-%m-%d"), "init_radius": radius,
+               "clusters": len(index.state.clusters)}
+        for name, ks in (("prompts", prompts), ("paraphrases", paraphrases)):
+            routed = [index.route(k).block for k in ks]
+            exact = [exact_block(k) for k in ks]
+            out[name] = {"own_block": sum(b == i for i, b in enumerate(routed)) / len(ks),
+                         "other_block": sum(b is not None and b != i for i, b in enumerate(routed)) / len(ks),
+                         "no_block": sum(b is None for b in routed) / len(ks),
+                         "chroma_differs_from_exact": sum(a != b for a, b in zip(routed, exact))}
+        index.close()
+    return out
+
+
 def print_edits_table(res: dict) -> None:
     cols = ["edit_success", "retention", "generality", "locality", "edit_success_exact_match",
             "generality_exact_match", "seconds_per_edit", "params_per_edit"]
@@ -305,6 +358,10 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=20)
     e.add_argument("--methods", default="melo,grace,lora")
     e.add_argument("--json", default=None)
+    r = sub.add_parser("routing", help="where the index of N edits routes their prompts and paraphrases")
+    r.add_argument("--dataset", choices=["zsre", "counterfact"], default="zsre")
+    r.add_argument("--n", type=int, default=1000)
+    r.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.what == "edits":
         def write(partial):
@@ -313,6 +370,13 @@ def main(argv=None) -> int:
         res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
                               checkpoint=write)
         print_edits_table(res)
+    elif args.what == "routing":
+        res = routing_study(args.dataset, args.n)
+        print(f"{res['dataset']}, {res['n']} edits, {res['clusters']} clusters, radius {res['init_radius']:.3f}")
+        for name in ("prompts", "paraphrases"):
+            r = res[name]
+            print(f"{name:12} own block {r['own_block']:.3f}  other block {r['other_block']:.3f}  "
+                  f"no block {r['no_block']:.3f}  chroma differs from exact search: {r['chroma_differs_from_exact']}")
     elif args.what == "keys":
         res = key_study(args.edits)
         print(f"{'layer':>5} {'reduction':10} {'distance':12} {'radius':>8} {'generality':>10} {'nearest=own':>11}")

@@ -2,7 +2,7 @@
 locality above plain LoRA's (the point of routing)."""
 from __future__ import annotations
 
-from melo_engine.bench import edits_benchmark, load_records
+from melo_engine.bench import edits_benchmark, load_records, routing_study
 
 FLOATS = ("edit_success", "retention", "generality", "locality", "seconds_per_edit",
           "edit_success_exact_match", "retention_exact_match", "generality_exact_match")
@@ -28,3 +28,14 @@ def test_short_benchmark_shape_and_melo_beats_lora_on_locality(backbone):
     assert melo["locality"] > lora["locality"]
     assert melo["edit_success"] == 1.0 and melo["retention"] == 1.0
     assert melo["clusters"] >= 1 and "settings" in melo
+
+
+def test_routing_study_sends_each_prompt_to_its_own_block(backbone):
+    res = routing_study("zsre", 12, backbone=backbone)
+    assert res["n"] == 12 and 1 <= res["clusters"] <= 12 and res["init_radius"] > 0
+    for name in ("prompts", "paraphrases"):
+        r = res[name]
+        assert abs(r["own_block"] + r["other_block"] + r["no_block"] - 1.0) < 1e-9
+        assert r["chroma_differs_from_exact"] == 0
+    # An edit's own prompt is its key: it routes to its own block unless a conflict moved it.
+    assert res["prompts"]["own_block"] >= 0.9
