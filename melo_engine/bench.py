@@ -317,13 +317,19 @@ def routing_study(dataset: str, n: int, backbone=None) -> dict:
         out = {"dataset": dataset, "n": len(recs), "model": DEFAULT_MODEL, "machine": machine(),
                "date": time.strftime("%Y-%m-%d"), "init_radius": radius,
                "clusters": len(index.state.clusters)}
+        route_ms = []
         for name, ks in (("prompts", prompts), ("paraphrases", paraphrases)):
-            routed = [index.route(k).block for k in ks]
+            routed = []
+            for k in ks:
+                t0 = time.perf_counter()
+                routed.append(index.route(k).block)
+                route_ms.append(1000 * (time.perf_counter() - t0))
             exact = [exact_block(k) for k in ks]
             out[name] = {"own_block": sum(b == i for i, b in enumerate(routed)) / len(ks),
                          "other_block": sum(b is not None and b != i for i, b in enumerate(routed)) / len(ks),
                          "no_block": sum(b is None for b in routed) / len(ks),
                          "chroma_differs_from_exact": sum(a != b for a, b in zip(routed, exact))}
+        out["route_ms_median"] = statistics.median(route_ms)
         index.close()
     return out
 
@@ -372,7 +378,8 @@ def main(argv=None) -> int:
         print_edits_table(res)
     elif args.what == "routing":
         res = routing_study(args.dataset, args.n)
-        print(f"{res['dataset']}, {res['n']} edits, {res['clusters']} clusters, radius {res['init_radius']:.3f}")
+        print(f"{res['dataset']}, {res['n']} edits, {res['clusters']} clusters, radius {res['init_radius']:.3f}, "
+              f"chroma lookup {res['route_ms_median']:.2f} ms per query (median)")
         for name in ("prompts", "paraphrases"):
             r = res[name]
             print(f"{name:12} own block {r['own_block']:.3f}  other block {r['other_block']:.3f}  "

@@ -186,6 +186,13 @@ class Route:
     edit_id: str | None
 
 
+# HNSW search is approximate. With chroma's default breadth (100) it sent 1 of 1000 zsRE edit
+# prompts to another center than exact search did (`python -m melo_engine.bench routing`), and
+# a missed nearest center silently drops an edit. A search this broad visits nearly every
+# center of an index this size, for a fraction of a millisecond.
+EF_SEARCH = 1000
+
+
 def _chroma_client(path: Path):
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     import chromadb
@@ -213,9 +220,12 @@ class ClusterIndex:
         self._open()
 
     def _open(self):
-        cfg = {"hnsw": {"space": "l2"}}
+        cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH}}
         self.centers = self.client.get_or_create_collection("centers", embedding_function=None, configuration=cfg)
         self.points = self.client.get_or_create_collection("points", embedding_function=None, configuration=cfg)
+        for col in (self.centers, self.points):   # a workspace made before EF_SEARCH existed
+            if ((col.configuration or {}).get("hnsw") or {}).get("ef_search") != EF_SEARCH:
+                col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
 
     @property
     def gen(self) -> int:
