@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,7 +225,10 @@ class ClusterIndex:
         self.centers = self.client.get_or_create_collection("centers", embedding_function=None, configuration=cfg)
         self.points = self.client.get_or_create_collection("points", embedding_function=None, configuration=cfg)
         for col in (self.centers, self.points):   # a workspace made before EF_SEARCH existed
-            if ((col.configuration or {}).get("hnsw") or {}).get("ef_search") != EF_SEARCH:
+            with warnings.catch_warnings():       # chroma calls "no embedding function" legacy
+                warnings.simplefilter("ignore", DeprecationWarning)
+                hnsw = (col.configuration or {}).get("hnsw") or {}
+            if hnsw.get("ef_search") != EF_SEARCH:
                 col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
 
     @property

@@ -188,3 +188,21 @@ def test_index_snapshot_has_everything_to_plot(edited):
     dim = ed.backbone.fingerprint["hidden_size"]
     assert all(len(p["key"]) == dim and p["prompt"] for p in snap["points"])
     assert all(c["radius"] > 0 and len(c["center"]) == dim for c in snap["clusters"])
+
+
+def test_index_searches_broadly_even_in_a_workspace_made_before(tmp_path):
+    """HNSW with chroma's default breadth can miss the nearest center; an older index is widened on open."""
+    import warnings
+
+    from melo_engine.index import EF_SEARCH, ClusterIndex, _chroma_client
+
+    old = _chroma_client(tmp_path)
+    for name in ("centers", "points"):
+        old.get_or_create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "l2"}})
+    old.close()
+    index = ClusterIndex(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert index.centers.configuration["hnsw"]["ef_search"] == EF_SEARCH
+        assert index.points.configuration["hnsw"]["ef_search"] == EF_SEARCH
+    index.close()
