@@ -174,6 +174,12 @@ class Backbone:
         k = reduce_key(self.lower(enc, layer + 1), enc, reduction)
         return torch.nn.functional.normalize(k, dim=-1) if distance == "cosine" else k
 
+    def keys_of(self, questions: list[str], layer: int, reduction: str, distance: str,
+                batch: int = 32) -> torch.Tensor:
+        """`keys` for many questions, a batch at a time so that memory stays flat."""
+        return torch.cat([self.keys(self.encode(questions[i:i + batch]), layer, reduction, distance)
+                          for i in range(0, len(questions), batch)])
+
     def upper_logits(self, hidden: torch.Tensor, enc: Encoded, start: int, positions: torch.Tensor):
         """Logits at `positions` [batch, k] from hidden states entering layer `start`."""
         with self._only_layers(start, self.num_layers, final_norm=True):

@@ -295,11 +295,8 @@ def routing_study(dataset: str, n: int, backbone=None) -> dict:
     radius = calibrated_radius(bb, cfg)
     recs = load_records(dataset, n)
 
-    def keys(texts):
-        return [k for i in range(0, len(texts), 16)
-                for k in bb.keys(bb.encode(texts[i:i + 16]), cfg.key_layer, cfg.key_reduction, cfg.distance)]
-
-    prompts, paraphrases = keys([r["prompt"] for r in recs]), keys([r["paraphrase"] for r in recs])
+    prompts, paraphrases = (bb.keys_of([r[f] for r in recs], cfg.key_layer, cfg.key_reduction, cfg.distance)
+                            for f in ("prompt", "paraphrase"))
     with tempfile.TemporaryDirectory() as tmp:
         index = ClusterIndex(Path(tmp))
         for i, (r, k) in enumerate(zip(recs, prompts)):

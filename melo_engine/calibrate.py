@@ -48,8 +48,7 @@ def calibrated_radius(backbone, cfg: MeloConfig) -> float:
     if entry and entry.get("fingerprint") == backbone.fingerprint:
         return float(entry["radius"])
     qs, subjects = reference_questions()
-    keys = torch.cat([backbone.keys(backbone.encode(qs[i:i + 32]), cfg.key_layer, cfg.key_reduction, cfg.distance)
-                      for i in range(0, len(qs), 32)])
+    keys = backbone.keys_of(qs, cfg.key_layer, cfg.key_reduction, cfg.distance)
     radius = float(torch.quantile(nearest_other_subject(keys, subjects), RADIUS_QUANTILE))
     known[name] = {"radius": radius, "fingerprint": backbone.fingerprint, "prompts": len(qs)}
     cache.parent.mkdir(parents=True, exist_ok=True)
