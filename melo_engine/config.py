@@ -30,7 +30,7 @@ class MeloConfig:
     # A conflicting edit shrinks the cluster it lands in. "forget" (the paper) drops the
     # members left outside; "keep" gives each its own small cluster. Measured on zsRE:
     # "forget" lost 2 of the first 50 edits (retention 0.963); with "keep", retention of
-    # all edits was 1.000 up to 600 edits and 0.999 after 1000 (docs/BENCHMARKS.md).
+    # all edits was 1.000 up to 600 edits and 0.998-0.999 after 1000 (two runs; BENCHMARKS.md).
     on_conflict: str = "keep"            # "keep" | "forget"
 
     # Dynamic LoRA: which modules carry blocks, and how big a block is.
