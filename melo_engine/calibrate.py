@@ -1,12 +1,21 @@
-"""Radius calibration: a radius in the units of *this* model's keys, from reference prompts.
+"""Radius calibration and the reference data behind keys: a radius in the units of *this*
+model's and key source's keys, from reference questions, never a hand-picked number.
 
-Hidden-state distances differ by model, layer and reduction, so a hand-picked number does
-not carry over. We take factual questions about many subjects, compute each one's distance
-to its nearest question about *another* subject, and use a low quantile of those
-distances. Measured on the default model (200 zsRE edits, 200 held-out questions): the
-5% quantile (0.19) puts 64% of paraphrases inside their edit's radius, lets a held-out
-question fire a single edit 0.015% of the time, and keeps 97% of held-out questions
-away from all 200 edits; the 2% quantile gives 47% / 0.005% / 99%.
+Both come from the bundled zsRE sample (596 facts, one subject each, several phrasings):
+
+- Unwhitened model keys (the paper's neuron index): questions of records 826-1125, each
+  one's distance to its nearest question about *another* subject, 5 % quantile. Measured on
+  200 zsRE edits: it put 64 % of paraphrases inside their edit's radius and kept 97 % of
+  held-out questions away from all 200 edits.
+- Sentence keys (and whitened keys of either source): the whitening is fitted on
+  paraphrase pairs of the *first* half of the facts; the radius is calibrated on every
+  phrasing of the *second* half, so that fit and calibration never share a fact (a
+  whitening fitted on a fact pushes its neighbours apart and would widen the radius). The
+  radius lies halfway between how far the phrasings of one fact spread (99th percentile of
+  each phrasing's farthest sibling: 0.73 for the default key) and how near a question about
+  another subject comes (1st percentile of the nearest one: 0.90). A low quantile of the
+  second alone was unstable: the 0.5 % quantile jumped from 0.68 to 0.87 between
+  neighbouring ranks, and at 0.87 3 % of CounterFact's same-relation questions fired.
 """
 from __future__ import annotations
 
@@ -19,16 +28,56 @@ import torch
 from .config import MeloConfig
 from .model import cache_dir
 
-RADIUS_QUANTILE = 0.05
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# zsRE questions from the end of the bundled sample: the benchmarks draw from its start.
+RADIUS_QUANTILE = 0.05
 REFERENCE_SLICE = slice(826, 1126)
+SPREAD_QUANTILE, OTHER_QUANTILE = 0.99, 0.01
+
+
+def _zsre() -> list[dict]:
+    return json.loads((ASSETS / "data" / "zsre_mend_eval_head.json").read_text())
 
 
 def reference_questions() -> tuple[list[str], list[str]]:
-    """(questions, their subjects) for calibration."""
-    records = json.loads((ASSETS / "data" / "zsre_mend_eval_head.json").read_text())[REFERENCE_SLICE]
+    """(questions, their subjects) for calibrating unwhitened model keys."""
+    records = _zsre()[REFERENCE_SLICE]
     return [r["src"] for r in records], [r["subject"] for r in records]
+
+
+def _facts() -> dict[str, list[str]]:
+    """Every distinct phrasing of each zsRE fact, facts in the sample's order."""
+    out: dict[str, list[str]] = {}
+    for r in _zsre():
+        for q in (r["src"], r["rephrase"]):
+            if q not in out.setdefault(r["subject"], []):
+                out[r["subject"]].append(q)
+    return out
+
+
+def whitening_pairs() -> tuple[list[str], list[str]]:
+    """Paraphrase pairs (each phrasing with its fact's first) of the first half of the facts."""
+    facts = list(_facts().values())
+    a, b = [], []
+    for qs in facts[: len(facts) // 2]:
+        a += [qs[0]] * (len(qs) - 1)
+        b += qs[1:]
+    return a, b
+
+
+def calibration_questions() -> tuple[list[str], list[str]]:
+    """Every phrasing of the second half of the facts, with its subject."""
+    facts = list(_facts().items())
+    qs, subjects = [], []
+    for subject, phrasings in facts[len(facts) // 2:]:
+        qs += phrasings
+        subjects += [subject] * len(phrasings)
+    return qs, subjects
+
+
+def calibration_distances(keys_of) -> tuple[torch.Tensor, list[str]]:
+    """The reference questions' keys (by `keys_of(questions)`) and their subjects."""
+    qs, subjects = reference_questions()
+    return keys_of(qs), subjects
 
 
 def nearest_other_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
@@ -39,17 +88,40 @@ def nearest_other_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tens
     return d.min(1).values
 
 
-def calibrated_radius(backbone, cfg: MeloConfig) -> float:
+def farthest_same_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
+    """For each key with a sibling (another phrasing of its subject), the farthest one."""
+    d = torch.cdist(keys, keys)
+    same = torch.tensor([[a == b for b in subjects] for a in subjects])
+    same.fill_diagonal_(False)
+    d[~same] = -1.0
+    far = d.max(1).values
+    return far[far >= 0]
+
+
+def calibrated_radius(backbone, cfg: MeloConfig, keyer=None) -> float:
     """The default init radius for this model and key setting (cached under MELO_CACHE)."""
-    name = f"{cfg.model}-L{cfg.key_layer}-{cfg.key_reduction}-{cfg.distance}-q{RADIUS_QUANTILE}"
+    split = cfg.whitened or cfg.key_source != "model"
+    # The unwhitened model key keeps the name it was cached under before key sources existed.
+    name = (f"{cfg.model}-{cfg.key_name()}-gap-{SPREAD_QUANTILE}-{OTHER_QUANTILE}" if split
+            else f"{cfg.model}-L{cfg.key_layer}-{cfg.key_reduction}-{cfg.distance}-q{RADIUS_QUANTILE}")
     cache = cache_dir() / "calibration.json"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     entry = known.get(name)
     if entry and entry.get("fingerprint") == backbone.fingerprint:
         return float(entry["radius"])
-    qs, subjects = reference_questions()
-    keys = backbone.keys_of(qs, cfg.key_layer, cfg.key_reduction, cfg.distance)
-    radius = float(torch.quantile(nearest_other_subject(keys, subjects), RADIUS_QUANTILE))
+    if keyer is None:
+        from .keys import Keyer
+
+        keyer = Keyer(backbone, cfg)
+    if split:
+        qs, subjects = calibration_questions()
+        keys = keyer.keys(qs)
+        spread = float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
+        other = float(torch.quantile(nearest_other_subject(keys, subjects), OTHER_QUANTILE))
+        radius = 0.5 * (spread + other)
+    else:
+        qs, subjects = reference_questions()
+        radius = float(torch.quantile(nearest_other_subject(keyer.keys(qs), subjects), RADIUS_QUANTILE))
     known[name] = {"radius": radius, "fingerprint": backbone.fingerprint, "prompts": len(qs)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".calibration-{os.getpid()}.json")

@@ -17,7 +17,16 @@ class MeloConfig:
 
     model: str = DEFAULT_MODEL
 
-    # Routing. The key is the key layer's output reduced over the user's question only
+    # Where keys come from (melo_engine/keys.py). "sentence": the bundled sentence encoder
+    # (all-MiniLM-L6-v2), whitened. "model": the paper's neuron index, a layer of the edited
+    # model (the settings below). Key study, routing only, at 0.99 routing locality, a held-out
+    # phrasing counted when its nearest edit asks the same fact (docs/BENCHMARKS.md): sentence
+    # whitened 0.997 on zsRE and 0.925 on CounterFact, whitening fitted on the *other* dataset;
+    # model layer 10 0.757 and 0.037. A workspace made before key sources existed is "model".
+    key_source: str = "sentence"         # "sentence" | "model"
+    key_whitening: bool | None = None    # None: on for "sentence", off for "model" (the paper's key)
+
+    # The model source. The key is the key layer's output reduced over the user's question only
     # (not the chat template around it, which is the same for every query). Measured on
     # 200 zsRE edits against 200 held-out zsRE questions (docs/BENCHMARKS.md, key study):
     # at a radius that lets 1% of those questions fire, "mean_user" at layer 10 of 30 with
@@ -27,11 +36,13 @@ class MeloConfig:
     key_reduction: str = "mean_user"     # "mean_user" | "last_user" | "last" | "mean"
     distance: str = "cosine"             # "cosine" | "l2"
     init_radius: float | None = None     # None: calibrate from reference prompts
-    # A conflicting edit shrinks the cluster it lands in. "forget" (the paper) drops the
-    # members left outside; "keep" gives each its own small cluster. Measured on zsRE:
-    # "forget" lost 2 of the first 50 edits (retention 0.963); with "keep", retention of
-    # all edits was 1.000 up to 600 edits and 0.998-0.999 after 1000 (two runs; BENCHMARKS.md).
-    on_conflict: str = "keep"            # "keep" | "forget"
+    # An edit with another answer than an edit already in reach (melo_engine/index.py).
+    # "supersede": an edit within the init radius asks the same question, so the newer one
+    # wins for every phrasing and the older goes dormant until the newer is undone; nothing
+    # else shrinks. "keep" / "forget": the paper's split (both radii to half the distance),
+    # keeping or forgetting members left outside. The paper's rule made contradicting edits
+    # flip (two clusters of radius 0 at one point) and cost earlier edits their paraphrases.
+    on_conflict: str = "supersede"       # "supersede" | "keep" | "forget"
 
     # Dynamic LoRA: which modules carry blocks, and how big a block is.
     lora_layers: tuple[int, ...] | None = None   # None: the top 20% of the layers
@@ -62,11 +73,25 @@ class MeloConfig:
             raise ValueError(f"layers must lie in 0..{num_layers - 1}")
         return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers)
 
+    @property
+    def whitened(self) -> bool:
+        return self.key_source == "sentence" if self.key_whitening is None else bool(self.key_whitening)
+
+    def key_name(self) -> str:
+        """Names the key space: two workspaces' keys compare only when these are equal."""
+        if self.key_source == "sentence":
+            base = "sentence-all-MiniLM-L6-v2-mean"
+        else:
+            base = f"model-L{self.key_layer}-{self.key_reduction}-{self.distance}"
+        return base + ("-whitened" if self.whitened else "")
+
     def validate(self) -> None:
+        if self.key_source not in ("sentence", "model"):
+            raise ValueError(f"unknown key_source {self.key_source!r} (sentence, model)")
         if self.key_reduction not in ("mean_user", "last_user", "last", "mean"):
             raise ValueError(f"unknown key_reduction {self.key_reduction!r}")
-        if self.on_conflict not in ("keep", "forget"):
-            raise ValueError(f"unknown on_conflict {self.on_conflict!r} (keep, forget)")
+        if self.on_conflict not in ("supersede", "keep", "forget"):
+            raise ValueError(f"unknown on_conflict {self.on_conflict!r} (supersede, keep, forget)")
         if self.distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {self.distance!r}")
         for name in ("rank_per_block", "max_iters", "max_text_chars", "max_new_tokens"):
@@ -88,6 +113,8 @@ class MeloConfig:
     def from_json(cls, d: dict) -> "MeloConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("key_source", "model")      # saved before key sources existed
+        d.setdefault("on_conflict", "keep")      # saved before "supersede" existed
         for k in ("lora_layers", "lora_modules"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])

@@ -23,6 +23,7 @@ from .bank import BlockBank
 from .calibrate import calibrated_radius
 from .config import DEFAULT_MODEL, EDIT_SETTINGS, MeloConfig
 from .index import ClusterIndex, ClusterState, Route
+from .keys import Keyer
 from .train import train_block
 
 FORMAT = 1                      # workspace and export format version
@@ -56,6 +57,18 @@ class EditResult:
     moved: list[str] = field(default_factory=list)   # earlier edits given clusters of their own
     token_accuracy: float = 0.0   # teacher-forced, on the edit prompt, at the end of training
     params: int = 0               # trainable parameters of this edit's block
+    superseded: list[str] = field(default_factory=list)   # earlier edits of the same question, now dormant
+
+
+def _apply_placement(edits: list[dict], placed, new_id: str) -> None:
+    """Record in the edit log what placing edit `new_id` did to earlier edits."""
+    for e in edits:
+        if e["id"] in placed.forgotten:
+            e.update(status="forgotten", forgotten_by=new_id, block=None, cluster=None)
+        if e["id"] in placed.moved:
+            e.update(cluster=placed.moved[e["id"]])
+        if e["id"] in placed.superseded:
+            e.update(status="superseded", superseded_by=new_id)
 
 
 def _clean(text: str, what: str, limit: int) -> str:
@@ -70,10 +83,11 @@ def _clean(text: str, what: str, limit: int) -> str:
 class MeloEditor:
     """Edit, ask, undo, export: the whole MELO workflow on one workspace directory."""
 
-    def __init__(self, workspace: Path, backbone: Backbone, config: MeloConfig):
+    def __init__(self, workspace: Path, backbone: Backbone, config: MeloConfig, keyer: Keyer | None = None):
         self.workspace = Path(workspace)
         self.backbone = backbone
         self.config = config
+        self.keyer = keyer or Keyer(backbone, config)
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._lock = threading.RLock()        # one change to this workspace at a time
         self.log: dict = {}
@@ -106,14 +120,15 @@ class MeloEditor:
         if log is not None and log.get("fingerprint") != backbone.fingerprint:
             raise ValueError(f"workspace {ws} was made with another model than {backbone.name!r} (fingerprints differ)")
         cfg = cfg.resolved(backbone.num_layers)
+        keyer = Keyer(backbone, cfg)
         if cfg.init_radius is None:
-            cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg))
-        ed = cls(ws, backbone, cfg) if log is not None else cls._create(ws, backbone, cfg)
+            cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))
+        ed = cls(ws, backbone, cfg, keyer) if log is not None else cls._create(ws, backbone, cfg, keyer)
         ed._load()
         return ed
 
     @classmethod
-    def _create(cls, ws: Path, backbone: Backbone, cfg: MeloConfig) -> "MeloEditor":
+    def _create(cls, ws: Path, backbone: Backbone, cfg: MeloConfig, keyer: Keyer) -> "MeloEditor":
         ws.mkdir(parents=True, exist_ok=True)
         if any(p for p in ws.iterdir() if not p.name.startswith(".")):
             raise ValueError(f"{ws} is not empty and is not a MELO workspace")
@@ -121,7 +136,7 @@ class MeloEditor:
         log = {"format": FORMAT, "model": cfg.model, "fingerprint": backbone.fingerprint,
                "gen": 0, "edits": [], "clusters": {}, "created": time.time()}
         store.commit(ws, log, {})
-        return cls(ws, backbone, cfg)
+        return cls(ws, backbone, cfg, keyer)
 
     def _load(self) -> None:
         log = store.read_log(self.workspace)
@@ -143,8 +158,7 @@ class MeloEditor:
         return _clean(text, what, self.config.max_text_chars)
 
     def key(self, question: str) -> torch.Tensor:
-        c = self.config
-        return self.backbone.keys(self.backbone.encode([question]), c.key_layer, c.key_reduction, c.distance)[0]
+        return self.keyer.keys([question])[0]
 
     def route(self, question: str) -> Route:
         """Which block (if any) fires for this question, and why: distance versus radius."""
@@ -162,8 +176,14 @@ class MeloEditor:
             r = self.index.route(key)
             return self.bank.gather([r.block], self.modules), r
 
-        text, r = self.backbone.generate_routed(question, c.key_layer, c.key_reduction, c.distance,
-                                                choose, c.max_new_tokens)
+        if self.keyer.in_prefill:
+            # The model's own key, taken inside the prefill: no extra forward.
+            text, r = self.backbone.generate_routed(
+                question, c.key_layer, c.key_reduction, c.distance,
+                lambda raw: choose(self.keyer.finish(raw[None])[0]), c.max_new_tokens)
+        else:
+            active, r = choose(self.key(question))
+            text = self.backbone.generate(question, active, c.max_new_tokens)
         base = None
         if compare_base:
             # With no block fired, the edited model *is* the base model: no second run needed.
@@ -200,7 +220,7 @@ class MeloEditor:
             bank.blocks = dict(self.bank.blocks)
             for e in placed.forgotten:
                 bank.free(self._entry(e)["block"])
-            bank.put(block, trained.matrices)
+            bank.put(block, trained.matrices)   # superseded edits keep theirs: an undo brings them back
             seconds = time.perf_counter() - t0
             entry = {"id": edit_id, "prompt": prompt, "target": target, "block": block,
                      "cluster": placed.cluster, "action": placed.action, "created": time.time(),
@@ -208,15 +228,11 @@ class MeloEditor:
                      "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
                      "status": "active"}
             edits = [dict(e) for e in self.log["edits"]]
-            for e in edits:
-                if e["id"] in placed.forgotten:
-                    e.update(status="forgotten", forgotten_by=edit_id, block=None, cluster=None)
-                if e["id"] in placed.moved:
-                    e.update(cluster=placed.moved[e["id"]])
+            _apply_placement(edits, placed, edit_id)
             self._commit(edits + [entry], state, bank)
             return EditResult(edit_id, block, placed.cluster, placed.action, len(trained.losses),
                               trained.losses, seconds, placed.forgotten, list(placed.moved),
-                              trained.token_accuracy, trained.params)
+                              trained.token_accuracy, trained.params, list(placed.superseded))
 
     def _entry(self, edit_id: str) -> dict:
         for e in self.log["edits"]:
@@ -237,17 +253,27 @@ class MeloEditor:
         """Every edit, oldest first: id, prompt, target, block, cluster, status, timing."""
         return [dict(e) for e in self.log["edits"]]
 
-    def delete(self, edit_id: str) -> None:
-        """Undo one edit: its point leaves the index and its block is dropped."""
+    def delete(self, edit_id: str) -> list[str]:
+        """Undo one edit: its point leaves the index and its block is dropped. Edits it had
+        superseded become active again; returns their ids."""
         with self._lock:
             entry = self._entry(str(edit_id))
             state = self.index.state.copy()
             bank = BlockBank()
             bank.blocks = dict(self.bank.blocks)
-            if entry["id"] in state.points:
-                state.remove(entry["id"], self.config.init_radius)
+            back = []
+            if entry["id"] in state.points or entry["id"] in state.dormant:
+                back = state.remove(entry["id"], self.config.init_radius)
                 bank.free(entry["block"])
-            self._commit([e for e in self.log["edits"] if e["id"] != entry["id"]], state, bank)
+            edits = [dict(e) for e in self.log["edits"] if e["id"] != entry["id"]]
+            for e in edits:
+                if e["id"] in back:
+                    e.update(status="active", cluster=state.points[e["id"]].cluster)
+                    e.pop("superseded_by", None)
+                elif e.get("superseded_by") == entry["id"] and e["id"] in state.dormant:
+                    e["superseded_by"] = state.dormant[e["id"]].superseded_by
+            self._commit(edits, state, bank)
+            return back
 
     def reset(self) -> None:
         """Remove every edit (the settings stay)."""
@@ -285,7 +311,7 @@ class MeloEditor:
         params = sum(self.bank.params_per_block(b) for b in self.bank.blocks)
         return {"edits": len(self.log["edits"]), "blocks": n, "clusters": len(self.index.state.clusters),
                 "trainable_params_per_edit": params // n if n else 0,
-                "bytes_per_edit": (params * 4 + self.backbone.fingerprint["hidden_size"] * 4) // n if n else 0}
+                "bytes_per_edit": (params * 4 + self.keyer.dim * 4) // n if n else 0}
 
     # ---- export / import -----------------------------------------------------------------
     def export(self, path) -> Path:
@@ -334,13 +360,8 @@ class MeloEditor:
                 placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
                                    self.config.on_conflict)
                 for f in placed.forgotten:
-                    for le in log_edits:
-                        if le["id"] == f:
-                            bank.free(le["block"])
-                            le.update(status="forgotten", forgotten_by=eid, block=None, cluster=None)
-                for le in log_edits:
-                    if le["id"] in placed.moved:
-                        le.update(cluster=placed.moved[le["id"]])
+                    bank.free(next(le["block"] for le in log_edits if le["id"] == f))
+                _apply_placement(log_edits, placed, eid)
                 log_edits.append({"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
                                   "cluster": placed.cluster, "action": placed.action, "created": time.time(),
                                   "steps": 0, "seconds": 0.0, "status": "active", "imported": True})
@@ -368,16 +389,19 @@ class MeloEditor:
         if fingerprint != self.backbone.fingerprint:
             raise ValueError(f"{path.name} was exported from another model ({meta.get('model')})")
         settings = json.loads(meta.get("settings", "{}"))
-        for name in ("key_layer", "key_reduction", "distance"):
-            if settings.get(name) != getattr(self.config, name):
-                raise ValueError(f"{path.name} was exported with {name}={settings.get(name)!r}; this workspace "
-                                 f"uses {getattr(self.config, name)!r}, so its keys would not compare")
+        try:
+            theirs = MeloConfig.from_json(settings).key_name()
+        except (TypeError, ValueError):
+            raise ValueError(f"{path.name} has unreadable settings") from None
+        if theirs != self.config.key_name():
+            raise ValueError(f"{path.name} was exported with keys {theirs}; this workspace uses "
+                             f"{self.config.key_name()}, so its keys would not compare")
         for e in edits:
             needed = [f"key.{e['id']}"] + [f"edit.{e['id']}.{m}.{w}" for m in self.modules for w in "AB"]
             missing = [n for n in needed if n not in tensors]
             if missing:
                 raise ValueError(f"{path.name} lacks {missing[0]} (exported with other LoRA settings?)")
-            if tensors[needed[0]].shape != (self.backbone.fingerprint["hidden_size"],):
+            if tensors[needed[0]].shape != (self.keyer.dim,):
                 raise ValueError(f"{path.name} has keys of the wrong size")
             _clean(e.get("prompt", ""), "an imported prompt", self.config.max_text_chars)
             _clean(e.get("target", ""), "an imported target", self.config.max_text_chars)

@@ -41,12 +41,13 @@ class MeloMethod:
 
     def edit(self, prompt: str, target: str) -> dict:
         r = self.editor.edit(prompt, target)
-        return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten)}
+        return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten),
+                "superseded": len(r.superseded)}
 
     @contextlib.contextmanager
     def applied(self, prompts: list[str], last: list[int]):
-        ed, c = self.editor, self.editor.config
-        keys = self.backbone.keys(self.backbone.encode(prompts), c.key_layer, c.key_reduction, c.distance)
+        ed = self.editor
+        keys = ed.keyer.keys(prompts)
         blocks = [ed.index.route(k).block for k in keys]
         with self.backbone.lora(ed.bank.gather(blocks, ed.modules)):
             yield
@@ -56,6 +57,7 @@ class MeloMethod:
         edits = self.editor.edits()
         return {"clusters": s["clusters"], "conflicts": sum(e.get("action") == "conflict" for e in edits),
                 "forgotten": sum(e["status"] == "forgotten" for e in edits),
+                "superseded": sum(e["status"] == "superseded" for e in edits),
                 "settings": self.editor.config.to_json()}
 
 
@@ -118,8 +120,8 @@ class GraceMethod:
         if c.layer is None:
             c.layer = round(2 * backbone.num_layers / 3)
         if c.init_radius is None:
-            probe = MeloConfig(key_layer=c.layer - 1, key_reduction=c.reduction, distance="l2",
-                               lora_layers=(backbone.num_layers - 1,))
+            probe = MeloConfig(key_source="model", key_layer=c.layer - 1, key_reduction=c.reduction,
+                               distance="l2", lora_layers=(backbone.num_layers - 1,))
             c.init_radius = calibrated_radius(backbone, probe)
         self.config = c
         self.entries: list[GraceEntry] = []
@@ -220,9 +222,10 @@ class GraceMethod:
         return {"entries": len(self.entries), "settings": dataclasses.asdict(self.config)}
 
 
-def build(name: str, backbone: Backbone, workspace: Path):
+def build(name: str, backbone: Backbone, workspace: Path, settings: dict | None = None):
+    """A method by name; `settings` are MeloConfig fields for MELO (e.g. key_source)."""
     if name == "melo":
-        return MeloMethod(backbone, workspace)
+        return MeloMethod(backbone, workspace, MeloConfig(**(settings or {})))
     if name == "lora":
         return LoRAMethod(backbone)
     if name == "grace":

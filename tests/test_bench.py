@@ -1,22 +1,39 @@
-"""A short run of the sequential-editing benchmark: the shape of its result, and MELO's
-locality above plain LoRA's (the point of routing)."""
+"""Short runs of the benchmarks: the streams of each protocol, the shape of a result, MELO's
+locality above plain LoRA's (the point of routing), and the routing study."""
 from __future__ import annotations
 
-from melo_engine.bench import edits_benchmark, load_records, routing_study
+import pytest
+
+from melo_engine.bench import edits_benchmark, load_stream, routing_study
 
 FLOATS = ("edit_success", "retention", "generality", "locality", "seconds_per_edit",
           "edit_success_exact_match", "retention_exact_match", "generality_exact_match")
 
 
-def test_records_skip_edits_without_a_target():
-    zsre = load_records("zsre", 2000)
-    assert len(zsre) == 1123 and all(r["target"].strip() for r in zsre)
-    assert len(load_records("counterfact", 2000)) == 161
+def test_paper_protocol_labels_every_phrasing_with_the_true_answer():
+    s = load_stream("zsre", 1000, "paper")
+    assert len(s.edits) == 1000 and s.target_field == "answers[0]"
+    target_of = {}
+    for p in s.edits + s.generality:          # one fact, one answer, however it is phrased
+        assert target_of.setdefault(p.fact, p.target) == p.target
+    edited = {(p.fact, p.prompt) for p in s.edits}
+    assert not edited & {(p.fact, p.prompt) for p in s.generality}     # held out means held out
+    assert {p.fact for p in s.generality} <= {p.fact for p in s.edits}
+    assert load_stream("zsre", 1000, "paper").edits == s.edits          # a fixed seed
+    with pytest.raises(ValueError, match="at most"):
+        load_stream("zsre", 5000, "paper")
+
+
+def test_counterfactual_protocol_edits_each_fact_once():
+    s = load_stream("zsre", 5000, "counterfactual")
+    assert len(s.edits) == len({p.fact for p in s.edits}) == 593 and s.target_field == "alt"
+    assert all(p.target.strip() for p in s.edits)
+    assert len(load_stream("counterfact", 5000).edits) == 161
 
 
 def test_short_benchmark_shape_and_melo_beats_lora_on_locality(backbone):
     res = edits_benchmark("zsre", 3, ["melo", "grace", "lora"], backbone=backbone, show_progress=False)
-    assert res["n"] == 3 and set(res["methods"]) == {"melo", "grace", "lora"}
+    assert res["n"] == 3 and res["protocol"] == "paper" and set(res["methods"]) == {"melo", "grace", "lora"}
     for name, m in res["methods"].items():
         for f in FLOATS:
             assert isinstance(m[f], float) and m[f] >= 0, (name, f)
@@ -27,15 +44,18 @@ def test_short_benchmark_shape_and_melo_beats_lora_on_locality(backbone):
     melo, lora = res["methods"]["melo"], res["methods"]["lora"]
     assert melo["locality"] > lora["locality"]
     assert melo["edit_success"] == 1.0 and melo["retention"] == 1.0
-    assert melo["clusters"] >= 1 and "settings" in melo
+    assert melo["clusters"] >= 1 and melo["settings"]["key_source"] == "sentence"
+    assert sum(melo["actions"].values()) == 3
 
 
-def test_routing_study_sends_each_prompt_to_its_own_block(backbone):
-    res = routing_study("zsre", 12, backbone=backbone)
-    assert res["n"] == 12 and 1 <= res["clusters"] <= 12 and res["init_radius"] > 0
-    for name in ("prompts", "paraphrases"):
-        r = res[name]
-        assert abs(r["own_block"] + r["other_block"] + r["no_block"] - 1.0) < 1e-9
-        assert r["chroma_differs_from_exact"] == 0
-    # An edit's own prompt is its key: it routes to its own block unless a conflict moved it.
-    assert res["prompts"]["own_block"] >= 0.9
+@pytest.mark.parametrize("key_source", ["sentence", "model"])
+def test_routing_study_sends_each_prompt_to_its_own_block(backbone, key_source):
+    res = routing_study("zsre", 40, backbone=backbone, settings={"key_source": key_source})
+    assert res["n"] == 40 and 1 <= res["clusters"] <= 40 and res["init_radius"] > 0
+    assert sum(res["actions"].values()) == 40
+    g = res["generality"]
+    assert abs(g["same_fact_block"] + g["other_fact_block"] + g["no_block"] - 1.0) < 1e-9
+    # An edit's own prompt is its key: it reaches its own block unless a later edit superseded it.
+    assert res["prompts"]["own_block"] >= 1 - res["superseded"] / 40
+    if key_source == "sentence":
+        assert g["same_fact_block"] >= 0.8 and res["locality"]["fired"] <= 0.05

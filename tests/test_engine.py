@@ -68,8 +68,7 @@ def test_unrelated_prompts_see_exactly_the_base_model(edited, base_answers, unre
 
 
 def test_paraphrase_routes_to_the_edit(backbone, example_edits, tmp_path):
-    # Alone in its workspace: with many edits nearby, conflicts shrink radii (by design),
-    # and generality is a measured rate (docs/BENCHMARKS.md), not a per-case promise.
+    # Generality is a measured rate (docs/BENCHMARKS.md); test_routing.py holds more cases.
     ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
     e = example_edits[0]
     r = ed.edit(e["prompt"], e["target"])
@@ -112,28 +111,12 @@ def test_two_workspaces_in_one_process_are_isolated(backbone, example_edits, bas
     assert b.edits() == [] and b.index.centers.count() == 0
 
 
-def test_conflicting_edit_splits_the_cluster(backbone, tmp_path):
-    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
-    first = ed.edit("What is the largest planet in the solar system?", "Jupiter is the largest planet.")
-    old_radius = ed.index.state.clusters[first.cluster].radius
-    # Same question, worded a little differently, with a contradicting target: a conflict.
-    second = ed.edit("What is the biggest planet in the solar system?", "Saturn is the largest planet.")
-    d = float((ed.index.state.points[first.edit_id].key - ed.index.state.points[second.edit_id].key).norm())
-    assert d <= old_radius + ed.config.init_radius
-    assert second.action == "conflict" and second.cluster != first.cluster
-    old, new = ed.index.state.clusters[first.cluster], ed.index.state.clusters[second.cluster]
-    assert old.radius < d / 2 < new.radius
-    assert old.radius == pytest.approx(d / 2, rel=1e-2) and new.radius == pytest.approx(d / 2, rel=1e-2)
-    # Each prompt now routes to its own block.
-    assert ed.ask("What is the largest planet in the solar system?").block == first.block
-    assert ed.ask("What is the biggest planet in the solar system?").block == second.block
-
-
 @pytest.mark.parametrize("on_conflict", ["keep", "forget"])
-def test_conflict_forgets_or_rehomes_members_left_outside(on_conflict):
-    """The cluster rules alone, on hand-placed keys: two members of one answer, then a
-    conflicting key close to both. "forget" drops them (the paper); "keep" gives each a
-    cluster of its own that still holds its key and stops short of the new key."""
+def test_paper_split_forgets_or_rehomes_members_left_outside(on_conflict):
+    """The paper's split rule (kept for comparison; the default supersedes, see
+    test_routing.py), on hand-placed keys: two members of one answer, then a conflicting
+    key close to both. "forget" drops them (the paper); "keep" gives each a cluster of its
+    own that still holds its key and stops short of the new key."""
     import torch
 
     from melo_engine.index import ClusterState
@@ -185,13 +168,13 @@ def test_index_snapshot_has_everything_to_plot(edited):
     ed, results = edited
     snap = ed.index_snapshot()
     assert {p["edit_id"] for p in snap["points"]} == {r.edit_id for r in results}
-    dim = ed.backbone.fingerprint["hidden_size"]
+    dim = ed.keyer.dim
     assert all(len(p["key"]) == dim and p["prompt"] for p in snap["points"])
     assert all(c["radius"] > 0 and len(c["center"]) == dim for c in snap["clusters"])
 
 
 def test_index_searches_broadly_even_in_a_workspace_made_before(tmp_path):
-    """HNSW with chroma's default breadth can miss the nearest center; an older index is widened on open."""
+    """Chroma's mirror of an older workspace is widened on open (routing itself is exact)."""
     import warnings
 
     from melo_engine.index import EF_SEARCH, ClusterIndex, _chroma_client

@@ -131,12 +131,13 @@ def test_process_killed_mid_edit_leaves_workspace_as_before(one_edit, backbone, 
     assert ed.ask(example_edits[0]["prompt"]).text == example_edits[0]["target"]
 
 
-def test_export_with_other_key_settings_is_refused(one_edit, backbone, tmp_path):
+@pytest.mark.parametrize("settings", [{"key_source": "model"}, {"key_source": "sentence", "key_whitening": False}])
+def test_export_with_other_key_settings_is_refused(one_edit, backbone, tmp_path, settings):
     from melo_engine import MeloConfig
 
     path = one_edit.export(tmp_path / "edits.melo")
-    other = MeloEditor.open(tmp_path / "ws-l2", config=MeloConfig(distance="l2"), backbone=backbone)
+    other = MeloEditor.open(tmp_path / "ws-other", config=MeloConfig(**settings), backbone=backbone)
     before = tree_digest(other.workspace)
-    with pytest.raises(ValueError, match="distance='cosine'"):
+    with pytest.raises(ValueError, match="keys would not compare"):
         other.import_(path)
     assert tree_digest(other.workspace) == before and other.edits() == []

@@ -1,0 +1,17 @@
+"""Benchmarks, one module a part:
+
+- `data`: the streams (which prompts are edited toward what, and what measures them);
+- `edits`: sequential editing, MELO against GRACE and plain LoRA;
+- `keys`: which key source routes paraphrases best at a fixed locality;
+- `routing`: where the index of N edits sends prompts and held-out phrasings, no training;
+- `speed`: cost of editing and routing on this machine.
+
+`python -m melo_engine.bench {speed,keys,edits,routing}` runs them (see __main__.py).
+Numbers are measured, never asserted: docs/BENCHMARKS.md records them with machine and date.
+"""
+from .data import Stream, load_stream
+from .edits import edits_benchmark
+from .machine import machine
+from .routing import routing_study
+
+__all__ = ["Stream", "load_stream", "edits_benchmark", "machine", "routing_study"]

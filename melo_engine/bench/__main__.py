@@ -1,0 +1,81 @@
+"""python -m melo_engine.bench {speed,keys,edits,routing} [...]: prints a table and, with
+--json OUT, writes the figures."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from melo_engine.model import quiet_env
+
+from .data import PROTOCOLS
+
+
+def print_table(res: dict) -> None:
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def main(argv=None) -> int:
+    quiet_env(offline=True)
+    p = argparse.ArgumentParser(prog="python -m melo_engine.bench")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("speed", help="seconds per edit, routing time, generation overhead, sizes, load time")
+    s.add_argument("--edits", type=int, default=10)
+    s.add_argument("--json", default=None, help="also write the figures to this file")
+    k = sub.add_parser("keys", help="key study: generality at fixed routing locality per key source")
+    k.add_argument("--json", default=None)
+    e = sub.add_parser("edits", help="sequential editing: MELO against GRACE and plain LoRA")
+    e.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
+    e.add_argument("--protocol", choices=sorted({p for ps in PROTOCOLS.values() for p in ps}), default=None,
+                   help="zsre: paper (default) or counterfactual; see melo_engine/bench/data.py")
+    e.add_argument("--n", type=int, default=20)
+    e.add_argument("--methods", default="melo,grace,lora")
+    e.add_argument("--key-source", choices=["model", "sentence"], default=None,
+                   help="MELO's key source (default: the engine's default)")
+    e.add_argument("--json", default=None)
+    r = sub.add_parser("routing", help="where the index of N edits routes their prompts and held-out phrasings")
+    r.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
+    r.add_argument("--protocol", default=None)
+    r.add_argument("--n", type=int, default=1000)
+    r.add_argument("--key-source", choices=["model", "sentence"], default=None)
+    r.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    settings = {"key_source": args.key_source} if getattr(args, "key_source", None) else {}
+    if args.what == "edits":
+        from .edits import edits_benchmark, print_edits_table
+
+        def write(partial):
+            if args.json:
+                Path(args.json).write_text(json.dumps(partial, indent=1))
+        try:
+            res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
+                                  protocol=args.protocol, melo_settings=settings, checkpoint=write)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print_edits_table(res)
+    elif args.what == "routing":
+        from .routing import print_routing, routing_study
+
+        res = routing_study(args.dataset, args.n, protocol=args.protocol, settings=settings)
+        print_routing(res)
+    elif args.what == "keys":
+        from .keys import key_study, print_keys
+
+        res = key_study()
+        print_keys(res)
+    else:
+        from .speed import speed
+
+        res = speed(args.edits)
+        print_table(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

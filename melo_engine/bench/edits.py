@@ -1,0 +1,93 @@
+"""Sequential editing: MELO, GRACE and plain LoRA on one stream, one model, one run."""
+from __future__ import annotations
+
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+from .data import load_stream
+from .machine import machine
+
+
+def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, protocol: str | None = None,
+                    melo_settings: dict | None = None, loc_tokens: int = 10, show_progress: bool = True,
+                    progress=None, checkpoint=None) -> dict:
+    """N sequential edits per method, same stream, same order, same model, one run.
+
+    Per method: edit success right after each edit; retention of all earlier edits at every
+    N/10 edits and at the end; generality on the stream's held-out phrasings and locality
+    (agreement with the unedited model's first `loc_tokens` greedy tokens) at the end; cost
+    per edit. Teacher-forced token accuracy is the headline; greedy exact match is reported
+    beside it. `melo_settings` are MeloConfig fields for MELO (e.g. key_source).
+    `progress(method, edits_done, n)` is called after every edit (the web app's progress bar);
+    `checkpoint(partial_result)` at every retention checkpoint, so a long run that is stopped
+    still leaves its curve so far (the CLI writes it to --json).
+    """
+    from tqdm import tqdm
+
+    from melo_engine.backbone import Backbone
+    from melo_engine.config import DEFAULT_MODEL
+    from melo_engine.evaluate import agreement, exact_match, exact_matches, greedy_batch, token_accuracies, token_accuracy
+    from melo_engine.methods import build
+
+    bb = backbone or Backbone.load(DEFAULT_MODEL)
+    stream = load_stream(dataset, n, protocol)
+    recs = stream.edits
+    prompts, targets = [r.prompt for r in recs], [r.target for r in recs]
+    base_loc = greedy_batch(bb, None, stream.locality, loc_tokens)
+    every = max(1, len(recs) // 10)
+    out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": DEFAULT_MODEL,
+           "machine": machine(), "date": time.strftime("%Y-%m-%d"), "target_field": stream.target_field,
+           "generality_prompts": len(stream.generality), "locality_prompts": len(stream.locality),
+           "stream": stream.notes, "locality_tokens": loc_tokens, "methods": {}}
+    for name in methods:
+        with tempfile.TemporaryDirectory() as tmp:
+            m = build(name, bb, Path(tmp) / "ws", melo_settings if name == "melo" else None)
+            success, success_em, seconds, params, curve = [], [], [], [], []
+            actions = collections.Counter()
+            bar = tqdm(recs, desc=f"{dataset} {name}", disable=not show_progress)
+            for i, r in enumerate(bar):
+                info = m.edit(r.prompt, r.target)
+                actions[info.get("action", "-")] += 1
+                seconds.append(info["seconds"])
+                params.append(info["params"])
+                success.append(token_accuracy(bb, m, r.prompt, r.target))
+                success_em.append(exact_match(bb, m, r.prompt, r.target))
+                if progress is not None:
+                    progress(name, i + 1, len(recs))
+                if (i + 1) % every == 0 or i + 1 == len(recs):
+                    kept = token_accuracies(bb, m, prompts[: i + 1], targets[: i + 1])
+                    curve.append({"edits": i + 1, "retention": sum(kept) / len(kept),
+                                  "seconds_per_edit": sum(seconds) / len(seconds)})
+                    bar.set_postfix(retention=f"{curve[-1]['retention']:.3f}")
+                    if checkpoint is not None:
+                        out["methods"][name] = {"partial": True, "retention_curve": curve, **m.summary()}
+                        checkpoint(out)
+            gp, gt = [g.prompt for g in stream.generality], [g.target for g in stream.generality]
+            kept_em = exact_matches(bb, m, prompts, targets)
+            gen = token_accuracies(bb, m, gp, gt) if gp else [0.0]
+            gen_em = exact_matches(bb, m, gp, gt) if gp else [0.0]
+            loc = [agreement(base, got) for base, got in
+                   zip(base_loc, greedy_batch(bb, m, stream.locality, loc_tokens))]
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            out["methods"][name] = {
+                "edit_success": mean(success), "edit_success_exact_match": mean(success_em),
+                "retention": curve[-1]["retention"], "retention_exact_match": mean(kept_em),
+                "generality": mean(gen), "generality_exact_match": mean(gen_em),
+                "locality": mean(loc), "seconds_per_edit": mean(seconds),
+                "params_per_edit": int(round(mean(params))), "retention_curve": curve,
+                "actions": dict(actions), **m.summary(),
+            }
+            if hasattr(m, "editor"):
+                m.editor.close()
+    return out
+
+
+def print_edits_table(res: dict) -> None:
+    cols = ["edit_success", "retention", "generality", "locality", "edit_success_exact_match",
+            "generality_exact_match", "seconds_per_edit", "params_per_edit"]
+    print(f"{res['dataset']} ({res['protocol']} protocol), {res['n']} sequential edits, {res['model']}")
+    print(f"{'method':8}" + "".join(f"{c.replace('_exact_match', ' EM'):>18}" for c in cols))
+    for name, r in res["methods"].items():
+        print(f"{name:8}" + "".join(f"{r[c]:18.3f}" if isinstance(r[c], float) else f"{r[c]:18d}" for c in cols))

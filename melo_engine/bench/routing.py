@@ -1,0 +1,84 @@
+"""Where MELO's index of N edits sends their prompts, held-out phrasings and unrelated
+prompts, without training a block: what routing allows, apart from what training achieves.
+Takes minutes where `edits` takes an hour."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .data import load_stream
+from .machine import machine
+
+
+def routing_study(dataset: str, n: int, backbone=None, protocol: str | None = None,
+                  settings: dict | None = None) -> dict:
+    """Builds the index from the edits' keys alone by the engine's rules (blocks are
+    numbered, not trained), then routes: each edit prompt (own block?), each held-out
+    phrasing (a block of an edit of the *same fact*, another fact's, or none?) and each
+    locality prompt (did anything fire?). Counts what the placement rule did (new, joined,
+    beside, superseded) and how many edits ended superseded."""
+    from melo_engine.backbone import Backbone
+    from melo_engine.calibrate import calibrated_radius
+    from melo_engine.config import DEFAULT_MODEL, MeloConfig
+    from melo_engine.index import ClusterIndex
+    from melo_engine.keys import Keyer
+
+    bb = backbone or Backbone.load(DEFAULT_MODEL)
+    cfg = MeloConfig(**(settings or {})).resolved(bb.num_layers)
+    keyer = Keyer(bb, cfg)
+    radius = calibrated_radius(bb, cfg, keyer)
+    cfg = dataclasses.replace(cfg, init_radius=radius)
+    stream = load_stream(dataset, n, protocol)
+    edit_keys = keyer.keys([r.prompt for r in stream.edits])
+    gen_keys = keyer.keys([g.prompt for g in stream.generality])
+    loc_keys = keyer.keys(stream.locality)
+    actions = collections.Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        index = ClusterIndex(Path(tmp))
+        state = index.state.copy()
+        for i, (r, k) in enumerate(zip(stream.edits, edit_keys)):
+            actions[state.add(f"e{i}", k, i, r.target, radius, cfg.on_conflict).action] += 1
+        index.commit(state, 1)
+        route_ms = []
+
+        def route(k):
+            t0 = time.perf_counter()
+            b = index.route(k).block
+            route_ms.append(1000 * (time.perf_counter() - t0))
+            return b
+
+        fact_of = [r.fact for r in stream.edits]
+        own = [route(k) for k in edit_keys]
+        gen = [route(k) for k in gen_keys]
+        loc = [route(k) for k in loc_keys]
+        same_fact = [b is not None and fact_of[b] == g.fact for b, g in zip(gen, stream.generality)]
+        out = {
+            "dataset": dataset, "protocol": stream.protocol, "n": len(stream.edits), "model": DEFAULT_MODEL,
+            "key": cfg.key_name(), "on_conflict": cfg.on_conflict, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"), "init_radius": radius, "clusters": len(index.state.clusters),
+            "actions": dict(actions), "superseded": len(index.state.dormant),
+            "prompts": {"own_block": sum(b == i for i, b in enumerate(own)) / len(own),
+                        "no_block": sum(b is None for b in own) / len(own)},
+            "generality": {"same_fact_block": sum(same_fact) / len(gen),
+                           "other_fact_block": sum(b is not None and not s for b, s in zip(gen, same_fact)) / len(gen),
+                           "no_block": sum(b is None for b in gen) / len(gen), "count": len(gen)},
+            "locality": {"fired": sum(b is not None for b in loc) / len(loc), "count": len(loc)},
+            "route_ms_median": statistics.median(route_ms),
+        }
+        index.close()
+    return out
+
+
+def print_routing(res: dict) -> None:
+    print(f"{res['dataset']} ({res['protocol']}), {res['n']} edits, key {res['key']}, radius {res['init_radius']:.3f}, "
+          f"{res['clusters']} clusters, placements {res['actions']}, {res['superseded']} superseded; "
+          f"routing {res['route_ms_median']:.2f} ms per query (median)")
+    p, g, lo = res["prompts"], res["generality"], res["locality"]
+    print(f"edit prompts      own block {p['own_block']:.3f}  no block {p['no_block']:.3f}")
+    print(f"held-out phrasings same-fact block {g['same_fact_block']:.3f}  other fact {g['other_fact_block']:.3f}  "
+          f"none {g['no_block']:.3f}  ({g['count']})")
+    print(f"locality prompts  fired {lo['fired']:.3f}  ({lo['count']})")

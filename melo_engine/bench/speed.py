@@ -1,0 +1,103 @@
+"""Cost of editing and routing on this machine: seconds per edit, routing time, generation
+overhead of routing against the plain model, sizes on disk, model load time."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .data import ROOT
+from .machine import machine
+
+
+def _load_seconds(cache: str) -> float:
+    """Time to load the default model in a fresh process with MELO_CACHE=cache."""
+    code = ("import time; t=time.perf_counter(); from melo_engine.model import load_model; load_model(); "
+            "print(time.perf_counter()-t)")
+    env = dict(os.environ, MELO_CACHE=cache, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
+    import torch
+
+    from melo_engine import MeloEditor
+    from melo_engine.backbone import Backbone
+    from melo_engine.config import DEFAULT_MODEL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = _load_seconds(tmp)          # converts the GGUF into the empty cache
+        cached = _load_seconds(tmp)        # loads the safetensors written just before
+
+    bb = Backbone.load(DEFAULT_MODEL)
+    edits = json.loads((ROOT / "assets" / "example_edits.json").read_text())[:n_edits]
+    unrelated = json.loads((ROOT / "assets" / "unrelated_questions.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        ed = MeloEditor.open(Path(tmp) / "ws", backbone=bb)
+        results = [ed.edit(e["prompt"], e["target"]) for e in edits]
+        per_edit = [r.seconds for r in results]
+        steps = [r.steps for r in results]
+
+        # Routing = what a query costs to decide its block: reduce the key (taken from the
+        # prefill forward, which generation runs anyway), query chroma, gather the block.
+        route_t = []
+
+        def choose(key):
+            t0 = time.perf_counter()
+            r = ed.index.route(key)
+            active = ed.bank.gather([r.block], ed.modules)
+            route_t.append(time.perf_counter() - t0)
+            return active, r
+
+        c = ed.config
+        prompts = [e["prompt"] for e in edits] + [e["paraphrase"] for e in edits] + unrelated
+        def plain(q):
+            bb.generate(q, None, gen_tokens, min_new_tokens=gen_tokens)
+        def routed(q):
+            bb.generate_routed(q, c.key_layer, c.key_reduction, c.distance, choose, gen_tokens,
+                               min_new_tokens=gen_tokens)
+        plain(prompts[0]); routed(prompts[0])          # warm-up
+        route_t.clear()
+        t_plain, t_routed = [], []
+        for q in prompts:                              # interleaved, so drift hits both alike
+            t0 = time.perf_counter(); plain(q); t1 = time.perf_counter(); routed(q); t2 = time.perf_counter()
+            t_plain.append(t1 - t0)
+            t_routed.append(t2 - t1)
+        fired = sum(1 for q in prompts if ed.route(q).block is not None)
+        key_t = []
+        for q in prompts:
+            t0 = time.perf_counter(); ed.key(q); key_t.append(time.perf_counter() - t0)
+        stats = ed.stats()
+        state_bytes = sum(p.stat().st_size for p in Path(ed.workspace).glob("state-*.safetensors"))
+        ed.close()
+
+    return {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": DEFAULT_MODEL,
+        "edits": len(per_edit),
+        "median_seconds_per_edit": statistics.median(per_edit),
+        "max_seconds_per_edit": max(per_edit),
+        "median_steps_per_edit": statistics.median(steps),
+        "median_route_ms": 1000 * statistics.median(route_t),
+        "median_standalone_key_ms": 1000 * statistics.median(key_t),
+        "prompts_timed": len(prompts),
+        "prompts_with_a_block": fired,
+        "generation_seconds_plain": sum(t_plain),
+        "generation_seconds_routed": sum(t_routed),
+        "generation_overhead_percent": 100 * (sum(t_routed) / sum(t_plain) - 1),
+        "generated_tokens_per_prompt": gen_tokens,
+        "trainable_params_per_edit": stats["trainable_params_per_edit"],
+        "bytes_per_edit_estimate": stats["bytes_per_edit"],
+        "bytes_per_edit_on_disk": state_bytes // max(1, len(per_edit)),
+        "load_seconds_cold": cold,
+        "load_seconds_cached": cached,
+    }
+
+
