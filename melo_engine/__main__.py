@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m melo_engine", description="MELO model editing from the shell.")
     p.add_argument("--workspace", "-w", required=True, help="workspace directory (created if missing)")
     p.add_argument("--model", default=None, help="model for a new workspace: short name, hub id or directory")
+    p.add_argument("--key-source", choices=["sentence", "model"], default=None,
+                   help="for a new workspace: route by the sentence encoder (default) or the model's own layer")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ask", help="answer a question with the edited model")
@@ -34,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> object:
-    from melo_engine import MeloEditor
+    from melo_engine import MeloConfig, MeloEditor
 
-    ed = MeloEditor.open(args.workspace, model=args.model)
+    config = MeloConfig(key_source=args.key_source) if args.key_source else None
+    ed = MeloEditor.open(args.workspace, model=args.model, config=config)
+    if args.key_source and ed.config.key_source != args.key_source:
+        raise ValueError(f"this workspace routes by the {ed.config.key_source} key; --key-source applies to new ones")
     if args.command == "ask":
         return ed.ask(args.question, compare_base=args.base)
     if args.command == "edit":

@@ -169,26 +169,37 @@ class MeloEditor:
         question = self._check(question, "the question")
         c = self.config
         t0 = time.perf_counter()
-
-        def choose(key):
-            # Reads the current index and bank without the editor lock: a commit swaps both
-            # by assignment, so a query sees the workspace before or after an edit, whole.
-            r = self.index.route(key)
-            return self.bank.gather([r.block], self.modules), r
-
-        if self.keyer.in_prefill:
-            # The model's own key, taken inside the prefill: no extra forward.
-            text, r = self.backbone.generate_routed(
-                question, c.key_layer, c.key_reduction, c.distance,
-                lambda raw: choose(self.keyer.finish(raw[None])[0]), c.max_new_tokens)
-        else:
-            active, r = choose(self.key(question))
-            text = self.backbone.generate(question, active, c.max_new_tokens)
+        text, r = self.generate(question, c.max_new_tokens)
         base = None
         if compare_base:
             # With no block fired, the edited model *is* the base model: no second run needed.
             base = text if r.block is None else self.backbone.generate(question, None, c.max_new_tokens)
         return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0)
+
+    def generate(self, question: str, max_new_tokens: int, min_new_tokens: int = 0,
+                 timer: Callable[[float], None] | None = None) -> tuple[str, Route]:
+        """Greedy text from the edited model, routed once from the prompt: (text, route).
+        `timer(seconds)` gets what deciding the block cost (key, lookup, gathering it)."""
+        c = self.config
+
+        def choose(key, started):
+            # Reads the current index and bank without the editor lock: a commit swaps both
+            # by assignment, so a query sees the workspace before or after an edit, whole.
+            r = self.index.route(key)
+            active = self.bank.gather([r.block], self.modules)
+            if timer is not None:
+                timer(time.perf_counter() - started)
+            return active, r
+
+        if self.keyer.in_prefill:
+            # The model's own key, taken inside the prefill: no extra forward.
+            return self.backbone.generate_routed(
+                question, c.key_layer, c.key_reduction, c.distance,
+                lambda raw: choose(self.keyer.finish(raw[None])[0], time.perf_counter()),
+                max_new_tokens, min_new_tokens)
+        t0 = time.perf_counter()
+        active, r = choose(self.key(question), t0)
+        return self.backbone.generate(question, active, max_new_tokens, min_new_tokens), r
 
     def probe(self, questions: list[str]) -> list[Answer]:
         """Ask many questions, each with the unedited answer beside it."""
@@ -291,6 +302,23 @@ class MeloEditor:
             cfg.save(self.workspace / store.CONFIG)
             self.config = cfg
         return cfg
+
+    def set_key_source(self, source: str) -> MeloConfig:
+        """Route by another key source ("sentence" or "model"). Only while the workspace has
+        no edits (reset it first): stored keys of one source do not compare with the other's.
+        The radius goes back to the one calibrated for the new source."""
+        with self._lock:
+            if source == self.config.key_source:
+                return self.config
+            if self.log["edits"]:
+                raise ValueError("the key source can change only while the workspace has no edits: reset it first")
+            cfg = dataclasses.replace(self.config, key_source=source, key_whitening=None, init_radius=None)
+            cfg.validate()
+            keyer = Keyer(self.backbone, cfg)
+            cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(self.backbone, cfg, keyer))
+            cfg.save(self.workspace / store.CONFIG)
+            self.config, self.keyer = cfg, keyer
+            return cfg
 
     # ---- looking inside ------------------------------------------------------------------
     def index_snapshot(self) -> dict:

@@ -189,3 +189,31 @@ def test_benchmark_tab_runs_a_small_benchmark(app_server, browser):
         shot(page, "benchmark")
     finally:
         ctx.close()
+
+
+def test_key_source_is_chosen_while_empty_and_shown_in_about(app_server, browser):
+    url, _ = app_server
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = open_page(ctx, url)
+        tab(page, "About")
+        page.wait_for_selector("#key-about :text('routes by a sentence encoder')", timeout=LONG)
+        tab(page, "Settings")
+        page.locator('#key-source input[value="model"]').check()
+        page.wait_for_selector("#key-msg :text('Routing by the model key')", timeout=LONG)
+        tab(page, "About")
+        page.wait_for_selector("#key-about :text('the model\\'s own hidden state')", timeout=LONG)
+        # With an edit in the workspace the key cannot change, and the choice shown stays true.
+        tab(page, "Edit")
+        page.locator("#question textarea").fill("Who discovered penicillin?")
+        page.locator("#target textarea").fill("Marie Curie")
+        page.locator("#edit-btn").click()
+        page.wait_for_selector("#after .melo-text", timeout=LONG)
+        tab(page, "Settings")
+        page.locator('#key-source input[value="sentence"]').click()
+        page.get_by_text("reset it first").first.wait_for(timeout=LONG)
+        page.wait_for_function("() => document.querySelector('#key-source input[value=\"model\"]').checked",
+                               timeout=LONG)
+        assert "Traceback" not in page.content()
+    finally:
+        ctx.close()

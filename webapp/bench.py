@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     sub.add_parser("startup", help="make run (set-up done) to the first answer")
     m = sub.add_parser("map", help="index map time for N real edits")
     m.add_argument("--edits", type=int, default=200)
-    f = sub.add_parser("frontier", help="draw the key study's frontier (bench keys --json) to a PNG")
+    f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
     f.add_argument("study")
     f.add_argument("png")
     args = p.parse_args(argv)

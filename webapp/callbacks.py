@@ -95,8 +95,9 @@ def probe_html(questions: list[str], answers) -> str:
 def history_rows(ed) -> list[list]:
     rows = []
     for e in reversed(ed.edits()):
+        status = e["status"] + (f" by {e['superseded_by']}" if e.get("superseded_by") else "")
         rows.append([e["id"], e["prompt"], e["target"], "" if e.get("block") is None else e["block"],
-                     e.get("cluster") or "", e.get("action", ""), e["status"], e.get("seconds", 0.0),
+                     e.get("cluster") or "", e.get("action", ""), status, e.get("seconds", 0.0),
                      time.strftime("%H:%M:%S", time.localtime(e.get("created", 0)))])
     return rows
 
@@ -134,8 +135,13 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
     if r.moved:
         forgotten += (f" Earlier edits left outside the shrunk cluster moved to clusters of their own "
                       f"(still active): {', '.join(r.moved)}.")
-    what = {"new": "opened a new cluster", "joined": "joined an existing cluster with the same answer",
+    what = {"new": "opened a new cluster", "beside": "opened a new cluster",
+            "joined": "joined the cluster of an earlier edit of this question with the same answer",
+            "superseded": "opened a new cluster",
             "conflict": "split a cluster that held a different answer"}[r.action]
+    if r.superseded:
+        forgotten += (f" It **replaces** earlier edit(s) of the same question: {', '.join(f'`{e}`' for e in r.superseded)}"
+                      f" (kept as superseded in History; undoing this edit brings them back).")
     summary = (f"**Edit `{r.edit_id}`** trained **block {r.block}** in {r.steps} steps ({r.seconds:.1f} s) "
                f"and {what} (`{r.cluster}`).{forgotten}")
     return summary, answer_html(after), losses_figure(r.losses)
@@ -179,8 +185,11 @@ def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
     if not edit_id:
         raise ValueError("choose an edit to delete first")
     ed = pool.editor(token)
-    ed.delete(edit_id)
-    return f"Deleted edit `{edit_id}`: its block is freed and its prompt gets the original answer again."
+    back = ed.delete(edit_id)
+    if back:
+        return (f"Deleted edit `{edit_id}`: its block is freed, and the earlier edit(s) it had replaced "
+                f"({', '.join(f'`{e}`' for e in back)}) answer again.")
+    return f"Deleted edit `{edit_id}`: its block is freed."
 
 
 @user_errors
@@ -212,8 +221,41 @@ def settings_values(pool: WorkspacePool, token: str):
     try:
         c = pool.editor(token).config
     except ValueError:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    return c.init_radius, c.rank_per_block, c.lr, c.max_iters
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return c.key_source, c.init_radius, c.rank_per_block, c.lr, c.max_iters
+
+
+KEY_SOURCES = {
+    "sentence": ("a sentence encoder (all-MiniLM-L6-v2, whitened), which puts questions of the same "
+                 "meaning together: measured on held-out paraphrases, 99 % of zsRE's and 92 % of "
+                 "CounterFact's reach their edit while unrelated questions stay untouched"),
+    "model": ("the model's own hidden state at layer 10, averaged over your question (the paper's "
+              "neuron index): free to compute, but it groups questions by template more than by "
+              "subject, so fewer paraphrases reach their edit (76 % and 4 % on the same tests)"),
+}
+
+
+def key_info(pool: WorkspacePool, token: str) -> str:
+    """About: which key this workspace routes by, and why."""
+    try:
+        c = pool.editor(token).config
+    except ValueError:
+        return ""
+    return (f"**Your workspace routes by {KEY_SOURCES[c.key_source]}.** Radius {c.init_radius:.3f} "
+            f"(calibrated for this key; key distances run from 0, the same question, to 2, opposite). "
+            f"Change it under Settings while the workspace is empty.")
+
+
+@user_errors
+def set_key_source(pool: WorkspacePool, token: str, source: str):
+    """(message, radius, key source shown): a refusal leaves the choice as it truly is."""
+    ed = pool.editor(token)
+    try:
+        cfg = ed.set_key_source(source)
+    except ValueError as err:
+        return f"Not changed: {err}.", ed.config.init_radius, ed.config.key_source
+    return (f"Routing by the **{cfg.key_source}** key from now on; radius {cfg.init_radius:.3f} "
+            f"(calibrated for it)."), cfg.init_radius, cfg.key_source
 
 
 @user_errors

@@ -15,16 +15,21 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ABOUT = """
 **MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
 AAAI 2024, [arXiv:2312.11795](https://arxiv.org/abs/2312.11795)) changes what a frozen language
-model answers without retraining it. Every edit trains its own small LoRA *block*, a few thousand
-numbers added to the top layers of the model, and leaves every earlier block alone. A vector
-index remembers, for each edit, the hidden state (*key*) of its question in a low layer of the
-model, grouped into clusters with a radius. A new question fires the block of the nearest edit
-only when its key falls inside that cluster's radius; otherwise no block fires and the model
-answers exactly as before. This is why a fix can carry over to paraphrases while unrelated
-answers stay the same: the *Index map* shows where each edit sits and which queries reached it.
+model answers without retraining it. Every edit trains its own small LoRA *block* (about
+50,000 numbers added to the top layers of the model) and leaves every earlier block alone. A
+vector index remembers, for each edit, a *key* of its question, grouped into clusters with a
+radius. A new question fires the block of the nearest edit only when its key falls inside that
+cluster's radius; otherwise no block fires and the model answers exactly as before. This is why
+a fix can carry over to paraphrases while unrelated answers stay the same: the *Index map* shows
+where each edit sits and which queries reached it. When you edit a question again with another
+answer, the newer edit wins for every phrasing and the older one waits, superseded, until the
+newer is undone.
 """
 
 HELP = {
+    "key_source": "What a question's key is computed from. Sentence: a small sentence encoder that "
+                  "groups questions by meaning (default). Model: the edited model's own hidden state "
+                  "(the paper). Can change only while the workspace has no edits.",
     "radius": "How far (in key distance) a question may be from an edit and still fire its block. "
               "Larger: more paraphrases fixed, more risk of touching unrelated questions.",
     "rank": "Size of each edit's LoRA block. Larger blocks learn harder edits but store more numbers.",
@@ -84,6 +89,10 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
                 import_file = gr.File(label="Import a .melo file", file_types=[".melo"], elem_id="import-file")
 
         with gr.Tab("Settings", id="settings"):
+            key_source = gr.Radio([("Sentence encoder (routes by meaning)", "sentence"),
+                                   ("The model's own hidden state (the paper's key)", "model")],
+                                  label="Key source", info=HELP["key_source"], elem_id="key-source")
+            key_msg = gr.Markdown(elem_id="key-msg")
             gr.Markdown("These apply to **new** edits; existing edits keep what they were trained with.")
             radius = gr.Number(label="Radius", info=HELP["radius"], precision=4, minimum=1e-4, elem_id="radius")
             rank = gr.Slider(1, 16, step=1, label="Rank per block", info=HELP["rank"])
@@ -113,6 +122,7 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
 
         with gr.Tab("About", id="about"):
             gr.Markdown(ABOUT)
+            key_about = gr.Markdown(elem_id="key-about")
 
         # ---- wiring ----------------------------------------------------------------------
         private = dict(api_visibility="private")
@@ -126,7 +136,8 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
             return event
 
         demo.load(cb.visitor_token, token, token, **private).then(
-            bind(cb.settings_values), token, [radius, rank, lr, iters], **private).then(
+            bind(cb.settings_values), token, [key_source, radius, rank, lr, iters], **private).then(
+            bind(cb.key_info), token, key_about, **private).then(
             bind(cb.history), token, [table, selected], **private).then(
             bind(cb.index_map), [token, probes_state], map_plot, **private)
 
@@ -151,6 +162,8 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
         export_btn.click(bind(cb.export), token, export_file, **private)
         after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
+        key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
+                         **private).then(bind(cb.key_info), token, key_about, **private)
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
             lambda: (False, []), None, [confirm, probes_state], **private))
 

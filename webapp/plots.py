@@ -126,7 +126,7 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
 
 def frontier(study: dict, default: tuple[int, str, str] = (10, "mean_user", "cosine")) -> go.Figure:
     """Generality against routing locality for every key setting of a key study
-    (`python -m melo_engine.bench keys --json`). Keys over the whole question (mean_user)
+    (`python -m melo_engine.bench layers --json`). Keys over the whole question (mean_user)
     are coloured by layer; last-token keys are grey; the engine's default is drawn thick."""
     fig = go.Figure()
     dashes = {"cosine": "solid", "l2": "dash", "standardized": "dot"}

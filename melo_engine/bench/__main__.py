@@ -24,9 +24,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speed", help="seconds per edit, routing time, generation overhead, sizes, load time")
     s.add_argument("--edits", type=int, default=10)
+    s.add_argument("--key-source", choices=["model", "sentence"], default=None)
     s.add_argument("--json", default=None, help="also write the figures to this file")
     k = sub.add_parser("keys", help="key study: generality at fixed routing locality per key source")
     k.add_argument("--json", default=None)
+    ly = sub.add_parser("layers", help="layer study for the model's own key: generality per layer, reduction, distance")
+    ly.add_argument("--edits", type=int, default=200)
+    ly.add_argument("--json", default=None)
     e = sub.add_parser("edits", help="sequential editing: MELO against GRACE and plain LoRA")
     e.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
     e.add_argument("--protocol", choices=sorted({p for ps in PROTOCOLS.values() for p in ps}), default=None,
@@ -62,6 +66,14 @@ def main(argv=None) -> int:
 
         res = routing_study(args.dataset, args.n, protocol=args.protocol, settings=settings)
         print_routing(res)
+    elif args.what == "layers":
+        from .layers import layer_study
+
+        res = layer_study(args.edits)
+        print(f"{'layer':>5} {'reduction':10} {'distance':12} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
+        for r in res["rows"]:
+            print(f"{r['layer']:>5} {r['reduction']:10} {r['distance']:12} {r['radius']:8.3f} {r['generality']:10.3f}"
+                  f" {r['nearest_is_own']:11.3f}")
     elif args.what == "keys":
         from .keys import key_study, print_keys
 
@@ -70,7 +82,7 @@ def main(argv=None) -> int:
     else:
         from .speed import speed
 
-        res = speed(args.edits)
+        res = speed(args.edits, settings=settings)
         print_table(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -24,12 +24,10 @@ def _load_seconds(cache: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
-    import torch
-
+def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None) -> dict:
     from melo_engine import MeloEditor
     from melo_engine.backbone import Backbone
-    from melo_engine.config import DEFAULT_MODEL
+    from melo_engine.config import DEFAULT_MODEL, MeloConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         cold = _load_seconds(tmp)          # converts the GGUF into the empty cache
@@ -39,29 +37,22 @@ def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
     edits = json.loads((ROOT / "assets" / "example_edits.json").read_text())[:n_edits]
     unrelated = json.loads((ROOT / "assets" / "unrelated_questions.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        ed = MeloEditor.open(Path(tmp) / "ws", backbone=bb)
+        ed = MeloEditor.open(Path(tmp) / "ws", backbone=bb, config=MeloConfig(**(settings or {})))
         results = [ed.edit(e["prompt"], e["target"]) for e in edits]
         per_edit = [r.seconds for r in results]
         steps = [r.steps for r in results]
 
-        # Routing = what a query costs to decide its block: reduce the key (taken from the
-        # prefill forward, which generation runs anyway), query chroma, gather the block.
+        # Routing = what a query costs to decide its block: its key (the sentence encoder, or
+        # for the model's key the reduction inside the prefill that generation runs anyway),
+        # the exact lookup, gathering the block.
         route_t = []
-
-        def choose(key):
-            t0 = time.perf_counter()
-            r = ed.index.route(key)
-            active = ed.bank.gather([r.block], ed.modules)
-            route_t.append(time.perf_counter() - t0)
-            return active, r
-
-        c = ed.config
         prompts = [e["prompt"] for e in edits] + [e["paraphrase"] for e in edits] + unrelated
+
         def plain(q):
             bb.generate(q, None, gen_tokens, min_new_tokens=gen_tokens)
+
         def routed(q):
-            bb.generate_routed(q, c.key_layer, c.key_reduction, c.distance, choose, gen_tokens,
-                               min_new_tokens=gen_tokens)
+            ed.generate(q, gen_tokens, gen_tokens, timer=route_t.append)
         plain(prompts[0]); routed(prompts[0])          # warm-up
         route_t.clear()
         t_plain, t_routed = [], []
@@ -74,6 +65,7 @@ def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
         for q in prompts:
             t0 = time.perf_counter(); ed.key(q); key_t.append(time.perf_counter() - t0)
         stats = ed.stats()
+        key_name = ed.config.key_name()
         state_bytes = sum(p.stat().st_size for p in Path(ed.workspace).glob("state-*.safetensors"))
         ed.close()
 
@@ -81,6 +73,7 @@ def speed(n_edits: int = 10, gen_tokens: int = 32) -> dict:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "model": DEFAULT_MODEL,
+        "key": key_name,
         "edits": len(per_edit),
         "median_seconds_per_edit": statistics.median(per_edit),
         "max_seconds_per_edit": max(per_edit),
