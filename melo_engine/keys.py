@@ -65,9 +65,13 @@ class SentenceEncoder:
         try:
             with zipfile.ZipFile(zipped) as z:
                 z.extractall(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            if target.exists() and not (target / "config.json").is_file():
+                shutil.rmtree(target)          # a half-unpacked leftover
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise                      # else another process unpacked it first
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
@@ -161,22 +165,27 @@ WHITENING_SHRINK = 0.1
 
 def whitening_for(keyer: Keyer) -> Whitening:
     """The cached whitening for this model and key setting (fitted on first use)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from .calibrate import whitening_pairs
 
     cfg, bb = keyer.cfg, keyer.backbone
     path = cache_dir() / "whitening" / f"{cfg.model}-{cfg.key_name()}-s{WHITENING_SHRINK}.safetensors"
     if path.is_file():
-        t = load_file(str(path))
-        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-        if meta.get("fingerprint") == bb.fingerprint:
-            return Whitening(t["matrix"], int(meta["pairs"]), WHITENING_SHRINK)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if json.loads(meta.get("fingerprint", "null")) == bb.fingerprint:
+                    return Whitening(f.get_tensor("matrix"), int(meta["pairs"]), WHITENING_SHRINK)
+        except Exception:  # noqa: BLE001 - a damaged cache file is refitted, never trusted
+            pass
     a, b = whitening_pairs()
     w = Whitening.fit(keyer.raw(a), keyer.raw(b), WHITENING_SHRINK)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}-{os.getpid()}")
-    save_file({"matrix": w.matrix.contiguous()}, str(tmp))
+    # One file, renamed into place: a process starting beside this one reads all or nothing.
+    save_file({"matrix": w.matrix.contiguous()}, str(tmp),
+              metadata={"fingerprint": json.dumps(bb.fingerprint), "pairs": str(w.pairs)})
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"fingerprint": bb.fingerprint, "pairs": w.pairs}))
     return w

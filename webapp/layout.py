@@ -106,10 +106,13 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
 
         with gr.Tab("Benchmark", id="benchmark"):
             gr.Markdown(
-                "Sequential zsRE edits, the same questions in the same order, made with **MELO**, with "
-                "**GRACE** (a codebook of replacement activations) and with one **plain LoRA** adapter trained "
-                "on every edit in turn. *Retention*: earlier edits still hold; *generality*: paraphrases get "
-                "the new answer; *locality*: unrelated questions get the original answer. It runs on the shared "
+                "Sequential zsRE edits (the MELO paper's protocol: every phrasing of a fact labelled with its "
+                "true answer, shuffled; generality on held-out phrasings of the edited facts), the same questions "
+                "in the same order, made with **MELO**, with **GRACE** (a codebook of replacement activations) and "
+                "with one **plain LoRA** adapter trained on every edit in turn. *Retention*: earlier edits still "
+                "hold; *generality*: held-out phrasings get the new answer; *locality*: unrelated questions get "
+                "the original answer. Scores are the share of answer tokens the model gets right given the "
+                "tokens before them (teacher-forced token accuracy, as in the paper). It runs on the shared "
                 "model, queued with everyone's edits; 20 edits take a few minutes.")
             with gr.Row():
                 bench_n = gr.Number(value=20, precision=0, minimum=1, maximum=cb.BENCH_MAX_EDITS,
