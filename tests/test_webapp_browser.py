@@ -1,6 +1,7 @@
 """The web app in a real browser (Debian chromium through Playwright)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def map_points(page) -> dict:
         return {edits: n(s => s.startsWith('edit, block')), centers: n(s => s === 'cluster center'),
                 probes: n(s => s === 'probe query')};
     }""")
+
+
+@contextlib.contextmanager
+def fresh_page(browser, url):
+    """A page in a browser context of its own (its own workspace), closed afterwards."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        yield open_page(ctx, url)
+    finally:
+        ctx.close()
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +185,7 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
 
 def test_benchmark_tab_runs_a_small_benchmark(app_server, browser):
     url, _ = app_server
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    try:
-        page = open_page(ctx, url)
+    with fresh_page(browser, url) as page:
         tab(page, "Benchmark")
         page.locator("#bench-n input").fill("2")
         page.locator("#bench-btn").click()
@@ -187,15 +196,11 @@ def test_benchmark_tab_runs_a_small_benchmark(app_server, browser):
         text = page.locator("#bench-table").inner_text()
         assert all(m in text for m in ("melo", "grace", "lora"))
         shot(page, "benchmark")
-    finally:
-        ctx.close()
 
 
 def test_key_source_is_chosen_while_empty_and_shown_in_about(app_server, browser):
     url, _ = app_server
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    try:
-        page = open_page(ctx, url)
+    with fresh_page(browser, url) as page:
         tab(page, "About")
         page.wait_for_selector("#key-about :text('routes by a sentence encoder')", timeout=LONG)
         tab(page, "Settings")
@@ -215,5 +220,3 @@ def test_key_source_is_chosen_while_empty_and_shown_in_about(app_server, browser
         page.wait_for_function("() => document.querySelector('#key-source input[value=\"model\"]').checked",
                                timeout=LONG)
         assert "Traceback" not in page.content()
-    finally:
-        ctx.close()

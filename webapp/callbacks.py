@@ -225,13 +225,14 @@ def settings_values(pool: WorkspacePool, token: str):
     return c.key_source, c.init_radius, c.rank_per_block, c.lr, c.max_iters
 
 
-KEY_SOURCES = {
-    "sentence": ("a sentence encoder (all-MiniLM-L6-v2, whitened), which puts questions of the same "
-                 "meaning together: measured on held-out paraphrases, 99 % of zsRE's and 92 % of "
-                 "CounterFact's reach their edit while unrelated questions stay untouched"),
-    "model": ("the model's own hidden state at layer 10, averaged over your question (the paper's "
-              "neuron index): free to compute, but it groups questions by template more than by "
-              "subject, so fewer paraphrases reach their edit (76 % and 4 % on the same tests)"),
+KEY_SOURCES = {   # (what the key is, why)
+    "sentence": ("a sentence encoder (all-MiniLM-L6-v2, whitened)",
+                 "It puts questions of the same meaning together: measured on held-out paraphrases, 99 % of "
+                 "zsRE's and 92 % of CounterFact's reach their edit while unrelated questions stay untouched."),
+    "model": ("the model's own hidden state at layer 10",
+              "Averaged over your question, this is the paper's neuron index: free to compute, but it groups "
+              "questions by template more than by subject, so fewer paraphrases reach their edit (76 % and "
+              "4 % on the same tests)."),
 }
 
 
@@ -241,9 +242,10 @@ def key_info(pool: WorkspacePool, token: str) -> str:
         c = pool.editor(token).config
     except ValueError:
         return ""
-    return (f"**Your workspace routes by {KEY_SOURCES[c.key_source]}.** Radius {c.init_radius:.3f} "
-            f"(calibrated for this key; key distances run from 0, the same question, to 2, opposite). "
-            f"Change it under Settings while the workspace is empty.")
+    what, why = KEY_SOURCES[c.key_source]
+    return (f"**Your workspace routes by {what}.** {why} Radius {c.init_radius:.3f}, calibrated for this "
+            f"key (key distances run from 0, the same question, to 2, the opposite). You can change the key "
+            f"under Settings while the workspace has no edits.")
 
 
 @user_errors
