@@ -74,12 +74,6 @@ def calibration_questions() -> tuple[list[str], list[str]]:
     return qs, subjects
 
 
-def calibration_distances(keys_of) -> tuple[torch.Tensor, list[str]]:
-    """The reference questions' keys (by `keys_of(questions)`) and their subjects."""
-    qs, subjects = reference_questions()
-    return keys_of(qs), subjects
-
-
 def nearest_other_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
     """Each key's distance to the nearest key of a question about another subject."""
     d = torch.cdist(keys, keys)
