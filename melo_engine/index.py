@@ -19,8 +19,10 @@ Rules for a new edit with answer L and key k (`on_conflict="supersede"`, the def
   same question (that is what the radius means when routing): the new edit *supersedes*
   it. It goes dormant (kept, block and all, shown as superseded) and undoing the new edit
   brings it back. So a later edit of the same fact wins, for every phrasing in reach.
-- a cluster with answer L within reach (its radius + the init radius): k joins it; the
-  center becomes the members' mean, the radius their spread (at least the init radius).
+- an edit with answer L within the init radius of k (the same question, the same answer):
+  k joins its cluster; the center becomes the members' mean, the radius their spread (at
+  least the init radius). The paper's reach (radius + init radius) merged facts that merely
+  share an answer.
 - otherwise k opens a cluster of the init radius. A cluster with another answer nearby is
   left as it is (the paper shrinks both; that cost earlier edits their paraphrases): in the
   overlap, the nearer edit wins.
@@ -177,7 +179,8 @@ class ClusterState:
         return placed
 
     def _place(self, edit_id: str, key: torch.Tensor, block: int, label: str, init_radius: float) -> Placement:
-        """Join the nearest cluster with the same answer within reach, else open one."""
+        """Join the cluster of the nearest edit with the same answer within the init radius,
+        else open one ("beside" when another cluster is within the paper's reach)."""
         near, d, same = None, None, None
         if self.clusters:
             cs = list(self.clusters.values())
