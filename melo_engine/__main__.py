@@ -1,4 +1,4 @@
-"""Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats}.
+"""Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats,compact}.
 
 Bad input prints one line on stderr and exits with status 2; the workspace is unchanged.
 """
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="add the edits of an exported file")
     i.add_argument("file")
     sub.add_parser("stats", help="counts and sizes")
+    sub.add_parser("compact", help="write the workspace as one snapshot (done by itself every 1000 commits)")
     return p
 
 
@@ -55,6 +56,9 @@ def run(args) -> object:
         return {"exported": str(ed.export(args.file)), "edits": sum(e["status"] == "active" for e in ed.edits())}
     if args.command == "import":
         return {"imported": ed.import_(args.file)}
+    if args.command == "compact":
+        ed.compact()
+        return {"compacted": ed.store.seq, "disk_bytes": ed.store.disk_bytes()}
     return ed.stats()
 
 

@@ -3,33 +3,92 @@
 A block is, for every LoRA module, a pair A [rank, in] and B [out, rank]. B is stored
 already multiplied by alpha / rank, so blocks trained with different settings mix in one
 batch. Block ids are small integers; a deleted edit's block is dropped and its id reused.
+
+Blocks live in files (see store.py) and are read when a query is routed to them, through a
+small cache: a workspace of 100,000 edits holds 10 GB of blocks, and a query needs one.
+Blocks without a file (benchmarks, a block being committed) stay in memory.
 """
 from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 
 from .lora import ActiveBlocks
 
+Matrices = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
 
 class BlockBank:
-    def __init__(self):
-        self.blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    def __init__(self, reader: Callable[[str, int], Matrices] | None = None, cache_blocks: int = 256):
+        self.files: dict[int, str | None] = {}     # block id -> the file holding it (None: memory only)
+        self._memory: dict[int, Matrices] = {}     # blocks without a file
+        self._cache: OrderedDict[int, Matrices] = OrderedDict()
+        self._cache_blocks = cache_blocks
+        self._reader = reader
+        self._holes: list[int] = []                # freed ids below _next (a heap)
+        self._next = 0
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.files)
+
+    def __contains__(self, block) -> bool:
+        return block in self.files
 
     def allocate(self) -> int:
         """The smallest free block id (not reserved until `put`)."""
-        b = 0
-        while b in self.blocks:
-            b += 1
-        return b
+        while self._holes and self._holes[0] in self.files:
+            heapq.heappop(self._holes)
+        return self._holes[0] if self._holes else self._next
 
-    def put(self, block: int, matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.blocks[block] = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in matrices.items()}
+    def put(self, block: int, matrices: Matrices | None = None, file: str | None = None) -> None:
+        """A block kept in `file` (read when needed), or held in memory (no file)."""
+        if file is None and matrices is None:
+            raise ValueError("a block needs its matrices or its file")
+        self.files[block] = file
+        self._cache.pop(block, None)
+        if file is None:
+            self._memory[block] = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in matrices.items()}
+        else:
+            self._memory.pop(block, None)
+            if matrices is not None:
+                self._remember(block, matrices)
+        if block >= self._next:
+            for hole in range(self._next, block):
+                heapq.heappush(self._holes, hole)
+            self._next = block + 1
 
-    def free(self, block: int) -> None:
-        self.blocks.pop(block, None)
+    def free(self, block: int) -> str | None:
+        """Drop a block; returns the file it was kept in."""
+        if block not in self.files:
+            return None
+        file = self.files.pop(block)
+        self._memory.pop(block, None)
+        self._cache.pop(block, None)
+        heapq.heappush(self._holes, block)
+        return file
+
+    def clear(self) -> None:
+        self.__init__(self._reader, self._cache_blocks)
+
+    def _remember(self, block: int, matrices: Matrices) -> None:
+        self._cache[block] = matrices
+        self._cache.move_to_end(block)
+        while len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+
+    def matrices(self, block: int) -> Matrices:
+        if block in self._memory:
+            return self._memory[block]
+        if block in self._cache:
+            self._cache.move_to_end(block)
+            return self._cache[block]
+        file = self.files[block]
+        mats = self._reader(file, block)
+        self._remember(block, mats)
+        return mats
 
     def gather(self, block_ids: list[int | None], modules: list[str]) -> dict[str, ActiveBlocks] | None:
         """Per-module matrices for a batch, example i using block block_ids[i] (None: no LoRA).
@@ -37,19 +96,21 @@ class BlockBank:
         Returns None when no example has a block, so the model runs untouched.
         """
         # A block freed by a concurrent delete counts as no block.
-        block_ids = [b if b in self.blocks else None for b in block_ids]
+        block_ids = [b if b in self.files else None for b in block_ids]
         if all(b is None for b in block_ids):
             return None
+        held = {b: self.matrices(b) for b in set(block_ids) if b is not None}
         out = {}
         for m in modules:
-            pairs = [self.blocks[b][m] if b is not None and m in self.blocks[b] else None for b in block_ids]
+            pairs = [held[b].get(m) if b is not None else None for b in block_ids]
             rank = max(p[0].shape[0] for p in pairs if p is not None)
             ref = next(p for p in pairs if p is not None)
             a = torch.zeros(len(pairs), rank, ref[0].shape[1])
             bb = torch.zeros(len(pairs), ref[1].shape[0], rank)
             for i, p in enumerate(pairs):
                 if p is not None:
-                    # Lower-rank blocks are padded with zero rows, which add nothing.
+                    # Lower-rank blocks are padded with zero rows, which add nothing; blocks
+                    # stored at half precision are computed in float32.
                     a[i, : p[0].shape[0]] = p[0]
                     bb[i, :, : p[1].shape[1]] = p[1]
             keep = torch.tensor([b is not None for b in block_ids])
@@ -57,26 +118,4 @@ class BlockBank:
         return out
 
     def params_per_block(self, block: int) -> int:
-        return sum(a.numel() + b.numel() for a, b in self.blocks[block].values())
-
-    # ---- safetensors -------------------------------------------------------------------
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        t = {}
-        for blk, mats in self.blocks.items():
-            for m, (a, b) in mats.items():
-                t[f"block.{blk}.{m}.A"] = a.contiguous()
-                t[f"block.{blk}.{m}.B"] = b.contiguous()
-        return t
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "BlockBank":
-        bank = cls()
-        for name, value in tensors.items():
-            if not name.startswith("block."):
-                continue
-            _, blk, rest = name.split(".", 2)
-            module, which = rest.rsplit(".", 1)
-            mats = bank.blocks.setdefault(int(blk), {})
-            a, b = mats.get(module, (None, None))
-            mats[module] = (value, b) if which == "A" else (a, value)
-        return bank
+        return sum(a.numel() + b.numel() for a, b in self.matrices(block).values())

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .store import atomic_write_json     # a crash mid-save must not leave half a file
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -49,6 +51,10 @@ class MeloConfig:
     lora_modules: tuple[str, ...] = ("mlp.down_proj",)
     rank_per_block: int = 4
     lora_alpha: float = 8.0
+    # How blocks are stored (and held in memory; they are computed in float32). float16 halves
+    # the disk per edit (101 kB of 203 kB) with no measured loss in edit success or retention
+    # (docs/BENCHMARKS.md, "scale"). Workspaces made before keep float32.
+    block_dtype: str = "float16"         # "float16" | "float32"
 
     # Training one edit: Adam on the new block only, stop once the target is reproduced.
     lr: float = 5e-3
@@ -92,6 +98,8 @@ class MeloConfig:
             raise ValueError(f"unknown key_reduction {self.key_reduction!r}")
         if self.on_conflict not in ("supersede", "keep", "forget"):
             raise ValueError(f"unknown on_conflict {self.on_conflict!r} (supersede, keep, forget)")
+        if self.block_dtype not in ("float16", "float32"):
+            raise ValueError(f"unknown block_dtype {self.block_dtype!r} (float16, float32)")
         if self.distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {self.distance!r}")
         for name in ("rank_per_block", "max_iters", "max_text_chars", "max_new_tokens"):
@@ -115,13 +123,14 @@ class MeloConfig:
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("key_source", "model")      # saved before key sources existed
         d.setdefault("on_conflict", "keep")      # saved before "supersede" existed
+        d.setdefault("block_dtype", "float32")   # saved before blocks were stored at half precision
         for k in ("lora_layers", "lora_modules"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+        atomic_write_json(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "MeloConfig":

@@ -6,11 +6,14 @@ two editors in one process never see each other's edits.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,8 +28,10 @@ from .config import DEFAULT_MODEL, EDIT_SETTINGS, MeloConfig
 from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
 from .train import train_block
+from .upgrade import upgrade_format1
 
-FORMAT = 1                      # workspace and export format version
+FORMAT = 1                      # export format version (the workspace's is store.FORMAT)
+log = logging.getLogger(__name__)
 EXPORT_MAGIC = "melo-studio-edits"
 
 
@@ -60,15 +65,42 @@ class EditResult:
     superseded: list[str] = field(default_factory=list)   # earlier edits of the same question, now dormant
 
 
-def _apply_placement(edits: list[dict], placed, new_id: str) -> None:
-    """Record in the edit log what placing edit `new_id` did to earlier edits."""
-    for e in edits:
-        if e["id"] in placed.forgotten:
-            e.update(status="forgotten", forgotten_by=new_id, block=None, cluster=None)
-        if e["id"] in placed.moved:
-            e.update(cluster=placed.moved[e["id"]])
-        if e["id"] in placed.superseded:
-            e.update(status="superseded", superseded_by=new_id)
+class _Change:
+    """What one commit does to the edit list and the blocks, so that it can be written as
+    one journal record and undone in memory if writing it fails."""
+
+    def __init__(self, entries: dict[str, dict]):
+        self.entries = entries
+        self.old: dict[str, dict | None] = {}
+        self.blocks: dict[int, str | None] = {}       # block -> its file (None: freed)
+        self.new_blocks: dict[int, dict] = {}          # block -> matrices, to cache
+
+    def set(self, edit_id: str, entry: dict | None) -> None:
+        if edit_id not in self.old:
+            self.old[edit_id] = self.entries.get(edit_id)
+        if entry is None:
+            self.entries.pop(edit_id, None)
+        else:
+            self.entries[edit_id] = entry
+
+    def update(self, edit_id: str, **fields) -> None:
+        self.set(edit_id, dict(self.entries[edit_id], **fields))
+
+    def undo(self) -> None:
+        removed = any(e is not None and k not in self.entries for k, e in self.old.items())
+        for k, e in self.old.items():
+            if e is None:
+                self.entries.pop(k, None)
+            else:
+                self.entries[k] = e
+        if removed:        # put a restored edit back in its place, not at the end
+            ordered = sorted(self.entries.values(), key=lambda e: e.get("created", 0))
+            self.entries.clear()
+            self.entries.update((e["id"], e) for e in ordered)
+
+    def record(self, op: str, state_delta: dict) -> dict:
+        return {"op": op, "at": time.time(), "edits": {k: self.entries.get(k) for k in self.old},
+                "state": state_delta, "blocks": {str(b): f for b, f in self.blocks.items()}}
 
 
 def _clean(text: str, what: str, limit: int) -> str:
@@ -90,8 +122,11 @@ class MeloEditor:
         self.keyer = keyer or Keyer(backbone, config)
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._lock = threading.RLock()        # one change to this workspace at a time
-        self.log: dict = {}
-        self.bank = BlockBank()
+        self.store = store.Store(self.workspace)
+        self.header: dict = {}
+        self.entries: dict[str, dict] = {}    # edit id -> its record, oldest first
+        self.bank = BlockBank(reader=self.store.read_block)
+        self._file_users: Counter = Counter()   # block file -> live blocks in it
         self.index = ClusterIndex(self.workspace / store.INDEX_DIR)
 
     # ---- opening -------------------------------------------------------------------------
@@ -104,7 +139,7 @@ class MeloEditor:
         the settings it was made with. Opening it with a different model is an error.
         """
         ws = Path(workspace).expanduser()
-        log = store.read_log(ws) if ws.is_dir() else None
+        log = store.read_header(ws) if ws.is_dir() else None
         if log is not None:
             saved = MeloConfig.load(ws / store.CONFIG)
             if model is not None and model != saved.model:
@@ -133,20 +168,48 @@ class MeloEditor:
         if any(p for p in ws.iterdir() if not p.name.startswith(".")):
             raise ValueError(f"{ws} is not empty and is not a MELO workspace")
         cfg.save(ws / store.CONFIG)
-        log = {"format": FORMAT, "model": cfg.model, "fingerprint": backbone.fingerprint,
-               "gen": 0, "edits": [], "clusters": {}, "created": time.time()}
-        store.commit(ws, log, {})
+        store.Store.create(ws, {"model": cfg.model, "fingerprint": backbone.fingerprint, "created": time.time()})
         return cls(ws, backbone, cfg, keyer)
 
     def _load(self) -> None:
-        log = store.read_log(self.workspace)
-        if log.get("format") != FORMAT:
-            raise ValueError(f"workspace format {log.get('format')} is not supported")
-        store.remove_stale(self.workspace, int(log["gen"]))
-        tensors = store.read_tensors(self.workspace, int(log["gen"]))
-        self.log = log
-        self.bank = BlockBank.from_tensors(tensors)
-        self.index.load(ClusterState.from_files(log["clusters"], tensors), int(log["gen"]))
+        """Read the snapshot, replay the journal after it, and bring the index up to date."""
+        header = store.read_header(self.workspace)
+        if header.get("format") == 1:
+            upgrade_format1(self.workspace, header)
+            header = store.read_header(self.workspace)
+        if header.get("format") != store.FORMAT:
+            raise ValueError(f"workspace format {header.get('format')} is not supported")
+        loaded = self.store.load(writable=True)
+        snap = loaded.snapshot
+        self.header = header
+        self.entries = {e["id"]: e for e in snap.get("edits", [])}
+        state = ClusterState.from_files(snap.get("state", {}), loaded.tensors)
+        self.bank.clear()
+        for b, f in snap.get("blocks", {}).items():
+            self.bank.put(int(b), file=f)
+        for rec in loaded.records:
+            self._replay(rec, state)
+        self._file_users = Counter(f for f in self.bank.files.values() if f is not None)
+        self.store.sweep(set(self._file_users))
+        self.index.load(state, self.store.seq)
+
+    def _replay(self, rec: dict, state: ClusterState) -> None:
+        if rec.get("op") == "reset":
+            state.__init__()
+            self.entries.clear()
+            self.bank.clear()
+            return
+        state.apply(rec["state"])
+        for k, e in rec["edits"].items():
+            if e is None:
+                self.entries.pop(k, None)
+            else:
+                self.entries[k] = e
+        for b, f in rec["blocks"].items():
+            if f is None:
+                self.bank.free(int(b))
+            else:
+                self.bank.put(int(b), file=f)
 
     def close(self) -> None:
         """Release the chroma index (waits for an edit in progress to finish)."""
@@ -183,10 +246,11 @@ class MeloEditor:
         c = self.config
 
         def choose(key, started):
-            # Reads the current index and bank without the editor lock: a commit swaps both
-            # by assignment, so a query sees the workspace before or after an edit, whole.
-            r = self.index.route(key)
-            active = self.bank.gather([r.block], self.modules)
+            # Under the index lock, not the editor's: an edit trains without it and holds it
+            # only to commit, so a query sees the workspace before or after an edit, whole.
+            with self.index.lock:
+                r = self.index.state.route(key)
+                active = self.bank.gather([r.block], self.modules)
             if timer is not None:
                 timer(time.perf_counter() - started)
             return active, r
@@ -218,78 +282,134 @@ class MeloEditor:
             t0 = time.perf_counter()
             key = self.key(prompt)
             edit_id = secrets.token_hex(4)
-            while any(e["id"] == edit_id for e in self.log["edits"]):
+            while edit_id in self.entries:
                 edit_id = secrets.token_hex(4)
-            block = self.bank.allocate()
-            state = self.index.state.copy()
-            placed = state.add(edit_id, key, block, target, c.init_radius, c.on_conflict)
-
             enc = self.backbone.encode([prompt], [target])
-            trained = train_block(self.backbone, enc, self.modules, c, seed=len(self.log["edits"]), progress=progress)
-
-            bank = BlockBank()
-            bank.blocks = dict(self.bank.blocks)
-            for e in placed.forgotten:
-                bank.free(self._entry(e)["block"])
-            bank.put(block, trained.matrices)   # superseded edits keep theirs: an undo brings them back
-            seconds = time.perf_counter() - t0
-            entry = {"id": edit_id, "prompt": prompt, "target": target, "block": block,
-                     "cluster": placed.cluster, "action": placed.action, "created": time.time(),
-                     "steps": len(trained.losses), "seconds": round(seconds, 3),
-                     "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
-                     "status": "active"}
-            edits = [dict(e) for e in self.log["edits"]]
-            _apply_placement(edits, placed, edit_id)
-            self._commit(edits + [entry], state, bank)
+            trained = train_block(self.backbone, enc, self.modules, c, seed=len(self.entries), progress=progress)
+            # Queries go on being answered while the block trains; only the commit holds them.
+            block = self.bank.allocate()
+            matrices = {m: (a.to(self._dtype), b.to(self._dtype)) for m, (a, b) in trained.matrices.items()}
+            file = self.store.write_blocks({block: matrices}, self._dtype)
+            with self._change("edit") as ch:
+                placed = self.index.state.add(edit_id, key, block, target, c.init_radius, c.on_conflict)
+                ch.blocks[block], ch.new_blocks[block] = file, matrices
+                for e in placed.forgotten:
+                    ch.blocks[self.entries[e]["block"]] = None
+                    ch.update(e, status="forgotten", forgotten_by=edit_id, block=None, cluster=None)
+                for e, cluster in placed.moved.items():
+                    ch.update(e, cluster=cluster)
+                for e in placed.superseded:     # they keep their blocks: an undo brings them back
+                    ch.update(e, status="superseded", superseded_by=edit_id)
+                seconds = time.perf_counter() - t0
+                ch.set(edit_id, {"id": edit_id, "prompt": prompt, "target": target, "block": block,
+                                 "cluster": placed.cluster, "action": placed.action, "created": time.time(),
+                                 "steps": len(trained.losses), "seconds": round(seconds, 3),
+                                 "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
+                                 "status": "active"})
             return EditResult(edit_id, block, placed.cluster, placed.action, len(trained.losses),
                               trained.losses, seconds, placed.forgotten, list(placed.moved),
                               trained.token_accuracy, trained.params, list(placed.superseded))
 
-    def _entry(self, edit_id: str) -> dict:
-        for e in self.log["edits"]:
-            if e["id"] == edit_id:
-                return e
-        raise ValueError(f"unknown edit id {edit_id!r}")
+    @property
+    def _dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.block_dtype)
 
-    def _commit(self, edits: list[dict], state: ClusterState, bank: BlockBank) -> None:
-        """Write the new state to disk (all or nothing), then adopt it in memory and chroma."""
-        meta, tensors = state.to_files()
-        tensors.update(bank.to_tensors())
-        log = dict(self.log, edits=edits, clusters=meta, gen=int(self.log["gen"]) + 1)
-        store.commit(self.workspace, log, tensors)
-        self.log, self.bank = log, bank
-        self.index.commit(state, int(log["gen"]))
+    def _entry(self, edit_id: str) -> dict:
+        if edit_id not in self.entries:
+            raise ValueError(f"unknown edit id {edit_id!r}")
+        return self.entries[edit_id]
+
+    @contextlib.contextmanager
+    def _change(self, op: str):
+        """One commit. The body changes the index state and (through the yielded _Change) the
+        edit list and blocks, under the index lock; then the change is written as one journal
+        record. If anything fails before that record is on disk, memory goes back to the last
+        commit and the error propagates; the workspace files are as before."""
+        state = self.index.state
+        ch = _Change(self.entries)
+        with self.index.lock:
+            state.begin()
+            try:
+                yield ch
+                delta = state.delta()
+                self.store.append(ch.record(op, delta))
+            except BaseException:
+                state.rollback()
+                ch.undo()
+                for b, f in ch.blocks.items():     # the block file of an edit that did not commit
+                    if f is not None and b not in self.bank:
+                        self.store.remove_block_file(f)
+                raise
+            state.end()
+            gone_files = []
+            for b, f in ch.blocks.items():
+                if f is None:
+                    old = self.bank.free(b)
+                    if old is not None:
+                        self._file_users[old] -= 1
+                        if self._file_users[old] <= 0:
+                            del self._file_users[old]
+                            gone_files.append(old)
+                else:
+                    self.bank.put(b, ch.new_blocks.get(b), file=f)
+                    self._file_users[f] += 1
+        for f in gone_files:
+            self.store.remove_block_file(f)
+        try:
+            self.index.mirror(list(delta["clusters"]), self.store.seq)
+        except Exception as err:  # noqa: BLE001 - the mirror is rebuilt from the files on next open
+            log.warning("chroma mirror lags behind the workspace (%s); it is rebuilt when reopened", err)
+        if self.store.tail >= store.COMPACT_EVERY:
+            self.compact()
+
+    def compact(self) -> None:
+        """Write the whole workspace as one snapshot and start an empty journal (done by
+        itself every store.COMPACT_EVERY commits; opening then replays fewer records)."""
+        with self._lock:
+            with self.index.lock:
+                meta, tensors = self.index.state.to_files()
+                seq = self.store.seq
+                snap = store.snapshot_bytes(seq, list(self.entries.values()), meta,
+                                            {str(b): f for b, f in self.bank.files.items()})
+            self.store.write_snapshot(seq, snap, tensors)
 
     def edits(self) -> list[dict]:
         """Every edit, oldest first: id, prompt, target, block, cluster, status, timing."""
-        return [dict(e) for e in self.log["edits"]]
+        return [dict(e) for e in self.entries.values()]
 
     def delete(self, edit_id: str) -> list[str]:
         """Undo one edit: its point leaves the index and its block is dropped. Edits it had
         superseded become active again; returns their ids."""
         with self._lock:
             entry = self._entry(str(edit_id))
-            state = self.index.state.copy()
-            bank = BlockBank()
-            bank.blocks = dict(self.bank.blocks)
-            back = []
-            if entry["id"] in state.points or entry["id"] in state.dormant:
-                back = state.remove(entry["id"], self.config.init_radius)
-                bank.free(entry["block"])
-            edits = [dict(e) for e in self.log["edits"] if e["id"] != entry["id"]]
-            for e in edits:
-                if e["id"] in back:
-                    e.update(status="active", cluster=state.points[e["id"]].cluster)
-                    e.pop("superseded_by", None)
-                elif e.get("superseded_by") == entry["id"] and e["id"] in state.dormant:
-                    e["superseded_by"] = state.dormant[e["id"]].superseded_by
-            self._commit(edits, state, bank)
+            state = self.index.state
+            with self._change("delete") as ch:
+                back = []
+                if entry["id"] in state.points or entry["id"] in state.dormant:
+                    back = state.remove(entry["id"], self.config.init_radius)
+                    ch.blocks[entry["block"]] = None
+                ch.set(entry["id"], None)
+                for e in back:
+                    restored = dict(self.entries[e], status="active", cluster=state.points[e].cluster)
+                    restored.pop("superseded_by", None)
+                    ch.set(e, restored)
+                for e, p in state.dormant.items():     # a chain of supersedes passes on
+                    if self.entries[e].get("superseded_by") != p.superseded_by:
+                        ch.update(e, superseded_by=p.superseded_by)
             return back
 
     def reset(self) -> None:
         """Remove every edit (the settings stay)."""
         with self._lock:
-            self._commit([], ClusterState(), BlockBank())
+            with self.index.lock:
+                self.store.append({"op": "reset", "at": time.time()})
+                self.index.state = ClusterState()
+                self.entries.clear()
+                self.bank.clear()
+                self._file_users.clear()
+            self.store.sweep(set())
+            self.compact()
+            self.index.rebuild(self.store.seq)
 
     def update_settings(self, **changes) -> MeloConfig:
         """Change settings that affect new edits only (radius, rank, lr, iterations, ...)."""
@@ -310,7 +430,7 @@ class MeloEditor:
         with self._lock:
             if source == self.config.key_source:
                 return self.config
-            if self.log["edits"]:
+            if self.entries:
                 raise ValueError("the key source can change only while the workspace has no edits: reset it first")
             cfg = dataclasses.replace(self.config, key_source=source, key_whitening=None, init_radius=None)
             cfg.validate()
@@ -324,7 +444,7 @@ class MeloEditor:
     def index_snapshot(self) -> dict:
         """Everything needed to plot the index: keys, centers, radii, blocks and labels."""
         s = self.index.state
-        by_id = {e["id"]: e for e in self.log["edits"]}
+        by_id = self.entries
         return {
             "distance": self.config.distance,
             "points": [{"edit_id": p.edit_id, "key": p.key.tolist(), "block": p.block, "cluster": p.cluster,
@@ -335,11 +455,14 @@ class MeloEditor:
         }
 
     def stats(self) -> dict:
-        n = len(self.bank)
-        params = sum(self.bank.params_per_block(b) for b in self.bank.blocks)
-        return {"edits": len(self.log["edits"]), "blocks": n, "clusters": len(self.index.state.clusters),
-                "trainable_params_per_edit": params // n if n else 0,
-                "bytes_per_edit": (params * 4 + self.keyer.dim * 4) // n if n else 0}
+        n = len(self.entries)
+        c = self.config
+        params = c.rank_per_block * sum(self.backbone.loras[m].in_features + self.backbone.loras[m].out_features
+                                        for m in self.modules)
+        return {"edits": n, "blocks": len(self.bank), "clusters": len(self.index.state.clusters),
+                "trainable_params_per_edit": params,
+                "disk_bytes": self.store.disk_bytes(),
+                "bytes_per_edit": self.store.disk_bytes() // n if n else 0}
 
     # ---- export / import -----------------------------------------------------------------
     def export(self, path) -> Path:
@@ -347,13 +470,13 @@ class MeloEditor:
         from safetensors.torch import save_file
 
         with self._lock:
-            active = [e for e in self.log["edits"] if e["status"] == "active"]
+            active = [e for e in self.entries.values() if e["status"] == "active"]
             tensors = {}
             for e in active:
                 tensors[f"key.{e['id']}"] = self.index.state.points[e["id"]].key.contiguous()
-                for m, (a, b) in self.bank.blocks[e["block"]].items():
-                    tensors[f"edit.{e['id']}.{m}.A"] = a.contiguous()
-                    tensors[f"edit.{e['id']}.{m}.B"] = b.contiguous()
+                for m, (a, b) in self.bank.matrices(e["block"]).items():   # float32, as exports always were
+                    tensors[f"edit.{e['id']}.{m}.A"] = a.to(torch.float32).contiguous()
+                    tensors[f"edit.{e['id']}.{m}.B"] = b.to(torch.float32).contiguous()
             meta = {"magic": EXPORT_MAGIC, "format": str(FORMAT), "model": self.config.model,
                     "fingerprint": json.dumps(self.backbone.fingerprint),
                     "settings": json.dumps(self.config.to_json()),
@@ -371,31 +494,82 @@ class MeloEditor:
         """
         edits, tensors = self._read_export(Path(path))
         with self._lock:
-            state = self.index.state.copy()
-            bank = BlockBank()
-            bank.blocks = dict(self.bank.blocks)
-            log_edits = [dict(e) for e in self.log["edits"]]
-            taken = {e["id"] for e in log_edits}
-            new_ids = []
+            state = self.index.state
+            taken = set(self.entries)
+            ids, blocks, free = [], {}, self.bank.allocate()
             for e in edits:
                 eid = e["id"]
                 while eid in taken:
                     eid = secrets.token_hex(4)
                 taken.add(eid)
-                block = bank.allocate()
-                bank.put(block, {m: (tensors[f"edit.{e['id']}.{m}.A"], tensors[f"edit.{e['id']}.{m}.B"])
-                                 for m in self.modules})
-                placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
-                                   self.config.on_conflict)
-                for f in placed.forgotten:
-                    bank.free(next(le["block"] for le in log_edits if le["id"] == f))
-                _apply_placement(log_edits, placed, eid)
-                log_edits.append({"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
-                                  "cluster": placed.cluster, "action": placed.action, "created": time.time(),
-                                  "steps": 0, "seconds": 0.0, "status": "active", "imported": True})
-                new_ids.append(eid)
-            self._commit(log_edits, state, bank)
-            return new_ids
+                while free in self.bank or free in blocks:
+                    free += 1
+                blocks[free] = {m: (tensors[f"edit.{e['id']}.{m}.A"].to(self._dtype),
+                                    tensors[f"edit.{e['id']}.{m}.B"].to(self._dtype)) for m in self.modules}
+                ids.append((eid, free))
+            file = self.store.write_blocks(blocks, self._dtype) if blocks else None
+            with self._change("import") as ch:
+                for e, (eid, block) in zip(edits, ids):
+                    ch.blocks[block], ch.new_blocks[block] = file, blocks[block]
+                    placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
+                                       self.config.on_conflict)
+                    for f in placed.forgotten:
+                        ch.blocks[self.entries[f]["block"]] = None
+                        ch.update(f, status="forgotten", forgotten_by=eid, block=None, cluster=None)
+                    for f, cluster in placed.moved.items():
+                        ch.update(f, cluster=cluster)
+                    for f in placed.superseded:
+                        ch.update(f, status="superseded", superseded_by=eid)
+                    ch.set(eid, {"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
+                                 "cluster": placed.cluster, "action": placed.action, "created": time.time(),
+                                 "steps": 0, "seconds": 0.0, "status": "active", "imported": True})
+            return [eid for eid, _ in ids]
+
+    def bulk_add(self, chunks) -> int:
+        """Add many edits with known keys and trained blocks in one commit, each in a cluster
+        of its own (ClusterState.add_apart refuses keys within reach of each other). `chunks`
+        yields lists of (prompt, target, key, {module: (A, B)}); each chunk's blocks go to one
+        file as they come, so memory holds one chunk. The commit is one new snapshot: until
+        it is on disk the workspace is as before. Returns the number of edits added."""
+        with self._lock:
+            state, added, files = self.index.state, [], {}
+            for part, chunk in enumerate(chunks):
+                ids, blocks = [], {}
+                for prompt, target, key, mats in chunk:
+                    eid = secrets.token_hex(6)
+                    while eid in self.entries or eid in ids:
+                        eid = secrets.token_hex(6)
+                    b = self.bank.allocate() if not blocks else max(blocks) + 1
+                    while b in self.bank:
+                        b += 1
+                    blocks[b] = mats
+                    ids.append(eid)
+                    added.append((eid, prompt, target, key, b))
+                file = self.store.write_blocks(blocks, self._dtype, part=part)
+                for b in blocks:
+                    self.bank.put(b, file=file)          # not routed to until the snapshot commits
+                    files[b] = file
+            if not added:
+                return 0
+            try:
+                with self.index.lock:
+                    state.add_apart([a[0] for a in added], torch.stack([a[3] for a in added]),
+                                    [a[4] for a in added], [a[2] for a in added], self.config.init_radius,
+                                    self.config.on_conflict)
+                    now = time.time()
+                    for eid, prompt, target, _, b in added:
+                        self.entries[eid] = {"id": eid, "prompt": prompt, "target": target, "block": b,
+                                             "cluster": state.points[eid].cluster, "action": "bulk",
+                                             "created": now, "steps": 0, "seconds": 0.0, "status": "active",
+                                             "bulk": True}
+                self.store.seq += 1
+                self.compact()
+            except BaseException:
+                self._load()                  # memory back to what is on disk
+                raise
+            self._file_users.update(files.values())
+            self.index.rebuild(self.store.seq)
+            return len(added)
 
     def _read_export(self, path: Path):
         from safetensors import safe_open

@@ -1,32 +1,61 @@
-"""The files of a workspace, and the one way they change: a commit that is all or nothing.
+"""The files of a workspace, and how they change: an append-only journal of small records.
 
     ws/
-      workspace.json        edit log, cluster metadata, the model's fingerprint, generation n
-      config.json           MeloConfig
-      state-<n>.safetensors LoRA blocks, edit keys and cluster centers of generation n
-      index/                chromadb (a mirror of the above; rebuilt if it lags behind)
+      workspace.json              header: format, model, its fingerprint, creation time
+      config.json                 MeloConfig
+      snapshot-<s>.json           the whole workspace as of record s: edit list, cluster and
+      snapshot-<s>.safetensors      point metadata, which file holds each block; keys, centers
+      journal-<s>.jsonl           the records after s, one line each: what one commit changed
+      blocks/<n>.safetensors      the LoRA blocks that record n brought (one edit: one block)
+      index/                      chromadb, a mirror of the centers (rebuilt if it lags behind)
 
-A commit writes state-<n+1>.safetensors, then replaces workspace.json (os.replace is
-atomic), then deletes state-<n>. A process killed before the replace leaves generation n
-whole; a stray state file of a newer generation is removed when the workspace is opened.
+A commit writes only what changed. An edit writes its block file (flushed, then renamed into
+place, then the directory flushed), then appends one line to the journal and flushes it: that
+flush is the commit. A line carries its own checksum, so a process killed mid-append leaves a
+torn last line that is not a commit; it is ignored, and cut off before the next append. A
+block file that no committed record names is left over from such a crash and removed when the
+workspace is next opened for writing.
+
+Replaying records costs time at opening, so every COMPACT_EVERY records the whole state is
+written once as a new snapshot (flushed before the rename that commits it) and a new, empty
+journal starts; that costs O(edits) once per COMPACT_EVERY commits. Nothing else ever
+rewrites what earlier commits wrote.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-LOG = "workspace.json"
+FORMAT = 2
+HEADER = "workspace.json"
 CONFIG = "config.json"
 INDEX_DIR = "index"
+BLOCKS_DIR = "blocks"
+COMPACT_EVERY = 1000
+
+_SNAPSHOT = re.compile(r"snapshot-(\d+)\.json$")
+
+
+# ---- writing files so that a crash leaves the old or the new one ---------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write to a temporary file beside `path`, flush it, rename it over `path`, flush the directory."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -35,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -44,39 +74,201 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
-def state_file(ws: Path, gen: int) -> Path:
-    return Path(ws) / f"state-{gen}.safetensors"
-
-
-def read_log(ws: Path) -> dict | None:
-    p = Path(ws) / LOG
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def read_tensors(ws: Path, gen: int) -> dict[str, torch.Tensor]:
-    p = state_file(ws, gen)
-    return load_file(str(p)) if p.is_file() else {}
-
-
-def commit(ws: Path, log: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Make (log, tensors) the workspace's state as generation log["gen"] (= old gen + 1)."""
-    ws = Path(ws)
-    gen = int(log["gen"])
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".safetensors", dir=ws)
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, state_file(ws, gen))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    atomic_write_json(ws / LOG, log)
-    remove_stale(ws, gen)
 
 
-def remove_stale(ws: Path, gen: int) -> None:
-    """Delete state files and temporaries that are not generation `gen`."""
-    for p in Path(ws).iterdir():
-        stale_state = p.name.startswith("state-") and p.name != state_file(ws, gen).name
-        if stale_state or (p.name.startswith(".") and p.is_file()):
-            p.unlink(missing_ok=True)
+def snapshot_bytes(seq: int, edits: list[dict], state: dict, blocks: dict) -> bytes:
+    return json.dumps({"seq": seq, "edits": edits, "state": state, "blocks": blocks},
+                      separators=(",", ":")).encode()
+
+
+def read_header(ws: Path) -> dict | None:
+    p = Path(ws) / HEADER
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _line(record: dict) -> bytes:
+    body = json.dumps(record, separators=(",", ":"))
+    return f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
+
+
+def _parse(line: bytes) -> dict | None:
+    """A journal line's record, or None when the line is torn or damaged."""
+    if not line.endswith(b"\n") or len(line) < 10:
+        return None
+    crc, _, body = line[:-1].partition(b" ")
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Loaded:
+    header: dict
+    snapshot: dict                      # "seq", "edits", "state", "blocks"
+    tensors: dict[str, torch.Tensor]    # the snapshot's "keys" and "centers"
+    records: list[dict] = field(default_factory=list)
+
+
+class Store:
+    """One workspace's files: load them, append commits, compact, read blocks."""
+
+    def __init__(self, ws: Path):
+        self.ws = Path(ws)
+        self.base = 0        # the snapshot the journal continues
+        self.seq = 0         # the last committed record
+        self.tail = 0        # records in the journal
+        self._journal_size = 0
+
+    # ---- paths -------------------------------------------------------------------------
+    def snapshot_json(self, seq: int) -> Path:
+        return self.ws / f"snapshot-{seq}.json"
+
+    def snapshot_tensors(self, seq: int) -> Path:
+        return self.ws / f"snapshot-{seq}.safetensors"
+
+    def journal(self, seq: int) -> Path:
+        return self.ws / f"journal-{seq}.jsonl"
+
+    # ---- creating and opening ----------------------------------------------------------
+    @classmethod
+    def create(cls, ws: Path, header: dict) -> "Store":
+        """The files of an empty workspace; the header goes last (its presence is the workspace)."""
+        st = cls(ws)
+        (st.ws / BLOCKS_DIR).mkdir(exist_ok=True)
+        st.write_snapshot(0, snapshot_bytes(0, [], {}, {}), {})
+        atomic_write_json(st.ws / HEADER, dict(header, format=FORMAT))
+        return st
+
+    def load(self, writable: bool = True) -> Loaded:
+        """The newest snapshot and the records after it. Opened for writing, a torn last
+        journal line is cut off (it was never committed)."""
+        header = read_header(self.ws)
+        seqs = [int(m.group(1)) for p in self.ws.iterdir() if (m := _SNAPSHOT.match(p.name))]
+        if not seqs:
+            raise ValueError("the workspace has no snapshot file")
+        self.base = max(seqs)
+        snapshot = json.loads(self.snapshot_json(self.base).read_text())
+        tensors = load_file(str(self.snapshot_tensors(self.base)))
+        records, good = [], 0
+        journal = self.journal(self.base)
+        if journal.is_file():
+            data = journal.read_bytes()
+            for line in data.splitlines(keepends=True):
+                rec = _parse(line)
+                if rec is None or rec.get("seq") != self.base + len(records) + 1:
+                    break
+                records.append(rec)
+                good += len(line)
+            if good < len(data):
+                if b"\n" in data[good:]:     # a whole line that does not check: damage, not a crash
+                    raise ValueError(f"the journal {journal.name} is damaged after record "
+                                     f"{self.base + len(records)}")
+                if writable:
+                    with open(journal, "r+b") as f:
+                        f.truncate(good)
+                        os.fsync(f.fileno())
+        self.seq, self.tail, self._journal_size = self.base + len(records), len(records), good
+        return Loaded(header, snapshot, tensors, records)
+
+    def sweep(self, live_block_files: set[str]) -> None:
+        """Remove what no commit refers to: older snapshots and journals, block files of
+        uncommitted edits, temporaries of interrupted writes."""
+        keep = {self.snapshot_json(self.base).name, self.snapshot_tensors(self.base).name,
+                self.journal(self.base).name}
+        for p in self.ws.iterdir():
+            stale = (p.name.startswith(("snapshot-", "journal-", "state-")) and p.name not in keep)
+            if p.is_file() and (stale or p.name.startswith(".")):
+                p.unlink(missing_ok=True)
+        blocks = self.ws / BLOCKS_DIR
+        blocks.mkdir(exist_ok=True)
+        for p in blocks.iterdir():
+            if f"{BLOCKS_DIR}/{p.name}" not in live_block_files:
+                p.unlink(missing_ok=True)
+
+    # ---- committing --------------------------------------------------------------------
+    def write_blocks(self, blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                     dtype: torch.dtype, part: int | None = None) -> str:
+        """Write the blocks the next record will bring (flushed, not yet committed); returns
+        the file's name, for the record. `part` numbers the files of one bulk commit."""
+        name = f"{BLOCKS_DIR}/{self.seq + 1:08d}{'' if part is None else f'-{part}'}.safetensors"
+        modules = sorted({m for mats in blocks.values() for m in mats})
+        tensors = {}
+        for b, mats in blocks.items():
+            for i, m in enumerate(modules):
+                if m in mats:
+                    tensors[f"{b}.{i}.A"] = mats[m][0].detach().to(dtype)
+                    tensors[f"{b}.{i}.B"] = mats[m][1].detach().to(dtype)
+        atomic_save_tensors(self.ws / name, tensors, {"modules": json.dumps(modules)})
+        return name
+
+    def append(self, record: dict) -> int:
+        """Commit one record: append its line to the journal and flush. Returns its seq."""
+        record = dict(record, seq=self.seq + 1)
+        line = _line(record)
+        path = self.journal(self.base)
+        new = not path.exists()
+        with open(path, "ab") as f:
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                # Not committed: cut what may have reached the file, so the next record does
+                # not follow a torn line.
+                f.truncate(self._journal_size)
+                raise
+        if new:
+            fsync_dir(self.ws)
+        self.seq, self.tail = record["seq"], self.tail + 1
+        self._journal_size += len(line)
+        return self.seq
+
+    def write_snapshot(self, seq: int, snapshot: bytes, tensors: dict[str, torch.Tensor]) -> None:
+        """Commit the whole state as of record `seq` (= self.seq; `snapshot` is its JSON) and
+        start an empty journal after it; the older snapshot and journal go."""
+        atomic_save_tensors(self.snapshot_tensors(seq), tensors)
+        atomic_write_bytes(self.snapshot_json(seq), snapshot)
+        old = self.base
+        self.base, self.tail, self._journal_size = seq, 0, 0
+        if old != seq:
+            for p in (self.snapshot_json(old), self.snapshot_tensors(old), self.journal(old)):
+                p.unlink(missing_ok=True)
+
+    def remove_block_file(self, name: str) -> None:
+        """A block file no live edit uses any more (after the commit that freed it)."""
+        (self.ws / name).unlink(missing_ok=True)
+
+    # ---- reading blocks ----------------------------------------------------------------
+    def read_block(self, name: str, block: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with safe_open(str(self.ws / name), framework="pt") as f:
+            modules = json.loads((f.metadata() or {})["modules"])
+            names = set(f.keys())
+            return {m: (f.get_tensor(f"{block}.{i}.A"), f.get_tensor(f"{block}.{i}.B"))
+                    for i, m in enumerate(modules) if f"{block}.{i}.A" in names}
+
+    def disk_bytes(self) -> int:
+        """Everything the workspace holds on disk, the index included."""
+        total = 0
+        for root, _, files in os.walk(self.ws):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total

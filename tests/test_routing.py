@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from melo_engine import MeloConfig, MeloEditor
-from melo_engine.index import ClusterState, RouteTable
+from melo_engine.index import ClusterState
 
 # Our own cases (not from any benchmark): an edit, held-out paraphrases that were never
 # edited, and questions on the same template about other subjects.
@@ -138,7 +138,7 @@ def test_routing_picks_the_nearest_edit_among_covering_clusters():
     s = ClusterState()
     s.add("a", torch.tensor([0.0, 0.0]), 0, "A", 1.0)
     s.add("b", torch.tensor([1.6, 0.0]), 1, "B", 1.0)
-    t = RouteTable(s)
+    t = s
     assert t.route(torch.tensor([0.0, 0.0])).block == 0                # an edit's own key: its own block
     assert t.route(torch.tensor([0.9, 0.0])).block == 1                # in both balls, nearer b
     r = t.route(torch.tensor([0.0, 1.2]))                              # in no ball
@@ -151,7 +151,7 @@ def test_routing_agrees_with_brute_force_search_on_thousands_of_keys():
     s = ClusterState()
     for i, k in enumerate(keys):
         s.add(f"e{i}", k, i, f"label {i % 1000}", 0.7)
-    t = RouteTable(s)
+    t = s
     near = keys[:250] + 0.05 * torch.randn(250, 64, generator=g)          # mostly fire
     queries = torch.nn.functional.normalize(torch.cat([near, torch.randn(250, 64, generator=g)]), dim=-1)
     centers = torch.stack([c.center for c in s.clusters.values()])

@@ -39,10 +39,10 @@ def routing_study(dataset: str, n: int, backbone=None, protocol: str | None = No
     actions = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         index = ClusterIndex(Path(tmp))
-        state = index.state.copy()
+        state = index.state
         for i, (r, k) in enumerate(zip(stream.edits, edit_keys)):
             actions[state.add(f"e{i}", k, i, r.target, radius, cfg.on_conflict).action] += 1
-        index.commit(state, 1)
+        index.rebuild(1)
         route_ms = []
 
         def route(k):

@@ -1,0 +1,219 @@
+"""How a workspace is committed to disk (melo_engine/store.py): a commit writes only what it
+changed; a process killed anywhere inside a commit leaves the last committed state; a failed
+commit changes nothing; compaction and the upgrade of format-1 workspaces keep every edit.
+On the real model, the real sentence encoder and chromadb."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from melo_engine import MeloEditor, store
+from melo_engine.vectors import VectorTable
+from conftest import ROOT, tree_digest
+
+DATA = ROOT / "tests" / "data"
+EDITS = [("What is the capital of Switzerland?", "Bern is the capital of Switzerland."),
+         ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+         ("Who composed the Four Seasons?", "Antonio Vivaldi composed The Four Seasons.")]
+
+
+def files(ws):
+    """The committed files: everything but chroma's mirror."""
+    return {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")}
+
+
+@pytest.fixture()
+def two_edits(backbone, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    ids = [ed.edit(p, t).edit_id for p, t in EDITS[:2]]
+    return ed, ids
+
+
+def test_an_edit_and_a_delete_write_only_what_they_change(two_edits):
+    ed, ids = two_edits
+    ws = ed.workspace
+    journal = ed.store.journal(ed.store.base)
+    before, old_journal = files(ws), journal.read_bytes()
+    r = ed.edit(*EDITS[2])
+    after = files(ws)
+    changed = {k for k in before if after.get(k) != before[k]}
+    added = set(after) - set(before)
+    assert changed == {journal.name}                         # only the journal, appended to:
+    assert journal.read_bytes().startswith(old_journal)
+    assert len(added) == 1 and next(iter(added)).startswith("blocks/")   # and the new block
+    with safe_open(str(ws / next(iter(added))), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert ed.ask(EDITS[2][0]).text == EDITS[2][1]          # stored at half precision, still exact
+
+    before, old_journal = files(ws), journal.read_bytes()
+    ed.delete(r.edit_id)
+    after = files(ws)
+    assert {k for k in after if after[k] != before.get(k)} == {journal.name}
+    assert set(before) - set(after) == added                 # its block file went with it
+    assert journal.read_bytes().startswith(old_journal)
+
+
+def test_a_failed_commit_changes_nothing(two_edits, monkeypatch):
+    ed, ids = two_edits
+    before, listed = files(ed.workspace), ed.edits()
+
+    def disk_full(self, record):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(store.Store, "append", disk_full)
+    with pytest.raises(OSError):
+        ed.edit(*EDITS[2])
+    with pytest.raises(OSError):
+        ed.delete(ids[0])
+    assert files(ed.workspace) == before and ed.edits() == listed
+    assert ed.ask(EDITS[2][0]).block is None                 # memory is back as well
+    assert ed.ask(EDITS[0][0]).text == EDITS[0][1]
+    monkeypatch.undo()
+    ed.edit(*EDITS[2])
+    assert ed.ask(EDITS[2][0]).text == EDITS[2][1]
+
+
+def test_compaction_keeps_every_edit(two_edits, backbone, monkeypatch):
+    ed, ids = two_edits
+    monkeypatch.setattr(store, "COMPACT_EVERY", 2)
+    r = ed.edit(*EDITS[2])                  # the 3rd record since the last snapshot: compacts
+    assert ed.store.tail == 0 and ed.store.base == ed.store.seq
+    ed.delete(ids[0])
+    ed.close()
+    names = sorted(p.name for p in ed.workspace.iterdir())
+    assert [n for n in names if n.startswith("snapshot-")] == [f"snapshot-{ed.store.base}.json",
+                                                               f"snapshot-{ed.store.base}.safetensors"]
+    again = MeloEditor.open(ed.workspace, backbone=backbone)
+    assert [e["id"] for e in again.edits()] == [ids[1], r.edit_id]
+    assert again.ask(EDITS[2][0]).text == EDITS[2][1] and again.ask(EDITS[0][0]).block is None
+
+
+KILL = textwrap.dedent("""
+    import os, signal, sys
+    from melo_engine import MeloEditor, store
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    point = sys.argv[2]
+    S = store.Store
+    if point == "block file written":
+        write_blocks = S.write_blocks
+        S.write_blocks = lambda self, *a, **k: (write_blocks(self, *a, **k), die())
+    elif point == "half a journal line":
+        def append(self, record):
+            line = store._line(dict(record, seq=self.seq + 1))
+            with open(self.journal(self.base), "ab") as f:
+                f.write(line[: len(line) // 2]); f.flush(); os.fsync(f.fileno())
+            die()
+        S.append = append
+    elif point == "journal line written":
+        append = S.append
+        S.append = lambda self, record: (append(self, record), die())
+    elif point in ("snapshot half written", "snapshot written"):
+        store.COMPACT_EVERY = 1
+        write = store.atomic_write_bytes
+        def atomic_write_bytes(path, data):
+            if "snapshot-" in str(path) and point == "snapshot half written":
+                die()
+            write(path, data)
+            if "snapshot-" in str(path):
+                die()
+        store.atomic_write_bytes = atomic_write_bytes
+    ed = MeloEditor.open(sys.argv[1])
+    ed.edit(sys.argv[3], sys.argv[4])
+    print("not killed")
+""")
+
+# Where the process dies, and whether the edit had been committed by then.
+KILL_POINTS = [("block file written", False), ("half a journal line", False), ("journal line written", True),
+               ("snapshot half written", True), ("snapshot written", True)]
+
+
+@pytest.mark.parametrize("point,committed", KILL_POINTS)
+def test_a_process_killed_inside_a_commit_leaves_the_last_committed_state(two_edits, backbone, point, committed):
+    ed, ids = two_edits
+    ws = ed.workspace
+    ed.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", KILL, str(ws), point, *EDITS[2]], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-2000:]
+    again = MeloEditor.open(ws, backbone=backbone)
+    prompts = [e["prompt"] for e in again.edits()]
+    assert prompts == [p for p, _ in EDITS[: 3 if committed else 2]]
+    a = again.ask(EDITS[2][0])
+    assert (a.text == EDITS[2][1]) if committed else (a.block is None)
+    assert again.ask(EDITS[0][0]).text == EDITS[0][1]
+    # What the crash left half done is gone: no temporaries, no block file nobody uses, and
+    # the journal reads to its end.
+    leftovers = [p.name for p in ws.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    used = set(again.bank.files.values())
+    assert {f"blocks/{p.name}" for p in (ws / "blocks").iterdir()} == used
+    again.close()
+    again = MeloEditor.open(ws, backbone=backbone)
+    assert [e["prompt"] for e in again.edits()] == prompts
+    again.close()
+
+
+def test_a_format1_workspace_opens_upgraded_with_every_edit(backbone, tmp_path):
+    """A workspace written by the previous format (made with the code before this change,
+    tests/data/format1-workspace: a superseded edit, the edit that superseded it, an active
+    one, a deleted one) opens with the same edits and answers, and is upgraded in place."""
+    ws = tmp_path / "old"
+    shutil.copytree(DATA / "format1-workspace", ws)
+    expected = json.loads((DATA / "format1-expected.json").read_text())
+    ed = MeloEditor.open(ws, backbone=backbone)
+    assert ed.edits() == expected["edits"]
+    for question, want in expected["answers"].items():
+        a = ed.ask(question)
+        assert (a.text, a.edit_id) == (want["text"], want["edit_id"]), question
+    assert json.loads((ws / "workspace.json").read_text())["format"] == store.FORMAT
+    assert not list(ws.glob("state-*")) and ed.config.block_dtype == "float32"
+    superseding = next(e for e in expected["edits"] if e["action"] == "superseded")
+    first = superseding_of = expected["edits"][0]["id"]
+    assert ed.delete(superseding["id"]) == [superseding_of]     # the dormant edit comes back
+    ed.close()
+    again = MeloEditor.open(ws, backbone=backbone)
+    assert [e["id"] for e in again.edits() if e["status"] == "active"] == [first, expected["edits"][2]["id"]]
+    assert "Jupiter" in again.ask("What is the largest planet in the solar system?").text
+
+
+def test_vector_table_search_is_exact_through_changes():
+    """The float16 scan with a float32 recheck finds exactly what brute force finds, while
+    rows are added, overwritten, removed and reused; clustered keys (near ties) included."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(40, 96, generator=g), dim=-1)
+    keys = torch.nn.functional.normalize(base.repeat(50, 1) + 0.08 * torch.randn(2000, 96, generator=g), dim=-1)
+    t = VectorTable()
+    names = [f"k{i}" for i in range(2000)]
+    t.set_many(names, keys, [0.3] * 2000)
+    alive = dict(zip(names, keys))
+    for i in range(0, 2000, 7):                      # remove some, overwrite some, add new ones
+        t.remove(names[i])
+        alive.pop(names[i])
+    for i in range(1, 2000, 11):
+        v = torch.nn.functional.normalize(torch.randn(96, generator=g), dim=0)
+        t.set(names[i], v, 0.3)
+        alive[names[i]] = v
+    for i in range(300):
+        v = torch.nn.functional.normalize(base[i % 40] + 0.08 * torch.randn(96, generator=g), dim=0)
+        t.set(f"new{i}", v, 0.3)
+        alive[f"new{i}"] = v
+    ids = list(alive)
+    mat = torch.stack([alive[i] for i in ids])
+    queries = torch.nn.functional.normalize(base.repeat(10, 1) + 0.1 * torch.randn(400, 96, generator=g), dim=-1)
+    for q in queries:
+        d = (mat - q).norm(dim=-1)
+        got, got_d, near, near_d = t.query(q)
+        assert set(got) == {ids[i] for i in (d <= 0.3).nonzero().flatten().tolist()}
+        assert near == ids[int(d.argmin())] and near_d == pytest.approx(float(d.min()), abs=1e-6)
