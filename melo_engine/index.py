@@ -1,9 +1,9 @@
 """The neuron index: clusters of edit keys, the rules that grow them, and routing.
 
-`ClusterState` is plain data with the rules; an editor plans an edit on a copy of it and
-swaps the copy in only once the edit is on disk. `ClusterIndex` routes queries by exact
-search in memory and mirrors the state into two chromadb collections (centers and points),
-the persisted, queryable copy. The workspace files hold the same state, so the collections
+`ClusterState` is the data with the rules and exact routing; an editor changes it in
+place under the index lock, and puts it back (rollback) if the change cannot be written to
+disk. `ClusterIndex` holds it and mirrors the cluster centers into a chromadb collection,
+the persisted, queryable copy. The workspace files hold the same state, so the collection
 can always be rebuilt from them (after a crash between the file commit and the chroma
 update, say).
 
