@@ -2,7 +2,8 @@
 
 Environment: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (where to listen), MELO_MODEL (the
 model, default the bundled SmolLM2-135M-Instruct), MELO_WORKSPACES (the visitors'
-workspaces), MELO_IDLE_MINUTES (remove a workspace idle this long; default a day).
+workspaces), MELO_IDLE_MINUTES (remove a workspace idle this long; default a day),
+MELO_THREADS (torch threads per request; default 1, see below).
 """
 from __future__ import annotations
 
@@ -15,20 +16,47 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+
 from melo_engine.backbone import Backbone  # noqa: E402
 from melo_engine.config import DEFAULT_MODEL  # noqa: E402
-from webapp import plots  # noqa: E402
-from webapp.layout import build_demo  # noqa: E402
-from webapp.sessions import WorkspacePool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
 
+def load_backbone(name: str, out: dict) -> None:
+    """The model and the sentence encoder of the default key, for a thread of its own."""
+    try:
+        out["backbone"] = Backbone.load(name)
+        out["backbone"].sentence_encoder()
+    except BaseException as err:  # noqa: BLE001 - re-raised by main
+        out["error"] = err
+
+
 def main() -> None:
-    backbone = Backbone.load(os.environ.get("MELO_MODEL", DEFAULT_MODEL))
-    pool = WorkspacePool(backbone, idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
+    # Visitors' asks and edits run side by side (one ask per core and one edit at once),
+    # each on one thread: with torch's default of one thread per core, every request would
+    # start a team of threads that spin waiting for cores the other requests hold.
+    # Measured in docs/BENCHMARKS.md ("many visitors at once").
+    torch.set_num_threads(int(os.environ.get("MELO_THREADS", "1")))
+    # Start-up: the model loads while gradio is imported (each about 2 s); the page is built
+    # once both are there. Imports below on purpose.
+    loaded: dict = {}
+    loader = threading.Thread(target=load_backbone, args=(os.environ.get("MELO_MODEL", DEFAULT_MODEL), loaded),
+                              name="model-load")
+    loader.start()
+    from webapp import plots
+    from webapp.layout import build_demo
+    from webapp.sessions import WorkspacePool
+
+    loader.join()
+    if "error" in loaded:
+        raise loaded["error"]
+    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
     pool.start_sweeper(every_seconds=min(600.0, pool.idle_seconds / 2))
-    threading.Thread(target=plots.warm_up, name="umap-warm-up", daemon=True).start()
+    # UMAP compiles for many seconds on its first call: done in the background, later and
+    # at low priority, so that it does not slow the first answers.
+    threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
     demo = build_demo(pool)
     demo.queue(default_concurrency_limit=4)
     demo.launch(

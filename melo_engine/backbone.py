@@ -2,13 +2,15 @@
 layers alone for training, and generation with one LoRA block held per query.
 
 One Backbone is shared by every editor in a process (the web app's visitors). It carries
-no edits: an editor passes its own block matrices in for the duration of one call. A lock
-serialises forwards, because the injected layers read their `active` blocks from the
-module while it runs.
+no edits: an editor passes its own block matrices in for the duration of one call. Nothing
+serialises forwards: the injected layers keep their `active` blocks per thread and the
+parts of the stack used for training are views, so visitors' asks and edits run side by
+side (the lock only guards making those views and loading the sentence encoder).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +62,7 @@ class Backbone:
         self._inner, self._layers_attr = self._find_layers(model)
         self.loras: dict[str, BlockLoRALinear] = {}
         self._upper_ok: dict[int, bool] = {}
+        self._parts: dict[tuple, nn.Module] = {}
         self._sentence = None
 
     def sentence_encoder(self):
@@ -152,29 +155,26 @@ class Backbone:
         return list(ids) + [self.tokenizer.eos_token_id]
 
     # ---- running parts of the stack ----------------------------------------------------
-    @contextlib.contextmanager
-    def _only_layers(self, start: int, stop: int, final_norm: bool):
-        """Run the inner decoder over layers[start:stop] only (swapped in, then restored)."""
-        full = self.layers
-        norm_attr = "norm" if hasattr(self._inner, "norm") else None
-        norm = getattr(self._inner, norm_attr) if norm_attr else None
+    def _part(self, start: int, stop: int, final_norm: bool) -> nn.Module:
+        """The inner decoder over layers[start:stop] only: a view sharing every weight with
+        the model, made once. The model itself is never changed, so forwards of the whole
+        model and of parts run at the same time in different threads."""
         with self.lock:
-            setattr(self._inner, self._layers_attr, nn.ModuleList(list(full)[start:stop]))
-            if norm_attr and not final_norm:
-                setattr(self._inner, norm_attr, nn.Identity())
-            try:
-                yield
-            finally:
-                setattr(self._inner, self._layers_attr, full)
-                if norm_attr:
-                    setattr(self._inner, norm_attr, norm)
+            view = self._parts.get((start, stop, final_norm))
+            if view is None:
+                view = copy.copy(self._inner)
+                view._modules = dict(self._inner._modules)      # its own children, same weights
+                view._modules[self._layers_attr] = nn.ModuleList(list(self.layers)[start:stop])
+                if not final_norm and "norm" in view._modules:
+                    view._modules["norm"] = nn.Identity()
+                self._parts[(start, stop, final_norm)] = view
+            return view
 
     @torch.no_grad()
     def lower(self, enc: Encoded, stop: int) -> torch.Tensor:
         """Hidden states after layer stop-1 (before any LoRA layer when stop <= first LoRA)."""
         embeds = self.model.get_input_embeddings()(enc.ids)
-        with self._only_layers(0, stop, final_norm=False):
-            out = self._inner(inputs_embeds=embeds, attention_mask=enc.mask, use_cache=False)
+        out = self._part(0, stop, final_norm=False)(inputs_embeds=embeds, attention_mask=enc.mask, use_cache=False)
         return out.last_hidden_state
 
     def keys(self, enc: Encoded, layer: int, reduction: str, distance: str) -> torch.Tensor:
@@ -193,8 +193,8 @@ class Backbone:
 
     def upper_logits(self, hidden: torch.Tensor, enc: Encoded, start: int, positions: torch.Tensor):
         """Logits at `positions` [batch, k] from hidden states entering layer `start`."""
-        with self._only_layers(start, self.num_layers, final_norm=True):
-            out = self._inner(inputs_embeds=hidden, attention_mask=enc.mask, use_cache=False)
+        out = self._part(start, self.num_layers, final_norm=True)(inputs_embeds=hidden, attention_mask=enc.mask,
+                                                                   use_cache=False)
         h = out.last_hidden_state
         picked = h[torch.arange(h.shape[0])[:, None], positions]
         # Only the target positions go through the (large) output projection.
@@ -212,23 +212,22 @@ class Backbone:
         if start not in self._upper_ok:
             enc = self.encode(["Is the split exact?"], ["Yes."])
             pos = torch.arange(enc.ids.shape[1] - 3, enc.ids.shape[1])[None]
-            with self.lock:
-                a = self.upper_logits(self.lower(enc, start), enc, start, pos)
-                b = self.full_logits(enc, pos)
+            a = self.upper_logits(self.lower(enc, start), enc, start, pos)
+            b = self.full_logits(enc, pos)
             self._upper_ok[start] = bool(torch.allclose(a, b, atol=1e-3, rtol=1e-3))
         return self._upper_ok[start]
 
     @contextlib.contextmanager
     def lora(self, active: dict[str, ActiveBlocks] | None):
-        """Hold these block matrices in the LoRA layers for the calls inside (None: none)."""
-        with self.lock:
-            for name, layer in self.loras.items():
-                layer.active = active.get(name) if active else None
-            try:
-                yield
-            finally:
-                for layer in self.loras.values():
-                    layer.active = None
+        """Hold these block matrices in the LoRA layers for this thread's calls inside (None:
+        none). Other threads' forwards, with their own blocks, may run meanwhile."""
+        for name, layer in self.loras.items():
+            layer.active = active.get(name) if active else None
+        try:
+            yield
+        finally:
+            for layer in self.loras.values():
+                layer.active = None
 
     @torch.no_grad()
     def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int,
@@ -262,9 +261,10 @@ class Backbone:
         """
         enc = self.encode([question])
         decided: dict = {}
+        me = threading.get_ident()
 
         def route_on_prefill(_module, _args, output):
-            if decided:
+            if decided or threading.get_ident() != me:     # the hook sees every thread's forwards
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             key = reduce_key(hidden, enc, reduction)[0]
@@ -274,12 +274,11 @@ class Backbone:
             for name, layer in self.loras.items():
                 layer.active = active.get(name) if active else None
 
-        with self.lock:
-            handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
-            try:
-                text = self._greedy(enc, max_new_tokens, min_new_tokens)
-            finally:
-                handle.remove()
-                for layer in self.loras.values():
-                    layer.active = None
+        handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
+        try:
+            text = self._greedy(enc, max_new_tokens, min_new_tokens)
+        finally:
+            handle.remove()
+            for layer in self.loras.values():
+                layer.active = None
         return text, decided["info"]

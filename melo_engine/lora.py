@@ -6,9 +6,11 @@ The layer owns no weights. Before a forward, the caller (see `Backbone.lora`) se
 None the layer is the original Linear, bit for bit, which is how an input routed to no
 block sees exactly the unedited model. Keeping the weights outside lets many workspaces
 (visitors of the web app) share one frozen model, each with its own bank of blocks.
+`active` is per thread: visitors' forwards run at the same time, each with its own blocks.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,16 @@ class BlockLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
-        self.active: ActiveBlocks | None = None
+        self._local = threading.local()
+
+    @property
+    def active(self) -> ActiveBlocks | None:
+        """The blocks this thread's current forward applies (None: the original layer)."""
+        return getattr(self._local, "active", None)
+
+    @active.setter
+    def active(self, value: ActiveBlocks | None) -> None:
+        self._local.active = value
 
     @property
     def in_features(self) -> int:

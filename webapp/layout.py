@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +39,8 @@ HELP = {
 }
 
 
-def build_demo(pool: WorkspacePool) -> gr.Blocks:
+def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr.Blocks:
+    """The page. `answer_concurrency`: questions answered at once (default: one per core)."""
     examples = json.loads((ASSETS / "example_edits.json").read_text())
     bind = lambda fn: partial(fn, pool)  # noqa: E731 - every callback gets the pool first
 
@@ -144,13 +146,17 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
             bind(cb.history), token, [table, selected], **private).then(
             bind(cb.index_map), [token, probes_state], map_plot, **private)
 
-        ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, concurrency_limit=4, **private)
-        question.submit(bind(cb.ask), [token, question], answer, concurrency_limit=4, **private)
+        # Everything that generates shares one queue, as wide as the machine has cores (each
+        # request runs on one torch thread, app.py); edits and benchmarks queue one at a
+        # time beside it. Measured in docs/BENCHMARKS.md, "many visitors at once".
+        answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
+        ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, **answer_q, **private)
+        question.submit(bind(cb.ask), [token, question], answer, **answer_q, **private)
         edit_ev = edit_btn.click(bind(cb.edit), [token, question, target], [edit_summary, after, loss_plot],
                                  concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
         after_change(edit_ev.success(lambda: None, None, None, **private))
         probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text], [probe_out, probes_state],
-                                   concurrency_limit=4, **private)
+                                   **answer_q, **private)
         probe_ev.success(bind(cb.index_map), [token, probes_state], map_plot, **private)
         refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
         bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
@@ -202,9 +208,9 @@ def build_demo(pool: WorkspacePool) -> gr.Blocks:
             """Every edit of this client's workspace."""
             return api_editor(request).edits()
 
-        gr.api(ask_api, api_name="ask", concurrency_limit=4)
+        gr.api(ask_api, api_name="ask", **answer_q)
         gr.api(edit_api, api_name="edit", concurrency_limit=1, concurrency_id="train")
-        gr.api(probe_api, api_name="probe", concurrency_limit=4)
+        gr.api(probe_api, api_name="probe", **answer_q)
         gr.api(delete_api, api_name="delete")
         gr.api(edits_api, api_name="edits")
     return demo

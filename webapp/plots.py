@@ -8,6 +8,10 @@ to the nearest other centers (an approximation, labelled as such).
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -35,9 +39,15 @@ def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     return coords, "PCA"
 
 
-def warm_up() -> None:
+def warm_up(delay_seconds: float = 0.0) -> None:
     """Run UMAP once on random data: its first call compiles code (numba) for many seconds,
-    which would otherwise land on the first visitor whose index reaches UMAP_MIN_POINTS."""
+    which would otherwise land on the first visitor whose index reaches UMAP_MIN_POINTS.
+    Meant for a background thread: waits `delay_seconds`, then runs at the lowest priority."""
+    time.sleep(delay_seconds)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # this thread only (Linux)
+    except (AttributeError, OSError):
+        pass
     project(np.random.default_rng(0).normal(size=(UMAP_MIN_POINTS + 5, 8)).astype(np.float32))
 
 
