@@ -59,3 +59,20 @@ def test_routing_study_sends_each_prompt_to_its_own_block(backbone, key_source):
     assert res["prompts"]["own_block"] >= 1 - res["superseded"] / 40
     if key_source == "sentence":
         assert g["same_fact_block"] >= 0.8 and res["locality"]["fired"] <= 0.05
+
+
+def test_short_scale_benchmark_routes_exactly_and_stores_half_precision_blocks(tmp_path):
+    """`bench scale` at 0 and 300 edits (the full run goes to 100,000): every figure the
+    issue names is there, routing agrees with brute force, a workspace of 300 edits takes
+    less than 110 kB per edit (float32 blocks alone would be 203 kB), reopening works."""
+    from melo_engine.bench.scale import scale_benchmark
+
+    res = scale_benchmark([0, 300], root=tmp_path)
+    assert [r["edits"] for r in res["runs"]] == [0, 300]
+    for r in res["runs"]:
+        for k in ("edit_seconds", "ask_seconds", "route_ms", "delete_seconds", "reopen_seconds",
+                  "bytes_per_edit", "peak_rss_mb"):
+            assert r[k] > 0, k
+        assert r["route_disagreements"] == 0
+    big = res["runs"][1]
+    assert big["route_fired"] >= 100 and big["bytes_per_edit"] < 110_000

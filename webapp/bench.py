@@ -1,6 +1,7 @@
 """Web-app benchmarks (figures for docs/BENCHMARKS.md).
 
     python -m webapp.bench startup      # `make run` (set-up done) until the app answers a question
+    python -m webapp.bench load         # one visitor's edit alone and while four others ask
     python -m webapp.bench map --edits 200   # building the index map for a workspace of N real edits
     python -m webapp.bench frontier STUDY.json OUT.png   # the key study's frontier, drawn in chromium
 """
@@ -14,9 +15,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from statistics import median
 from pathlib import Path
 
+from melo_engine.bench.machine import machine
 from melo_engine.model import quiet_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,11 +108,127 @@ def frontier_png(study_json: str, out_png: str) -> dict:
     return {"png": out_png, "settings": len(fig.data)}
 
 
+# ---- many visitors at once -----------------------------------------------------------
+# One visitor's edit alone, then while four other visitors ask questions, all through the
+# API of the real app (app.py, its own process, fresh workspaces) with a gradio_client per
+# visitor, timed from the clients (queueing and HTTP included). Targets (issue 10): the
+# loaded edit at most 3x the edit alone; no asker waiting longer than one edit for an answer.
+LOAD_EDITS = [("What is the capital of Switzerland?", "Bern is the capital of Switzerland."),
+              ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+              ("Who composed the Four Seasons?", "Antonio Vivaldi composed The Four Seasons.")]
+LOAD_QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?",
+                  "What color is the sky?", "Who was the first president of the United States?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(workspaces: Path, env: dict | None = None):
+    """The app in its own process; returns (process, url) once it answers."""
+    from gradio_client import Client
+
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), MELO_WORKSPACES=str(workspaces),
+               HF_HUB_OFFLINE="1", **(env or {}))
+    log = open(workspaces / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError("the app did not start:\n" + (workspaces / "app.log").read_text()[-3000:])
+        try:
+            Client(url, verbose=False)
+            return proc, url
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the app did not answer within 300 s")
+
+
+def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:
+    from gradio_client import Client
+
+    tmp = Path(tempfile.mkdtemp(prefix="melo-load-"))
+    proc, url = start_app(tmp, {"MELO_THREADS": str(threads)} if threads else None)
+    try:
+        editor = Client(url, verbose=False)
+        clients = [Client(url, verbose=False) for _ in range(askers)]
+        for c in [editor] + clients:                     # every workspace exists, every path warm
+            c.predict("What is 1 + 1?", api_name="/ask")
+
+        def timed(f):
+            t = time.perf_counter()
+            f()
+            return time.perf_counter() - t
+
+        ask_alone = median(timed(lambda q=q: editor.predict(q, api_name="/ask")) for q in LOAD_QUESTIONS[:3])
+        alone = []
+        for p, t in LOAD_EDITS[:edits]:
+            alone.append(timed(lambda: editor.predict(p, t, api_name="/edit")))
+            ids = [e["id"] for e in editor.predict(api_name="/edits")]
+            editor.predict(ids[-1], api_name="/delete")
+
+        stop, during, window = threading.Event(), [], []
+
+        def ask_loop(c: Client, k: int):
+            i = k
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                c.predict(LOAD_QUESTIONS[i % len(LOAD_QUESTIONS)], api_name="/ask")
+                during.append((t0, time.perf_counter()))
+                i += 1
+        loops = [threading.Thread(target=ask_loop, args=(c, k), daemon=True) for k, c in enumerate(clients)]
+        for th in loops:
+            th.start()
+        time.sleep(3)                                    # the askers are in full swing
+        quiet = (time.perf_counter(), None)
+        time.sleep(20)                                   # askers only: what sharing the cores costs them
+        quiet = (quiet[0], time.perf_counter())
+        loaded = []
+        for p, t in LOAD_EDITS[:edits]:
+            t0 = time.perf_counter()
+            editor.predict(p, t, api_name="/edit")
+            t1 = time.perf_counter()
+            loaded.append(t1 - t0)
+            window.append((t0, t1))
+            ids = [e["id"] for e in editor.predict(api_name="/edits")]
+            editor.predict(ids[-1], api_name="/delete")
+        stop.set()
+        for th in loops:
+            th.join(timeout=120)
+        # An ask counts when it overlapped an edit; the askers-only baseline, when it ran
+        # wholly inside the quiet window.
+        overlapping = [b - a for a, b in during if any(a < w1 and b > w0 for w0, w1 in window)]
+        baseline = [b - a for a, b in during if a >= quiet[0] and b <= quiet[1]]
+        return {"benchmark": "load", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                "askers": askers, "threads_per_request": threads or "app default", "edit_alone_seconds": median(alone), "edit_loaded_seconds": median(loaded),
+                "edit_ratio": median(loaded) / median(alone), "ask_alone_seconds": ask_alone,
+                "ask_during_edit_median_seconds": median(overlapping) if overlapping else None,
+                "ask_during_edit_max_seconds": max(overlapping) if overlapping else None,
+                "asks_during_edits": len(overlapping),
+                "ask_askers_only_median_seconds": median(baseline) if baseline else None,
+                "ask_askers_only_max_seconds": max(baseline) if baseline else None,
+                "all": {"edit_alone": alone, "edit_loaded": loaded}}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main(argv=None) -> int:
     quiet_env(offline=True)
     p = argparse.ArgumentParser(prog="python -m webapp.bench")
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("startup", help="make run (set-up done) to the first answer")
+    ld = sub.add_parser("load", help="one visitor's edit alone and while four others ask, through the API")
+    ld.add_argument("--askers", type=int, default=4)
+    ld.add_argument("--threads", type=int, default=None, help="MELO_THREADS for the app (default: the app's)")
     m = sub.add_parser("map", help="index map time for N real edits")
     m.add_argument("--edits", type=int, default=200)
     f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
@@ -118,7 +238,7 @@ def main(argv=None) -> int:
     if args.what == "frontier":
         res = frontier_png(args.study, args.png)
     else:
-        res = startup() if args.what == "startup" else index_map(args.edits)
+        res = startup() if args.what == "startup" else load(args.askers, threads=args.threads) if args.what == "load" else index_map(args.edits)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -1,4 +1,4 @@
-"""python -m melo_engine.bench {speed,keys,edits,routing} [...]: prints a table and, with
+"""python -m melo_engine.bench {speed,keys,edits,routing,scale,layers} [...]: prints a table and, with
 --json OUT, writes the figures."""
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     e.add_argument("--methods", default="melo,grace,lora")
     e.add_argument("--key-source", choices=["model", "sentence"], default=None,
                    help="MELO's key source (default: the engine's default)")
+    e.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
+                   help="how MELO stores its blocks (default: the engine's, float16)")
     e.add_argument("--json", default=None)
     r = sub.add_parser("routing", help="where the index of N edits routes their prompts and held-out phrasings")
     r.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
@@ -46,9 +48,21 @@ def main(argv=None) -> int:
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--key-source", choices=["model", "sentence"], default=None)
     r.add_argument("--json", default=None)
+    sc = sub.add_parser("scale", help="edit, ask, delete, reopen and disk in workspaces of N edits")
+    sc.add_argument("--edits", default="0,1000,10000,100000", help="comma-separated workspace sizes")
+    sc.add_argument("--root", default=None, help="where to build the workspaces (default: a temporary folder)")
+    sc.add_argument("--keep", action="store_true", help="keep the workspaces")
+    sc.add_argument("--json", default=None)
     args = p.parse_args(argv)
     settings = {"key_source": args.key_source} if getattr(args, "key_source", None) else {}
-    if args.what == "edits":
+    if getattr(args, "block_dtype", None):
+        settings["block_dtype"] = args.block_dtype
+    if args.what == "scale":
+        from .scale import HEADER, scale_benchmark
+
+        print(HEADER, flush=True)
+        res = scale_benchmark([int(x) for x in args.edits.split(",") if x.strip()], args.root, args.keep)
+    elif args.what == "edits":
         from .edits import edits_benchmark, print_edits_table
 
         def write(partial):
