@@ -25,14 +25,13 @@ from .backbone import Backbone
 from .bank import BlockBank
 from .calibrate import calibrated_radius
 from .config import DEFAULT_MODEL, EDIT_SETTINGS, MeloConfig
+from .exchange import EXPORT_FORMAT, EXPORT_MAGIC, check_edits, read_export
 from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
 from .train import train_block
 from .upgrade import upgrade_format1
 
-FORMAT = 1                      # export format version (the workspace's is store.FORMAT)
 log = logging.getLogger(__name__)
-EXPORT_MAGIC = "melo-studio-edits"
 
 
 @dataclass
@@ -469,6 +468,13 @@ class MeloEditor:
         """Write every active edit (text, key, block matrices) to one safetensors file."""
         from safetensors.torch import save_file
 
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise ValueError(f"{path.name or path} is a folder: give a file name to export to")
+        if not path.parent.is_dir():
+            raise ValueError(f"there is no folder {path.parent.name!r} to export into")
+        if path.resolve().is_relative_to(self.workspace.resolve()):
+            raise ValueError("an export cannot go inside the workspace it comes from")
         with self._lock:
             active = [e for e in self.entries.values() if e["status"] == "active"]
             tensors = {}
@@ -477,14 +483,17 @@ class MeloEditor:
                 for m, (a, b) in self.bank.matrices(e["block"]).items():   # float32, as exports always were
                     tensors[f"edit.{e['id']}.{m}.A"] = a.to(torch.float32).contiguous()
                     tensors[f"edit.{e['id']}.{m}.B"] = b.to(torch.float32).contiguous()
-            meta = {"magic": EXPORT_MAGIC, "format": str(FORMAT), "model": self.config.model,
+            meta = {"magic": EXPORT_MAGIC, "format": str(EXPORT_FORMAT), "model": self.config.model,
                     "fingerprint": json.dumps(self.backbone.fingerprint),
                     "settings": json.dumps(self.config.to_json()),
                     "edits": json.dumps([{k: e[k] for k in ("id", "prompt", "target")} for e in active])}
-            path = Path(path)
             tmp = path.with_name(f".{path.name}.tmp")
-            save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(path)
+            try:
+                save_file(tensors, str(tmp), metadata=meta)
+                tmp.replace(path)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise ValueError(f"cannot write {path.name}: {err.strerror or type(err).__name__}") from None
             return path
 
     def import_(self, path) -> list[str]:
@@ -572,39 +581,19 @@ class MeloEditor:
             return len(added)
 
     def _read_export(self, path: Path):
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise ValueError(f"no such file: {path}")
+        """The edits of an export file, every part checked (exchange.py); nothing is written."""
+        meta, edits, tensors = read_export(path)
+        name = Path(path).name
+        if meta["fingerprint"] != self.backbone.fingerprint:
+            raise ValueError(f"{name} was exported from another model ({str(meta.get('model'))[:80]})")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("magic") != EXPORT_MAGIC:
-                raise ValueError("missing the MELO Studio marker")
-            edits = json.loads(meta["edits"])
-            fingerprint = json.loads(meta["fingerprint"])
-        except ValueError as err:
-            raise ValueError(f"{path.name} is not a MELO Studio export ({err})") from None
-        except Exception as err:  # noqa: BLE001 - any parse failure is a bad file to the user
-            raise ValueError(f"{path.name} is not a MELO Studio export ({type(err).__name__})") from None
-        if fingerprint != self.backbone.fingerprint:
-            raise ValueError(f"{path.name} was exported from another model ({meta.get('model')})")
-        settings = json.loads(meta.get("settings", "{}"))
-        try:
-            theirs = MeloConfig.from_json(settings).key_name()
-        except (TypeError, ValueError):
-            raise ValueError(f"{path.name} has unreadable settings") from None
+            theirs = MeloConfig.from_json(meta["settings"]).key_name()
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"{name} has unreadable settings") from None
         if theirs != self.config.key_name():
-            raise ValueError(f"{path.name} was exported with keys {theirs}; this workspace uses "
+            raise ValueError(f"{name} was exported with keys {theirs}; this workspace uses "
                              f"{self.config.key_name()}, so its keys would not compare")
-        for e in edits:
-            needed = [f"key.{e['id']}"] + [f"edit.{e['id']}.{m}.{w}" for m in self.modules for w in "AB"]
-            missing = [n for n in needed if n not in tensors]
-            if missing:
-                raise ValueError(f"{path.name} lacks {missing[0]} (exported with other LoRA settings?)")
-            if tensors[needed[0]].shape != (self.keyer.dim,):
-                raise ValueError(f"{path.name} has keys of the wrong size")
-            _clean(e.get("prompt", ""), "an imported prompt", self.config.max_text_chars)
-            _clean(e.get("target", ""), "an imported target", self.config.max_text_chars)
+        shapes = {m: (self.backbone.loras[m].out_features, self.backbone.loras[m].in_features) for m in self.modules}
+        check_edits(name, edits, tensors, self.keyer.dim, shapes,
+                    lambda text, what: _clean(text, what, self.config.max_text_chars))
         return edits, tensors

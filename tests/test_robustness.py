@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from melo_engine import MeloEditor
 from conftest import ROOT, tree_digest
@@ -141,3 +142,65 @@ def test_export_with_other_key_settings_is_refused(one_edit, backbone, tmp_path,
     with pytest.raises(ValueError, match="keys would not compare"):
         other.import_(path)
     assert tree_digest(other.workspace) == before and other.edits() == []
+
+
+def _doctored_export(good, tmp_path, name, change):
+    """A copy of the export `good` with `change(meta, tensors)` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta, tensors)
+    out = tmp_path / f"{name}.melo"
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def _set_edits(meta, value):
+    meta["edits"] = json.dumps(value)
+
+
+def _first(tensors, kind):
+    return next(k for k in tensors if k.startswith(kind))
+
+
+BAD_IMPORTS = {
+    "NaN key": (lambda m, t: t[_first(t, "key.")].fill_(float("nan")), "NaN, infinite or zero"),
+    "infinite key": (lambda m, t: t[_first(t, "key.")].fill_(float("inf")), "NaN, infinite or zero"),
+    "zero key": (lambda m, t: t[_first(t, "key.")].zero_(), "NaN, infinite or zero"),
+    "int64 key": (lambda m, t: t.update({_first(t, "key."): t[_first(t, "key.")].long()}), "float32 numbers"),
+    "float16 block": (lambda m, t: t.update({_first(t, "edit."): t[_first(t, "edit.")].half()}), "does not fit"),
+    "A of 7 x 1541": (lambda m, t: t.update({_first(t, "edit."): torch.zeros(7, 1541)}), "does not fit"),
+    "NaN in a block": (lambda m, t: t[_first(t, "edit.")].fill_(float("nan")), "NaN or infinite"),
+    "format 99": (lambda m, t: m.update(format="99"), "format '99'"),
+    "edits an object": (lambda m, t: _set_edits(m, {"id": "x"}), "unreadable edit list"),
+    "edits a number": (lambda m, t: _set_edits(m, 5), "unreadable edit list"),
+    "edits a list of ints": (lambda m, t: _set_edits(m, [1, 2]), "unreadable edit list"),
+    "edit without id": (lambda m, t: _set_edits(m, [{"prompt": "a", "target": "b"}]), "not a plain name"),
+    "id ../../etc/passwd": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], id="../../etc/passwd")]),
+                            "not a plain name"),
+    "duplicate id": (lambda m, t: _set_edits(m, json.loads(m["edits"]) * 2), "twice"),
+    "target a number": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], target=12345)]), "no target"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMPORTS))
+def test_an_import_that_fails_any_check_is_refused_before_anything_is_written(one_edit, tmp_path, case):
+    change, message = BAD_IMPORTS[case]
+    bad = _doctored_export(one_edit.export(tmp_path / "good.melo"), tmp_path, "bad", change)
+    before, listed = tree_digest(one_edit.workspace), one_edit.edits()
+    with pytest.raises(ValueError, match=message) as err:
+        one_edit.import_(bad)
+    assert "\n" not in str(err.value) and str(tmp_path) not in str(err.value)
+    assert tree_digest(one_edit.workspace) == before and one_edit.edits() == listed   # chroma's files too
+
+
+def test_export_refuses_the_workspace_itself_folders_and_missing_folders(one_edit, tmp_path):
+    before = tree_digest(one_edit.workspace)
+    for target, message in [(one_edit.workspace / "workspace.json", "inside the workspace"),
+                            (one_edit.workspace / "blocks" / "x.melo", "inside the workspace"),
+                            (tmp_path, "is a folder"), (tmp_path / "missing" / "x.melo", "no folder")]:
+        with pytest.raises(ValueError, match=message):
+            one_edit.export(target)
+    assert tree_digest(one_edit.workspace) == before

@@ -1,0 +1,83 @@
+"""Export files: one safetensors file with every active edit (text, key, trained block).
+
+Reading one checks everything it brings before the workspace is touched: the marker and
+format, the model it came from, the key space, and for every edit a safe id (it becomes a
+name in the edit log), non-empty texts, a finite float32 key of the workspace's size that
+is not zero, and for every LoRA module a finite float32 block of the shapes that module
+takes. A file that fails any check is refused with one line saying what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+EXPORT_MAGIC = "melo-studio-edits"
+EXPORT_FORMAT = 1
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_RANK = 64
+
+
+def read_export(path: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """(metadata, edits, tensors) of an export file; ValueError when it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path.name}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("magic") != EXPORT_MAGIC:
+            raise ValueError("missing the MELO Studio marker")
+        edits = json.loads(meta["edits"])
+        meta = dict(meta, fingerprint=json.loads(meta["fingerprint"]), settings=json.loads(meta.get("settings", "{}")))
+    except ValueError as err:
+        raise ValueError(f"{path.name} is not a MELO Studio export ({err})") from None
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file to the user
+        raise ValueError(f"{path.name} is not a MELO Studio export ({type(err).__name__})") from None
+    if meta.get("format") != str(EXPORT_FORMAT):
+        raise ValueError(f"{path.name} has export format {str(meta.get('format'))[:20]!r}; "
+                         f"this version reads format {EXPORT_FORMAT}")
+    if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
+        raise ValueError(f"{path.name} has an unreadable edit list")
+    return meta, edits, tensors
+
+
+def check_edits(name: str, edits: list[dict], tensors: dict[str, torch.Tensor], key_dim: int,
+                shapes: dict[str, tuple[int, int]], clean) -> None:
+    """Refuse the file (ValueError, one line) unless every edit is whole and sound.
+    `shapes`: module -> (out_features, in_features); `clean(text, what)` checks a text."""
+    seen = set()
+    for e in edits:
+        eid = e.get("id")
+        if not isinstance(eid, str) or not SAFE_ID.match(eid):
+            raise ValueError(f"{name} has an edit id that is not a plain name ({str(eid)[:40]!r})")
+        if eid in seen:
+            raise ValueError(f"{name} has the edit id {eid!r} twice")
+        seen.add(eid)
+        for what in ("prompt", "target"):
+            if not isinstance(e.get(what), str):
+                raise ValueError(f"{name}: edit {eid} has no {what}")
+            clean(e[what], f"an imported {what}")
+        needed = [f"key.{eid}"] + [f"edit.{eid}.{m}.{w}" for m in shapes for w in "AB"]
+        missing = [n for n in needed if n not in tensors]
+        if missing:
+            raise ValueError(f"{name} lacks {missing[0]} (exported with other LoRA settings?)")
+        key = tensors[f"key.{eid}"]
+        if key.dtype != torch.float32 or key.shape != (key_dim,):
+            raise ValueError(f"{name}: the key of edit {eid} is not {key_dim} float32 numbers")
+        if not bool(torch.isfinite(key).all()) or float(key.norm()) == 0.0:
+            raise ValueError(f"{name}: the key of edit {eid} is not a usable vector (NaN, infinite or zero)")
+        for m, (out_f, in_f) in shapes.items():
+            a, b = tensors[f"edit.{eid}.{m}.A"], tensors[f"edit.{eid}.{m}.B"]
+            rank = a.shape[0] if a.dim() == 2 else -1
+            if (a.dtype, b.dtype) != (torch.float32, torch.float32) or not 1 <= rank <= MAX_RANK \
+                    or a.shape != (rank, in_f) or b.shape != (out_f, rank):
+                raise ValueError(f"{name}: the block of edit {eid} does not fit {m} "
+                                 f"(A {tuple(a.shape)}, B {tuple(b.shape)}; want A (r, {in_f}), B ({out_f}, r))")
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"{name}: the block of edit {eid} holds NaN or infinite numbers")
