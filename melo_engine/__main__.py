@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> object:
-    from melo_engine import MeloConfig, MeloEditor
+    from melo_engine import MeloConfig, MeloEditor, store
 
     config = MeloConfig(key_source=args.key_source) if args.key_source else None
-    ed = MeloEditor.open(args.workspace, model=args.model, config=config)
+    # Commands that only read open an existing workspace read-only: not a byte is written,
+    # so they work on a read-only workspace and never touch what they cannot account for.
+    reading = args.command in ("ask", "list", "export", "stats") and (Path(args.workspace) / store.HEADER).is_file()
+    ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading)
     if args.key_source and ed.config.key_source != args.key_source:
         raise ValueError(f"this workspace routes by the {ed.config.key_source} key; --key-source applies to new ones")
     if args.command == "ask":

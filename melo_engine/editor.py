@@ -114,8 +114,10 @@ def _clean(text: str, what: str, limit: int) -> str:
 class MeloEditor:
     """Edit, ask, undo, export: the whole MELO workflow on one workspace directory."""
 
-    def __init__(self, workspace: Path, backbone: Backbone, config: MeloConfig, keyer: Keyer | None = None):
+    def __init__(self, workspace: Path, backbone: Backbone, config: MeloConfig, keyer: Keyer | None = None,
+                 read_only: bool = False):
         self.workspace = Path(workspace)
+        self.read_only = read_only
         self.backbone = backbone
         self.config = config
         self.keyer = keyer or Keyer(backbone, config)
@@ -126,19 +128,26 @@ class MeloEditor:
         self.entries: dict[str, dict] = {}    # edit id -> its record, oldest first
         self.bank = BlockBank(reader=self.store.read_block)
         self._file_users: Counter = Counter()   # block file -> live blocks in it
-        self.index = ClusterIndex(self.workspace / store.INDEX_DIR)
+        # Read-only, routing needs no chroma (it is exact, in memory): its files stay untouched.
+        self.index = ClusterIndex(self.workspace / store.INDEX_DIR, mirror=not read_only)
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, workspace, model: str | None = None, config: MeloConfig | None = None,
-             backbone: Backbone | None = None) -> "MeloEditor":
+             backbone: Backbone | None = None, read_only: bool = False) -> "MeloEditor":
         """Create or reopen a workspace. `backbone` lets many workspaces share one loaded model.
 
         A new workspace takes `config` (default settings otherwise); an existing one keeps
         the settings it was made with. Opening it with a different model is an error.
+        `read_only`: an existing workspace, opened without writing a byte (no chroma, no
+        clean-up of what a crash left); asking, listing and exporting work, changes refuse.
         """
         ws = Path(workspace).expanduser()
         log = store.read_header(ws) if ws.is_dir() else None
+        if read_only and log is None:
+            raise ValueError(f"there is no workspace at {ws.name or ws}")
+        if read_only and log.get("format") != store.FORMAT:
+            raise ValueError("this workspace has an older format: open it once for writing, which upgrades it")
         if log is not None:
             saved = MeloConfig.load(ws / store.CONFIG)
             if model is not None and model != saved.model:
@@ -157,7 +166,7 @@ class MeloEditor:
         keyer = Keyer(backbone, cfg)
         if cfg.init_radius is None:
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))
-        ed = cls(ws, backbone, cfg, keyer) if log is not None else cls._create(ws, backbone, cfg, keyer)
+        ed = cls(ws, backbone, cfg, keyer, read_only) if log is not None else cls._create(ws, backbone, cfg, keyer)
         ed._load()
         return ed
 
@@ -178,7 +187,7 @@ class MeloEditor:
             header = store.read_header(self.workspace)
         if header.get("format") != store.FORMAT:
             raise ValueError(f"workspace format {header.get('format')} is not supported")
-        loaded = self.store.load(writable=True)
+        loaded = self.store.load(writable=not self.read_only)
         snap = loaded.snapshot
         self.header = header
         self.entries = {e["id"]: e for e in snap.get("edits", [])}
@@ -189,7 +198,8 @@ class MeloEditor:
         for rec in loaded.records:
             self._replay(rec, state)
         self._file_users = Counter(f for f in self.bank.files.values() if f is not None)
-        self.store.sweep(set(self._file_users))
+        if not self.read_only:
+            self.store.sweep(set(self._file_users))
         self.index.load(state, self.store.seq)
 
     def _replay(self, rec: dict, state: ClusterState) -> None:
@@ -274,6 +284,7 @@ class MeloEditor:
     # ---- editing -------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> EditResult:
         """Teach the model to answer `prompt` with `target`, in a fresh LoRA block."""
+        self._writable()
         prompt = self._check(prompt, "the prompt")
         target = self._check(target, "the target")
         c = self.config
@@ -312,6 +323,10 @@ class MeloEditor:
     @property
     def _dtype(self) -> torch.dtype:
         return getattr(torch, self.config.block_dtype)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ValueError("this workspace is open read-only")
 
     def _entry(self, edit_id: str) -> dict:
         if edit_id not in self.entries:
@@ -364,6 +379,7 @@ class MeloEditor:
     def compact(self) -> None:
         """Write the whole workspace as one snapshot and start an empty journal (done by
         itself every store.COMPACT_EVERY commits; opening then replays fewer records)."""
+        self._writable()
         with self._lock:
             with self.index.lock:
                 meta, tensors = self.index.state.to_files()
@@ -379,6 +395,7 @@ class MeloEditor:
     def delete(self, edit_id: str) -> list[str]:
         """Undo one edit: its point leaves the index and its block is dropped. Edits it had
         superseded become active again; returns their ids."""
+        self._writable()
         with self._lock:
             entry = self._entry(str(edit_id))
             state = self.index.state
@@ -399,6 +416,7 @@ class MeloEditor:
 
     def reset(self) -> None:
         """Remove every edit (the settings stay)."""
+        self._writable()
         with self._lock:
             with self.index.lock:
                 self.store.append({"op": "reset", "at": time.time()})
@@ -415,6 +433,7 @@ class MeloEditor:
         bad = set(changes) - set(EDIT_SETTINGS)
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} on an existing workspace")
+        self._writable()
         with self._lock:
             cfg = dataclasses.replace(self.config, **changes)
             cfg.validate()
@@ -426,6 +445,7 @@ class MeloEditor:
         """Route by another key source ("sentence" or "model"). Only while the workspace has
         no edits (reset it first): stored keys of one source do not compare with the other's.
         The radius goes back to the one calibrated for the new source."""
+        self._writable()
         with self._lock:
             if source == self.config.key_source:
                 return self.config
@@ -501,6 +521,7 @@ class MeloEditor:
 
         Returns the new edit ids. A bad file raises ValueError and changes nothing.
         """
+        self._writable()
         edits, tensors = self._read_export(Path(path))
         with self._lock:
             state = self.index.state
@@ -540,6 +561,7 @@ class MeloEditor:
         yields lists of (prompt, target, key, {module: (A, B)}); each chunk's blocks go to one
         file as they come, so memory holds one chunk. The commit is one new snapshot: until
         it is on disk the workspace is as before. Returns the number of edits added."""
+        self._writable()
         with self._lock:
             state, added, files = self.index.state, [], {}
             for part, chunk in enumerate(chunks):

@@ -508,11 +508,12 @@ class ClusterIndex:
     (see MeloEditor), so a query routes on one whole state, before or after an edit.
     """
 
-    def __init__(self, path: Path):
-        self.client = _chroma_client(path)
+    def __init__(self, path: Path, mirror: bool = True):
+        self.client = _chroma_client(path) if mirror else None   # None: read-only, no mirror
         self.state = ClusterState()
         self.lock = threading.RLock()
-        self._open()
+        if mirror:
+            self._open()
 
     def _open(self):
         cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH}}
@@ -531,6 +532,8 @@ class ClusterIndex:
         """Adopt a committed state; rebuild the collection unless it already holds it."""
         with self.lock:
             self.state = state
+        if self.client is None:
+            return
         if "points" in {c.name if hasattr(c, "name") else c for c in self.client.list_collections()}:
             self.client.delete_collection("points")    # format 1 mirrored edit keys too
         if self.gen != gen or self.centers.count() != len(state.clusters):
@@ -576,4 +579,5 @@ class ClusterIndex:
 
     def close(self) -> None:
         """Let go of chroma's handles (before the workspace directory is removed or reopened)."""
-        self.client.close()
+        if self.client is not None:
+            self.client.close()

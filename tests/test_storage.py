@@ -217,3 +217,28 @@ def test_vector_table_search_is_exact_through_changes():
         got, got_d, near, near_d = t.query(q)
         assert set(got) == {ids[i] for i in (d <= 0.3).nonzero().flatten().tolist()}
         assert near == ids[int(d.argmin())] and near_d == pytest.approx(float(d.min()), abs=1e-6)
+
+
+def test_reading_opens_read_only_and_writes_not_a_byte(two_edits, backbone, tmp_path):
+    """list, ask, stats and export (Python and CLI) open an existing workspace read-only:
+    every file stays byte for byte, chroma's included, even with a torn journal line
+    that a writable open would cut off; changes are refused in one line."""
+    ed, ids = two_edits
+    ws = ed.workspace
+    ed.close()
+    with open(ed.store.journal(ed.store.base), "ab") as f:
+        f.write(b"0badc0de {\"seq\": 99, \"op\"")            # a crash mid-append
+    before = tree_digest(ws)
+    ro = MeloEditor.open(ws, backbone=backbone, read_only=True)
+    assert [e["id"] for e in ro.edits()] == ids
+    assert ro.ask(EDITS[0][0]).text == EDITS[0][1] and ro.stats()["edits"] == 2
+    ro.export(tmp_path / "out.melo")
+    for change in (lambda: ro.edit(*EDITS[2]), lambda: ro.delete(ids[0]), ro.reset, ro.compact,
+                   lambda: ro.import_(tmp_path / "out.melo"), lambda: ro.update_settings(lr=0.01)):
+        with pytest.raises(ValueError, match="open read-only"):
+            change()
+    ro.close()
+    out = subprocess.run([sys.executable, "-m", "melo_engine", "-w", str(ws), "--json", "list"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and [e["id"] for e in json.loads(out.stdout)] == ids
+    assert tree_digest(ws) == before
