@@ -1,4 +1,4 @@
-"""Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats,compact}.
+"""Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats,compact,repair}.
 
 Bad input prints one line on stderr and exits with status 2; the workspace is unchanged.
 """
@@ -34,12 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     sub.add_parser("stats", help="counts and sizes")
     sub.add_parser("compact", help="write the workspace as one snapshot (done by itself every 1000 commits)")
+    sub.add_parser("repair", help="rebuild the index and set aside a damaged journal's tail (nothing is deleted)")
     return p
 
 
 def run(args) -> object:
     from melo_engine import MeloConfig, MeloEditor, store
 
+    if args.command == "repair":
+        return MeloEditor.repair(args.workspace)
     config = MeloConfig(key_source=args.key_source) if args.key_source else None
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections import Counter
@@ -129,7 +130,11 @@ class MeloEditor:
         self.bank = BlockBank(reader=self.store.read_block)
         self._file_users: Counter = Counter()   # block file -> live blocks in it
         # Read-only, routing needs no chroma (it is exact, in memory): its files stay untouched.
-        self.index = ClusterIndex(self.workspace / store.INDEX_DIR, mirror=not read_only)
+        try:
+            self.index = ClusterIndex(self.workspace / store.INDEX_DIR, mirror=not read_only)
+        except Exception as err:  # noqa: BLE001 - chroma's own errors, whatever their type
+            raise ValueError(f"the index (chromadb) cannot be opened ({type(err).__name__}); "
+                             f"`repair` rebuilds it from the workspace files") from None
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -167,8 +172,28 @@ class MeloEditor:
         if cfg.init_radius is None:
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))
         ed = cls(ws, backbone, cfg, keyer, read_only) if log is not None else cls._create(ws, backbone, cfg, keyer)
-        ed._load()
+        try:
+            ed._load()
+        except BaseException:
+            ed.close()          # chroma would otherwise keep this path's files open
+            raise
         return ed
+
+    @classmethod
+    def repair(cls, workspace, backbone: Backbone | None = None) -> dict:
+        """Rebuild what the files allow, without guessing: journal records after damage are
+        moved aside (kept in a file of their own), the chroma index is rebuilt from the
+        snapshot and journal, leftovers of interrupted writes are removed."""
+        ws = Path(workspace).expanduser()
+        if store.read_header(ws) is None:
+            raise ValueError(f"there is no workspace at {ws.name or ws}")
+        kept, aside = store.Store(ws).set_aside_damage()
+        shutil.rmtree(ws / store.INDEX_DIR, ignore_errors=True)
+        ed = cls.open(ws, backbone=backbone)
+        out = {"journal_records_kept": kept, "set_aside": aside, "edits": len(ed.entries),
+               "index_rebuilt_clusters": len(ed.index.state.clusters)}
+        ed.close()
+        return out
 
     @classmethod
     def _create(cls, ws: Path, backbone: Backbone, cfg: MeloConfig, keyer: Keyer) -> "MeloEditor":

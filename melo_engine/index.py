@@ -492,8 +492,17 @@ def _chroma_client(path: Path):
     import chromadb
     from chromadb.config import Settings
 
-    return chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False,
-                                                                       allow_reset=True))
+    try:
+        return chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False,
+                                                                           allow_reset=True))
+    except Exception:
+        # chroma caches a client's system per path before starting it, so a start that
+        # failed (a damaged database) would be handed out again after a repair.
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        SharedSystemClient._identifier_to_system.pop(str(path), None)
+        SharedSystemClient._identifier_to_refcount.pop(str(path), None)
+        raise
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

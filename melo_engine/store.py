@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,13 +179,36 @@ class Store:
             if good < len(data):
                 if b"\n" in data[good:]:     # a whole line that does not check: damage, not a crash
                     raise ValueError(f"the journal {journal.name} is damaged after record "
-                                     f"{self.base + len(records)}")
+                                     f"{self.base + len(records)}; `repair` keeps the records before it")
                 if writable:
                     with open(journal, "r+b") as f:
                         f.truncate(good)
                         os.fsync(f.fileno())
         self.seq, self.tail, self._journal_size = self.base + len(records), len(records), good
         return Loaded(header, snapshot, tensors, records)
+
+    def set_aside_damage(self) -> tuple[int, str | None]:
+        """Keep the journal's records up to the first that does not check and move the rest,
+        untouched, to a file of its own (nothing is deleted). Returns (records kept, the
+        name of the file set aside or None)."""
+        seqs = [int(m.group(1)) for p in self.ws.iterdir() if (m := _SNAPSHOT.match(p.name))]
+        if not seqs:
+            raise ValueError("the workspace has no snapshot file: nothing to repair from")
+        journal = self.journal(max(seqs))
+        if not journal.is_file():
+            return 0, None
+        data, good, kept = journal.read_bytes(), 0, 0
+        for line in data.splitlines(keepends=True):
+            rec = _parse(line)
+            if rec is None or rec.get("seq") != max(seqs) + kept + 1:
+                break
+            good, kept = good + len(line), kept + 1
+        if good == len(data):
+            return kept, None
+        aside = self.ws / f"damaged-{journal.stem}-{int(time.time())}.jsonl"
+        atomic_write_bytes(aside, data[good:])
+        atomic_write_bytes(journal, data[:good])
+        return kept, aside.name
 
     def sweep(self, live_block_files: set[str]) -> None:
         """Remove what no commit refers to: older snapshots and journals, block files of

@@ -242,3 +242,33 @@ def test_reading_opens_read_only_and_writes_not_a_byte(two_edits, backbone, tmp_
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and [e["id"] for e in json.loads(out.stdout)] == ids
     assert tree_digest(ws) == before
+
+
+def test_damage_is_reported_in_one_line_and_repair_rebuilds_without_guessing(two_edits, backbone):
+    ed, ids = two_edits
+    ws = ed.workspace
+    ed.close()
+    # A damaged chroma index: refused with one line, rebuilt by repair.
+    (ws / "index" / "chroma.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="repair") as err:
+        MeloEditor.open(ws, backbone=backbone)
+    assert "\n" not in str(err.value)
+    report = MeloEditor.repair(ws, backbone=backbone)
+    assert report["edits"] == 2 and report["set_aside"] is None
+    # A journal whose second record no longer checks (a whole line: damage, not a crash):
+    # opening refuses and changes nothing; repair keeps the first record and sets the rest
+    # aside in a file of its own.
+    journal = next(ws.glob("journal-*.jsonl"))
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"op"', b'"oq"')
+    journal.write_bytes(b"".join(lines))
+    before = tree_digest(ws)
+    with pytest.raises(ValueError, match="damaged after record 1"):
+        MeloEditor.open(ws, backbone=backbone)
+    assert {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")} == \
+        {k: v for k, v in before.items() if not k.startswith("index/")}
+    report = MeloEditor.repair(ws, backbone=backbone)
+    assert report["journal_records_kept"] == 1 and report["edits"] == 1
+    assert (ws / report["set_aside"]).read_bytes() == lines[1]
+    again = MeloEditor.open(ws, backbone=backbone)
+    assert [e["id"] for e in again.edits()] == ids[:1] and again.ask(EDITS[0][0]).text == EDITS[0][1]
