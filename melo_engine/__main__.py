@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> object:
     from melo_engine import MeloConfig, MeloEditor, store
 
+    for value in vars(args).values():       # before anything is opened
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("an argument is not valid UTF-8 text") from None
     if args.command == "repair":
         return MeloEditor.repair(args.workspace)
     config = MeloConfig(key_source=args.key_source) if args.key_source else None
@@ -100,6 +106,10 @@ def main(argv=None) -> int:
         result = run(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:       # a folder that cannot be written, a full disk, ...
+        where = f" ({Path(err.filename).name})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
         return 2
     if args.json:
         data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -103,9 +104,19 @@ class _Change:
                 "state": state_delta, "blocks": {str(b): f for b, f in self.blocks.items()}}
 
 
+# Characters that show nothing: controls (NUL among them), zero-width spaces and joiners, BOM.
+_INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2060\ufeff\s]+")
+
+
 def _clean(text: str, what: str, limit: int) -> str:
-    if not isinstance(text, str) or not text.strip():
+    """A text the user typed, stripped; refused when it shows nothing, is not valid text or
+    is too long."""
+    if not isinstance(text, str) or not _INVISIBLE.sub("", text):
         raise ValueError(f"{what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
     text = text.strip()
     if len(text) > limit:
         raise ValueError(f"{what} is {len(text)} characters long; the limit is {limit}")
@@ -148,15 +159,22 @@ class MeloEditor:
         clean-up of what a crash left); asking, listing and exporting work, changes refuse.
         """
         ws = Path(workspace).expanduser()
+        if ws.exists() and not ws.is_dir():
+            raise ValueError(f"{ws.name} is a file, not a workspace folder")
+        if any(p.exists() and not p.is_dir() for p in ws.parents):
+            raise ValueError(f"{ws.name} would be inside a file, not a folder")
         log = store.read_header(ws) if ws.is_dir() else None
         if read_only and log is None:
             raise ValueError(f"there is no workspace at {ws.name or ws}")
         if read_only and log.get("format") != store.FORMAT:
             raise ValueError("this workspace has an older format: open it once for writing, which upgrades it")
         if log is not None:
-            saved = MeloConfig.load(ws / store.CONFIG)
+            try:
+                saved = MeloConfig.load(ws / store.CONFIG)
+            except (OSError, ValueError, TypeError, AttributeError):
+                raise ValueError("the workspace's config.json is missing or damaged") from None
             if model is not None and model != saved.model:
-                raise ValueError(f"workspace {ws} was made with model {saved.model!r}, not {model!r}")
+                raise ValueError(f"workspace {ws.name} was made with model {saved.model!r}, not {model!r}")
             cfg = saved
         else:
             cfg = dataclasses.replace(config or MeloConfig(), model=model or (config.model if config else DEFAULT_MODEL))
@@ -164,9 +182,9 @@ class MeloEditor:
         if backbone is None:
             backbone = Backbone.load(cfg.model)
         elif backbone.name != cfg.model:
-            raise ValueError(f"workspace {ws} is for model {cfg.model!r}; the loaded model is {backbone.name!r}")
+            raise ValueError(f"workspace {ws.name} is for model {cfg.model!r}; the loaded model is {backbone.name!r}")
         if log is not None and log.get("fingerprint") != backbone.fingerprint:
-            raise ValueError(f"workspace {ws} was made with another model than {backbone.name!r} (fingerprints differ)")
+            raise ValueError(f"workspace {ws.name} was made with another model than {backbone.name!r} (fingerprints differ)")
         cfg = cfg.resolved(backbone.num_layers)
         keyer = Keyer(backbone, cfg)
         if cfg.init_radius is None:
@@ -199,7 +217,7 @@ class MeloEditor:
     def _create(cls, ws: Path, backbone: Backbone, cfg: MeloConfig, keyer: Keyer) -> "MeloEditor":
         ws.mkdir(parents=True, exist_ok=True)
         if any(p for p in ws.iterdir() if not p.name.startswith(".")):
-            raise ValueError(f"{ws} is not empty and is not a MELO workspace")
+            raise ValueError(f"{ws.name} is not empty and is not a MELO workspace")
         cfg.save(ws / store.CONFIG)
         store.Store.create(ws, {"model": cfg.model, "fingerprint": backbone.fingerprint, "created": time.time()})
         return cls(ws, backbone, cfg, keyer)

@@ -96,8 +96,17 @@ def snapshot_bytes(seq: int, edits: list[dict], state: dict, blocks: dict) -> by
 
 
 def read_header(ws: Path) -> dict | None:
+    """The workspace header, None when there is none; ValueError when it is damaged."""
     p = Path(ws) / HEADER
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        header = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or "format" not in header:
+        raise ValueError(f"the workspace's {HEADER} is damaged (not a workspace header)")
+    return header
 
 
 def _line(record: dict) -> bytes:
@@ -164,8 +173,12 @@ class Store:
         if not seqs:
             raise ValueError("the workspace has no snapshot file")
         self.base = max(seqs)
-        snapshot = json.loads(self.snapshot_json(self.base).read_text())
-        tensors = load_file(str(self.snapshot_tensors(self.base)))
+        try:
+            snapshot = json.loads(self.snapshot_json(self.base).read_text())
+            tensors = load_file(str(self.snapshot_tensors(self.base)))
+        except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
+            raise ValueError(f"the snapshot {self.snapshot_json(self.base).stem} is damaged "
+                             f"({type(err).__name__})") from None
         records, good = [], 0
         journal = self.journal(self.base)
         if journal.is_file():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,48 @@ def test_export_refuses_the_workspace_itself_folders_and_missing_folders(one_edi
         with pytest.raises(ValueError, match=message):
             one_edit.export(target)
     assert tree_digest(one_edit.workspace) == before
+
+
+@pytest.mark.parametrize("text", ["\x00\x00", "\u200b\u200c\u200d", "\ufeff", " \u2060 \t"])
+def test_text_that_shows_nothing_counts_as_empty(one_edit, text):
+    before = tree_digest(one_edit.workspace)
+    with pytest.raises(ValueError, match="is empty"):
+        one_edit.edit(text, "Jupiter.")
+    with pytest.raises(ValueError, match="is empty"):
+        one_edit.ask(text)
+    assert tree_digest(one_edit.workspace) == before
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "melo_engine", *args], cwd=ROOT, capture_output=True,
+                          timeout=600)
+
+
+def test_cli_refuses_damaged_or_misplaced_workspaces_in_one_line(one_edit, tmp_path):
+    """Each case: exit 2, one line on stderr, no traceback, no server path, files unchanged."""
+    ws = one_edit.workspace
+    one_edit.close()
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("not a workspace")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ws, damaged)
+    cases = [
+        ([b"-w", str(a_file).encode(), b"list"], None, "is a file"),
+        ([b"-w", str(a_file / "ws").encode(), b"list"], None, "inside a file"),
+        ([b"-w", str(ws).encode(), b"edit", b"\xff\xfe bad bytes", b"x"], None, "not valid UTF-8 text"),
+        ([b"-w", str(damaged).encode(), b"list"], ("workspace.json", b"[1, 2]"), "workspace.json is damaged"),
+        ([b"-w", str(damaged).encode(), b"list"], ("workspace.json", b"{}"), "workspace.json is damaged"),
+        ([b"-w", str(damaged).encode(), b"list"], ("config.json", b"{not json"), "config.json is missing or damaged"),
+        ([b"-w", str(damaged).encode(), b"list"], ("snapshot-0.json", b"\x00garbage"), "snapshot-0 is damaged"),
+    ]
+    for args, spoil, message in cases:
+        if spoil:
+            shutil.rmtree(damaged)
+            shutil.copytree(ws, damaged)
+            (damaged / spoil[0]).write_bytes(spoil[1])
+        before = tree_digest(tmp_path)
+        out = _cli(*args)
+        err = out.stderr.decode(errors="replace").strip().splitlines()
+        assert out.returncode == 2 and len(err) == 1 and message in err[0], (args, out.stderr[-800:])
+        assert str(tmp_path) not in err[0]
+        assert tree_digest(tmp_path) == before
