@@ -111,7 +111,9 @@ _INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2060\ufeff\s]+")
 def _clean(text: str, what: str, limit: int) -> str:
     """A text the user typed, stripped; refused when it shows nothing, is not valid text or
     is too long."""
-    if not isinstance(text, str) or not _INVISIBLE.sub("", text):
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be text, not {type(text).__name__}")
+    if not _INVISIBLE.sub("", text):
         raise ValueError(f"{what} is empty")
     try:
         text.encode("utf-8")
@@ -319,7 +321,9 @@ class MeloEditor:
 
     def probe(self, questions: list[str]) -> list[Answer]:
         """Ask many questions, each with the unedited answer beside it."""
-        qs = [q for q in (questions or []) if isinstance(q, str) and q.strip()]
+        if not isinstance(questions, (list, tuple)):
+            raise ValueError("the questions must be a list of texts")
+        qs = [q for q in questions if isinstance(q, str) and q.strip()]
         if not qs:
             raise ValueError("no questions to probe")
         return [self.ask(q, compare_base=True) for q in qs]
@@ -373,7 +377,8 @@ class MeloEditor:
 
     def _entry(self, edit_id: str) -> dict:
         if edit_id not in self.entries:
-            raise ValueError(f"unknown edit id {edit_id!r}")
+            shown = edit_id if len(edit_id) <= 40 else edit_id[:40] + "..."
+            raise ValueError(f"unknown edit id {shown!r}")
         return self.entries[edit_id]
 
     @contextlib.contextmanager

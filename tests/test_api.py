@@ -45,6 +45,20 @@ def test_api_bad_input_is_a_clear_error(client):
         client.predict("nope", api_name="/delete")
 
 
+@pytest.mark.parametrize("value", [None, 12345, [1, 2], {"a": 1}])
+def test_api_input_of_the_wrong_type_is_a_clear_error(client, value):
+    for api, args, message in [("/ask", [value], "must be text"), ("/edit", [value, "x"], "must be text"),
+                               ("/probe", [value], "must be text"), ("/delete", [value], "must be text")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(*args, api_name=api)
+
+
+def test_api_does_not_echo_a_huge_id(client):
+    with pytest.raises(Exception) as err:
+        client.predict("x" * 100_000, api_name="/delete")
+    assert "unknown edit id" in str(err.value) and len(str(err.value)) < 500
+
+
 def test_api_clients_have_separate_workspaces(app_server, client, example_edits):
     other = Client(app_server[0], verbose=False)
     e = example_edits[5]

@@ -193,6 +193,8 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
         @cb.user_errors
         def probe_api(queries: str, request: gr.Request) -> list:
             """One query per line: each answered by the edited and the unedited model."""
+            if not isinstance(queries, str):
+                raise ValueError("the queries must be text, one per line")
             qs = [q for q in queries.splitlines() if q.strip()]
             if len(qs) > cb.MAX_PROBES:
                 raise ValueError(f"at most {cb.MAX_PROBES} queries at once")
@@ -201,6 +203,8 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
         @cb.user_errors
         def delete_api(edit_id: str, request: gr.Request) -> dict:
             """Undo one edit by id."""
+            if not isinstance(edit_id, str):
+                raise ValueError("the edit id must be text")
             api_editor(request).delete(edit_id.strip())
             return {"deleted": edit_id.strip()}
 
