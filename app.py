@@ -53,7 +53,7 @@ def main() -> None:
     if "error" in loaded:
         raise loaded["error"]
     pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
-    pool.start_sweeper(every_seconds=min(600.0, pool.idle_seconds / 2))
+    pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.
     threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()

@@ -69,3 +69,16 @@ def test_routing_badge_says_none_or_block():
     assert "none: original model" in callbacks.routing_badge(None, 0.3, 0.2)
     assert "block 4" in callbacks.routing_badge(4, 0.1, 0.2)
     assert "index empty" in callbacks.routing_badge(None, None, None)
+
+
+def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbone, tmp_path):
+    pool = WorkspacePool(backbone, root=tmp_path, idle_seconds=3600, empty_idle_seconds=60, max_open=2)
+    pool.editor("visitor-only-looked").ask("What is 2 + 2?")
+    pool.editor("visitor-made-an-edit").edit("What is the capital of Switzerland?", "Bern.")
+    with pytest.raises(ValueError, match="as many visitors as it can hold"):
+        pool.editor("visitor-third-one")
+    assert pool.existing("visitor-never-came") is None and not (tmp_path / "visitor-never-came").exists()
+    ten_minutes_later = time.time() + 600
+    assert pool.sweep(now=ten_minutes_later) == ["visitor-only-looked"]   # the one with an edit stays
+    assert pool.editor("visitor-third-one").edits() == []                  # room again
+    assert [e["target"] for e in pool.editor("visitor-made-an-edit").edits()] == ["Bern."]

@@ -209,8 +209,9 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
             return {"deleted": edit_id.strip()}
 
         def edits_api(request: gr.Request) -> list:
-            """Every edit of this client's workspace."""
-            return api_editor(request).edits()
+            """Every edit of this client's workspace (listing never creates one)."""
+            ed = pool.existing("api-" + (request.session_hash or "anonymous").replace("/", "_")[:48])
+            return ed.edits() if ed is not None else []
 
         gr.api(ask_api, api_name="ask", **answer_q)
         gr.api(edit_api, api_name="edit", concurrency_limit=1, concurrency_id="train")

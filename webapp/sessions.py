@@ -30,11 +30,19 @@ def default_root() -> Path:
 
 
 class WorkspacePool:
-    def __init__(self, backbone: Backbone, root: Path | None = None, idle_seconds: float = 24 * 3600):
+    """Open workspaces by visitor. Workspaces with edits are removed after `idle_seconds`
+    unused, ones without after `empty_idle_seconds` (a client that only looked costs
+    minutes, not a day); at most `max_open` are open at once, so no one client can exhaust
+    the server's files and threads."""
+
+    def __init__(self, backbone: Backbone, root: Path | None = None, idle_seconds: float = 24 * 3600,
+                 empty_idle_seconds: float = 600, max_open: int = 256):
         self.backbone = backbone
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
         self.idle_seconds = idle_seconds
+        self.empty_idle_seconds = min(empty_idle_seconds, idle_seconds)
+        self.max_open = max_open
         self._editors: dict[str, MeloEditor] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -44,15 +52,32 @@ class WorkspacePool:
         if not visitor or not _TOKEN.match(visitor):
             raise ValueError("this page has no workspace yet: reload it")
         with self._lock:
+            full = visitor not in self._editors and len(self._editors) >= self.max_open
+        if full:
+            self.sweep()
+        with self._lock:
             ed = self._editors.get(visitor)
             if ed is None:
+                if len(self._editors) >= self.max_open:
+                    raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
                 ed = MeloEditor.open(self.root / visitor / "ws", backbone=self.backbone)
                 self._editors[visitor] = ed
         (self.root / visitor / "last_used").write_text(str(time.time()))
         return ed
 
+    def existing(self, visitor: str) -> MeloEditor | None:
+        """The visitor's editor if they have a workspace; never creates one."""
+        if visitor and _TOKEN.match(visitor) and (self.root / visitor / "ws").is_dir():
+            return self.editor(visitor)
+        return None
+
+    @staticmethod
+    def _has_edits(d: Path) -> bool:
+        blocks = d / "ws" / "blocks"
+        return blocks.is_dir() and any(blocks.iterdir())
+
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove workspaces idle for longer than idle_seconds; return the visitors removed."""
+        """Remove workspaces idle for too long (see the class); return the visitors removed."""
         now = time.time() if now is None else now
         removed = []
         for d in self.root.iterdir() if self.root.is_dir() else []:
@@ -61,7 +86,8 @@ class WorkspacePool:
                 last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
             except (OSError, ValueError):
                 last = d.stat().st_mtime
-            if now - last <= self.idle_seconds:
+            limit = self.idle_seconds if self._has_edits(d) else self.empty_idle_seconds
+            if now - last <= limit:
                 continue
             with self._lock:
                 ed = self._editors.pop(d.name, None)
