@@ -422,7 +422,10 @@ class MeloEditor:
         except Exception as err:  # noqa: BLE001 - the mirror is rebuilt from the files on next open
             log.warning("chroma mirror lags behind the workspace (%s); it is rebuilt when reopened", err)
         if self.store.tail >= store.COMPACT_EVERY:
-            self.compact()
+            try:
+                self.compact()
+            except OSError as err:   # the change is committed; the journal stays the record of it
+                log.warning("compaction failed (%s); the journal keeps every change", err)
 
     def compact(self) -> None:
         """Write the whole workspace as one snapshot and start an empty journal (done by
