@@ -272,3 +272,25 @@ def test_damage_is_reported_in_one_line_and_repair_rebuilds_without_guessing(two
     assert (ws / report["set_aside"]).read_bytes() == lines[1]
     again = MeloEditor.open(ws, backbone=backbone)
     assert [e["id"] for e in again.edits()] == ids[:1] and again.ask(EDITS[0][0]).text == EDITS[0][1]
+
+
+def test_half_precision_storage_barely_moves_the_model(two_edits, backbone):
+    """Why the benchmark figures with float16 and float32 blocks are identical: rounding a
+    trained block to float16 moves log-probabilities by about 1e-3 and no argmax."""
+    from melo_engine.lora import ActiveBlocks
+    from melo_engine.train import train_block
+
+    ed, _ = two_edits
+    prompt, target = EDITS[2]
+    enc = backbone.encode([prompt], [target])
+    trained = train_block(backbone, enc, ed.modules, ed.config, seed=0)
+    n, k = enc.ids.shape[1], len(backbone.target_ids(target))
+    pos = torch.arange(n - k - 1, n - 1)[None]
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        active = {m: ActiveBlocks(a=a.to(dtype).float()[None], b=b.to(dtype).float()[None], keep=torch.tensor([True]))
+                  for m, (a, b) in trained.matrices.items()}
+        with torch.no_grad(), backbone.lora(active):
+            out[dtype] = torch.log_softmax(backbone.full_logits(enc, pos), -1)[0]
+    assert float((out[torch.float32] - out[torch.float16]).abs().max()) < 5e-3
+    assert torch.equal(out[torch.float32].argmax(-1), out[torch.float16].argmax(-1))
