@@ -250,3 +250,76 @@ def test_cli_refuses_damaged_or_misplaced_workspaces_in_one_line(one_edit, tmp_p
         assert out.returncode == 2 and len(err) == 1 and message in err[0], (args, out.stderr[-800:])
         assert str(tmp_path) not in err[0]
         assert tree_digest(tmp_path) == before
+
+
+def _fuzz_texts(rng):
+    """Generated bad texts: nothing visible, bad code points, too long, wrong types."""
+    invisible = ["\x00", "\u200b", "\u200c", "\u200d", "\ufeff", "\u2060", " ", "\t", "\n", "\x7f"]
+    out = []
+    for _ in range(20):
+        out.append("".join(rng.choice(invisible) for _ in range(rng.randint(1, 12))))
+    for _ in range(10):
+        out.append("x" * rng.randint(501, 5000))
+    for _ in range(6):
+        out.append("ok \udcff" + chr(rng.randint(0xD800, 0xDFFF)))     # lone surrogates: not UTF-8
+    out += [None, 12345, 3.5, ["a"], {"q": 1}, b"bytes"]
+    return out
+
+
+def _fuzz_imports(rng, meta, tensors):
+    """Generated bad export files: one random defect each, from (meta, tensors) of a good one."""
+    eid = json.loads(meta["edits"])[0]["id"]
+    key, blocks = f"key.{eid}", [k for k in tensors if k.startswith("edit.")]
+    defects = [
+        lambda m, t: t[key].fill_(rng.choice([float("nan"), float("inf"), -float("inf")])),
+        lambda m, t: t.update({key: t[key][: rng.randint(1, 383)].clone()}),
+        lambda m, t: t.update({key: t[key].to(rng.choice([torch.float16, torch.float64, torch.int32]))}),
+        lambda m, t: t.update({rng.choice(blocks): torch.zeros(rng.randint(1, 9), rng.randint(1, 2000))}),
+        lambda m, t: t.update({(b := rng.choice(blocks)): t[b].to(torch.float16)}),
+        lambda m, t: t[rng.choice(blocks)].view(-1)[rng.randint(0, 100)].fill_(float("nan")),
+        lambda m, t: t.pop(rng.choice(blocks + [key])),
+        lambda m, t: m.update(format=str(rng.randint(2, 10 ** 6))),
+        lambda m, t: m.update(edits=json.dumps(rng.choice([{}, 7, "x", [1], [None], [[]], [{"id": 5}]]))),
+        lambda m, t: m.update(edits=json.dumps([dict(json.loads(m["edits"])[0], id=rng.choice(
+            ["", "../x", "a/b", "x" * 65, "é", "a b", ".."]))])),
+        lambda m, t: m.update(edits=json.dumps([dict(json.loads(m["edits"])[0], prompt=rng.choice(["", "\u200b", 5, None]))])),
+        lambda m, t: m.update(fingerprint=rng.choice(["{}", "[]", "\"x\""])),
+        lambda m, t: m.update(settings=rng.choice(["[]", "5", "{\"key_source\": \"nope\"}"])),
+        lambda m, t: m.pop(rng.choice(["magic", "edits", "fingerprint"])),
+    ]
+    return [rng.choice(defects) for _ in range(60)]
+
+
+def test_fuzz_bad_inputs_are_refused_in_one_line_and_change_nothing(one_edit, tmp_path):
+    """Over 100 generated bad inputs (texts for edit, ask and probe; defective export
+    files): each is refused with one ValueError line, no other exception, and the workspace
+    files stay byte for byte."""
+    import random
+
+    from safetensors import safe_open
+
+    rng = random.Random(7)
+    good = one_edit.export(tmp_path / "good.melo")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    before, tried = tree_digest(one_edit.workspace), 0
+
+    def refused(call):
+        nonlocal tried
+        tried += 1
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) and "\n" not in str(err.value) and str(tmp_path) not in str(err.value)
+
+    for text in _fuzz_texts(rng):
+        refused(lambda: one_edit.edit(text, "Jupiter."))
+        refused(lambda: one_edit.edit("What is the largest planet?", text))
+        refused(lambda: one_edit.ask(text))
+    for i, defect in enumerate(_fuzz_imports(rng, meta, tensors)):
+        m, t = dict(meta), {k: v.clone() for k, v in tensors.items()}
+        defect(m, t)
+        path = _doctored_export(good, tmp_path, f"fuzz{i}", lambda mm, tt: (mm.clear(), mm.update(m),
+                                                                              tt.clear(), tt.update(t)))
+        refused(lambda: one_edit.import_(path))
+    assert tried >= 100
+    assert tree_digest(one_edit.workspace) == before and len(one_edit.edits()) == 1
