@@ -294,3 +294,23 @@ def test_half_precision_storage_barely_moves_the_model(two_edits, backbone):
             out[dtype] = torch.log_softmax(backbone.full_logits(enc, pos), -1)[0]
     assert float((out[torch.float32] - out[torch.float16]).abs().max()) < 5e-3
     assert torch.equal(out[torch.float32].argmax(-1), out[torch.float16].argmax(-1))
+
+
+def test_a_chroma_failure_after_the_commit_loses_nothing(two_edits, backbone, monkeypatch):
+    """chroma is the mirror: if writing to it fails after the journal line is on disk, the
+    edit stands (routing is exact in memory), and the next open rebuilds the mirror."""
+    from melo_engine.index import ClusterIndex
+
+    ed, ids = two_edits
+
+    def broken(self, *a, **k):
+        raise RuntimeError("chroma is down")
+    monkeypatch.setattr(ClusterIndex, "mirror", broken)
+    r = ed.edit(*EDITS[2])
+    assert ed.ask(EDITS[2][0]).text == EDITS[2][1]
+    monkeypatch.undo()
+    ed.close()
+    again = MeloEditor.open(ed.workspace, backbone=backbone)
+    assert [e["id"] for e in again.edits()] == ids + [r.edit_id]
+    assert again.index.gen == again.store.seq and again.index.centers.count() == len(again.index.state.clusters)
+    assert again.ask(EDITS[2][0]).text == EDITS[2][1]
