@@ -44,6 +44,7 @@ BLOCKS_DIR = "blocks"
 COMPACT_EVERY = 1000
 
 _SNAPSHOT = re.compile(r"snapshot-(\d+)\.json$")
+_SEQ_FILE = re.compile(r"(snapshot|journal)-(\d+)\.(json|safetensors|jsonl)$")
 
 
 # ---- writing files so that a crash leaves the old or the new one ---------------------
@@ -173,6 +174,11 @@ class Store:
         if not seqs:
             raise ValueError("the workspace has no snapshot file")
         self.base = max(seqs)
+        later = sorted(p.name for p in self.ws.iterdir()
+                       if (m := _SEQ_FILE.match(p.name)) and m.group(1) == "journal" and int(m.group(2)) > self.base)
+        if later:      # a journal whose snapshot is gone (a restored backup?): never guess, never delete
+            raise ValueError(f"{later[0]} continues a snapshot that is not in the workspace; "
+                             f"`repair` sets it aside and opens what the snapshot holds")
         try:
             snapshot = json.loads(self.snapshot_json(self.base).read_text())
             tensors = load_file(str(self.snapshot_tensors(self.base)))
@@ -207,6 +213,10 @@ class Store:
         seqs = [int(m.group(1)) for p in self.ws.iterdir() if (m := _SNAPSHOT.match(p.name))]
         if not seqs:
             raise ValueError("the workspace has no snapshot file: nothing to repair from")
+        for p in list(self.ws.iterdir()):     # journals of a snapshot that is not there
+            m = _SEQ_FILE.match(p.name)
+            if m and m.group(1) == "journal" and int(m.group(2)) > max(seqs):
+                p.rename(self.ws / f"damaged-{p.stem}-{int(time.time())}.jsonl")
         journal = self.journal(max(seqs))
         if not journal.is_file():
             return 0, None
@@ -226,11 +236,13 @@ class Store:
     def sweep(self, live_block_files: set[str]) -> None:
         """Remove what no commit refers to: older snapshots and journals, block files of
         uncommitted edits, temporaries of interrupted writes."""
-        keep = {self.snapshot_json(self.base).name, self.snapshot_tensors(self.base).name,
-                self.journal(self.base).name}
         for p in self.ws.iterdir():
-            stale = (p.name.startswith(("snapshot-", "journal-", "state-")) and p.name not in keep)
-            if p.is_file() and (stale or p.name.startswith(".")):
+            m = _SEQ_FILE.match(p.name)
+            # Older snapshots and journals are superseded by the current snapshot; a newer
+            # snapshot's tensors without its JSON are a compaction that did not finish.
+            stale = m is not None and (int(m.group(2)) < self.base or
+                                       (int(m.group(2)) > self.base and m.group(3) == "safetensors"))
+            if p.is_file() and (stale or p.name.startswith(".") or p.name.startswith("state-")):
                 p.unlink(missing_ok=True)
         blocks = self.ws / BLOCKS_DIR
         blocks.mkdir(exist_ok=True)

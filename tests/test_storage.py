@@ -314,3 +314,21 @@ def test_a_chroma_failure_after_the_commit_loses_nothing(two_edits, backbone, mo
     assert [e["id"] for e in again.edits()] == ids + [r.edit_id]
     assert again.index.gen == again.store.seq and again.index.centers.count() == len(again.index.state.clusters)
     assert again.ask(EDITS[2][0]).text == EDITS[2][1]
+
+
+def test_a_journal_without_its_snapshot_is_reported_not_deleted(two_edits, backbone):
+    """A journal that continues a snapshot the workspace does not have (a restored backup, a
+    lost file) cannot be accounted for: opening refuses in one line and deletes nothing;
+    repair sets it aside and opens what the snapshot holds."""
+    ed, ids = two_edits
+    ws = ed.workspace
+    ed.close()
+    stray = ws / "journal-7.jsonl"
+    stray.write_bytes(ed.store.journal(ed.store.base).read_bytes())
+    before = {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")}
+    with pytest.raises(ValueError, match="journal-7.jsonl continues a snapshot"):
+        MeloEditor.open(ws, backbone=backbone)
+    assert {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")} == before
+    MeloEditor.repair(ws, backbone=backbone)
+    assert not stray.exists() and len(list(ws.glob("damaged-journal-7-*.jsonl"))) == 1
+    assert [e["id"] for e in MeloEditor.open(ws, backbone=backbone).edits()] == ids
