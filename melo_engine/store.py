@@ -56,32 +56,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it, rename it over `path`, flush the directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def _replace_atomically(path: Path, write) -> None:
+    """`write(tmp)` a temporary file beside `path`, flush it, rename it over `path`, flush
+    the directory: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,6 +71,19 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    _replace_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                                    metadata=metadata))
 
 
 def snapshot_bytes(seq: int, edits: list[dict], state: dict, blocks: dict) -> bytes:
@@ -130,7 +125,6 @@ def _parse(line: bytes) -> dict | None:
 
 @dataclass
 class Loaded:
-    header: dict
     snapshot: dict                      # "seq", "edits", "state", "blocks"
     tensors: dict[str, torch.Tensor]    # the snapshot's "keys" and "centers"
     records: list[dict] = field(default_factory=list)
@@ -169,7 +163,6 @@ class Store:
     def load(self, writable: bool = True) -> Loaded:
         """The newest snapshot and the records after it. Opened for writing, a torn last
         journal line is cut off (it was never committed)."""
-        header = read_header(self.ws)
         seqs = [int(m.group(1)) for p in self.ws.iterdir() if (m := _SNAPSHOT.match(p.name))]
         if not seqs:
             raise ValueError("the workspace has no snapshot file")
@@ -204,7 +197,7 @@ class Store:
                         f.truncate(good)
                         os.fsync(f.fileno())
         self.seq, self.tail, self._journal_size = self.base + len(records), len(records), good
-        return Loaded(header, snapshot, tensors, records)
+        return Loaded(snapshot, tensors, records)
 
     def set_aside_damage(self) -> tuple[int, str | None]:
         """Keep the journal's records up to the first that does not check and move the rest,

@@ -47,12 +47,11 @@ def upgrade_format1(ws: Path, log: dict) -> None:
     state_path = ws / f"state-{gen}.safetensors"
     tensors = load_file(str(state_path)) if state_path.is_file() else {}
     st = store.Store(ws)
-    st.base = st.seq = gen
     (ws / store.BLOCKS_DIR).mkdir(exist_ok=True)
     blocks = _blocks_of_format1(tensors)
-    st.seq = gen - 1                      # the block file is named after the snapshot's seq
+    st.seq = gen - 1          # write_blocks names its file after the next record: the snapshot's
     file = st.write_blocks(blocks, next(iter(tensors.values())).dtype) if blocks else None
-    st.seq = gen
+    st.base = st.seq = gen
     meta, state_tensors = _state_of_format1(log.get("clusters", {}), tensors).to_files()
     st.write_snapshot(gen, store.snapshot_bytes(gen, log.get("edits", []), meta, {str(b): file for b in blocks}),
                       state_tensors)
