@@ -43,6 +43,15 @@ class BlockBank:
             heapq.heappop(self._holes)
         return self._holes[0] if self._holes else self._next
 
+    def allocate_many(self, n: int) -> list[int]:
+        """The n smallest free block ids, ascending (none reserved until `put`)."""
+        ids, b = [], self.allocate()
+        while len(ids) < n:
+            if b not in self.files:
+                ids.append(b)
+            b += 1
+        return ids
+
     def put(self, block: int, matrices: Matrices | None = None, file: str | None = None) -> None:
         """A block kept in `file` (read when needed), or held in memory (no file)."""
         if file is None and matrices is None:
@@ -116,6 +125,3 @@ class BlockBank:
             keep = torch.tensor([b is not None for b in block_ids])
             out[m] = ActiveBlocks(a=a, b=bb, keep=keep)
         return out
-
-    def params_per_block(self, block: int) -> int:
-        return sum(a.numel() + b.numel() for a, b in self.matrices(block).values())

@@ -99,6 +99,18 @@ class _Change:
             self.entries.clear()
             self.entries.update((e["id"], e) for e in ordered)
 
+    def placed(self, placed, new_id: str) -> None:
+        """Record in the edit list what placing edit `new_id` did to earlier edits; a
+        forgotten edit's block is freed, a superseded one keeps its block (an undo of the
+        newer edit brings it back)."""
+        for e in placed.forgotten:
+            self.blocks[self.entries[e]["block"]] = None
+            self.update(e, status="forgotten", forgotten_by=new_id, block=None, cluster=None)
+        for e, cluster in placed.moved.items():
+            self.update(e, cluster=cluster)
+        for e in placed.superseded:
+            self.update(e, status="superseded", superseded_by=new_id)
+
     def record(self, op: str, state_delta: dict) -> dict:
         return {"op": op, "at": time.time(), "edits": {k: self.entries.get(k) for k in self.old},
                 "state": state_delta, "blocks": {str(b): f for b, f in self.blocks.items()}}
@@ -138,7 +150,6 @@ class MeloEditor:
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._lock = threading.RLock()        # one change to this workspace at a time
         self.store = store.Store(self.workspace)
-        self.header: dict = {}
         self.entries: dict[str, dict] = {}    # edit id -> its record, oldest first
         self.bank = BlockBank(reader=self.store.read_block)
         self._file_users: Counter = Counter()   # block file -> live blocks in it
@@ -234,7 +245,6 @@ class MeloEditor:
             raise ValueError(f"workspace format {header.get('format')} is not supported")
         loaded = self.store.load(writable=not self.read_only)
         snap = loaded.snapshot
-        self.header = header
         self.entries = {e["id"]: e for e in snap.get("edits", [])}
         state = ClusterState.from_files(snap.get("state", {}), loaded.tensors)
         self.bank.clear()
@@ -350,13 +360,7 @@ class MeloEditor:
             with self._change("edit") as ch:
                 placed = self.index.state.add(edit_id, key, block, target, c.init_radius, c.on_conflict)
                 ch.blocks[block], ch.new_blocks[block] = file, matrices
-                for e in placed.forgotten:
-                    ch.blocks[self.entries[e]["block"]] = None
-                    ch.update(e, status="forgotten", forgotten_by=edit_id, block=None, cluster=None)
-                for e, cluster in placed.moved.items():
-                    ch.update(e, cluster=cluster)
-                for e in placed.superseded:     # they keep their blocks: an undo brings them back
-                    ch.update(e, status="superseded", superseded_by=edit_id)
+                ch.placed(placed, edit_id)
                 seconds = time.perf_counter() - t0
                 ch.set(edit_id, {"id": edit_id, "prompt": prompt, "target": target, "block": block,
                                  "cluster": placed.cluster, "action": placed.action, "created": time.time(),
@@ -529,10 +533,10 @@ class MeloEditor:
         c = self.config
         params = c.rank_per_block * sum(self.backbone.loras[m].in_features + self.backbone.loras[m].out_features
                                         for m in self.modules)
+        disk = self.store.disk_bytes()
         return {"edits": n, "blocks": len(self.bank), "clusters": len(self.index.state.clusters),
-                "trainable_params_per_edit": params,
-                "disk_bytes": self.store.disk_bytes(),
-                "bytes_per_edit": self.store.disk_bytes() // n if n else 0}
+                "trainable_params_per_edit": params, "disk_bytes": disk,
+                "bytes_per_edit": disk // n if n else 0}
 
     # ---- export / import -----------------------------------------------------------------
     def export(self, path) -> Path:
@@ -577,14 +581,12 @@ class MeloEditor:
         with self._lock:
             state = self.index.state
             taken = set(self.entries)
-            ids, blocks, free = [], {}, self.bank.allocate()
-            for e in edits:
+            ids, blocks = [], {}
+            for e, free in zip(edits, self.bank.allocate_many(len(edits))):
                 eid = e["id"]
                 while eid in taken:
                     eid = secrets.token_hex(4)
                 taken.add(eid)
-                while free in self.bank or free in blocks:
-                    free += 1
                 blocks[free] = {m: (tensors[f"edit.{e['id']}.{m}.A"].to(self._dtype),
                                     tensors[f"edit.{e['id']}.{m}.B"].to(self._dtype)) for m in self.modules}
                 ids.append((eid, free))
@@ -594,13 +596,7 @@ class MeloEditor:
                     ch.blocks[block], ch.new_blocks[block] = file, blocks[block]
                     placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
                                        self.config.on_conflict)
-                    for f in placed.forgotten:
-                        ch.blocks[self.entries[f]["block"]] = None
-                        ch.update(f, status="forgotten", forgotten_by=eid, block=None, cluster=None)
-                    for f, cluster in placed.moved.items():
-                        ch.update(f, cluster=cluster)
-                    for f in placed.superseded:
-                        ch.update(f, status="superseded", superseded_by=eid)
+                    ch.placed(placed, eid)
                     ch.set(eid, {"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
                                  "cluster": placed.cluster, "action": placed.action, "created": time.time(),
                                  "steps": 0, "seconds": 0.0, "status": "active", "imported": True})
@@ -617,13 +613,11 @@ class MeloEditor:
             state, added, files = self.index.state, [], {}
             for part, chunk in enumerate(chunks):
                 ids, blocks = [], {}
-                for prompt, target, key, mats in chunk:
+                chunk = list(chunk)
+                for (prompt, target, key, mats), b in zip(chunk, self.bank.allocate_many(len(chunk))):
                     eid = secrets.token_hex(6)
                     while eid in self.entries or eid in ids:
                         eid = secrets.token_hex(6)
-                    b = self.bank.allocate() if not blocks else max(blocks) + 1
-                    while b in self.bank:
-                        b += 1
                     blocks[b] = mats
                     ids.append(eid)
                     added.append((eid, prompt, target, key, b))

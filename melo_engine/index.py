@@ -166,10 +166,13 @@ class ClusterState:
             "next_cluster": self.next_cluster,
         }
 
+    def _on_its_key(self, c: Cluster) -> bool:
+        """A one-member cluster centred on its key (most clusters): files need not repeat the key."""
+        return len(c.members) == 1 and torch.equal(c.center, self.points[c.members[0]].key)
+
     def _cluster_json(self, c: Cluster) -> dict:
         out = {"radius": c.radius, "label": c.label, "members": list(c.members)}
-        # A one-member cluster centred on its key (most clusters) does not repeat the key.
-        if not (len(c.members) == 1 and torch.equal(c.center, self.points[c.members[0]].key)):
+        if not self._on_its_key(c):
             out["center"] = encode_vector(c.center)
         return out
 
@@ -436,7 +439,7 @@ class ClusterState:
         centers, clusters = [], []
         for c in self.clusters.values():
             entry = {"id": c.id, "radius": c.radius, "label": c.label, "members": list(c.members), "center": -1}
-            if not (len(c.members) == 1 and torch.equal(c.center, self.points[c.members[0]].key)):
+            if not self._on_its_key(c):
                 entry["center"] = len(centers)
                 centers.append(c.center)
             clusters.append(entry)
@@ -549,11 +552,10 @@ class ClusterIndex:
             self.rebuild(gen)
 
     def rebuild(self, gen: int) -> None:
-        for name in ("centers",):
-            try:
-                self.client.delete_collection(name)
-            except Exception:  # noqa: BLE001 - absent is fine
-                pass
+        try:
+            self.client.delete_collection("centers")
+        except Exception:  # noqa: BLE001 - absent is fine
+            pass
         self._open()
         ids = list(self.state.clusters)
         for i in range(0, len(ids), 4096):     # chroma takes bounded batches

@@ -99,9 +99,6 @@ class VectorTable:
         self.alive[r] = False
         self.free.append(r)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.exact[self.row[name]].clone()
-
     # ---- queries -------------------------------------------------------------------------
     def _approx(self, q: torch.Tensor):
         """Approximate squared distances to every used row, and the error bound of each."""

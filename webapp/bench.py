@@ -35,9 +35,7 @@ def startup(runs: int = 2) -> dict:
 
     times = []
     for _ in range(runs):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         with tempfile.TemporaryDirectory() as ws:
             env = dict(os.environ, GRADIO_SERVER_PORT=str(port), MELO_WORKSPACES=ws)
             t0 = time.perf_counter()

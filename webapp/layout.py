@@ -177,8 +177,11 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
             lambda: (False, []), None, [confirm, probes_state], **private))
 
         # ---- API endpoints (gradio_client): plain JSON, a workspace per client session --------
+        def api_visitor(request: gr.Request) -> str:
+            return "api-" + (request.session_hash or "anonymous").replace("/", "_")[:48]
+
         def api_editor(request: gr.Request):
-            return pool.editor("api-" + (request.session_hash or "anonymous").replace("/", "_")[:48])
+            return pool.editor(api_visitor(request))
 
         @cb.user_errors
         def ask_api(question: str, request: gr.Request) -> dict:
@@ -210,7 +213,7 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
 
         def edits_api(request: gr.Request) -> list:
             """Every edit of this client's workspace (listing never creates one)."""
-            ed = pool.existing("api-" + (request.session_hash or "anonymous").replace("/", "_")[:48])
+            ed = pool.existing(api_visitor(request))
             return ed.edits() if ed is not None else []
 
         gr.api(ask_api, api_name="ask", **answer_q)
