@@ -518,14 +518,37 @@ class ClusterIndex:
     Embeddings are always passed in (no embedding function), distances are L2. `gen` stamps
     which committed state the collection holds. A change is made to the state under `lock`
     (see MeloEditor), so a query routes on one whole state, before or after an edit.
+
+    chroma is opened only when there is something to write (the first commit after
+    opening, or `sync`): starting chroma rewrites its own files, and a workspace that is only
+    read, or that refuses a bad input, must stay byte for byte as it was.
     """
 
     def __init__(self, path: Path, mirror: bool = True):
-        self.client = _chroma_client(path) if mirror else None   # None: read-only, no mirror
+        self.path = path
+        self.writable = mirror        # False: read-only, chroma never opened
+        self.client = None
         self.state = ClusterState()
         self.lock = threading.RLock()
-        if mirror:
+        self._loaded_gen = -1         # the committed state `load` was given
+        self._stale = False           # a write to chroma failed: rebuild on the next one
+
+    def _connect(self) -> None:
+        """Open chroma; ValueError (one line, naming `repair`) when it cannot start."""
+        if self.client is not None:
+            return
+        if not self.writable:
+            raise ValueError("this workspace is open read-only")
+        try:
+            self.client = _chroma_client(self.path)
             self._open()
+            if "points" in {c.name if hasattr(c, "name") else c for c in self.client.list_collections()}:
+                self.client.delete_collection("points")    # format 1 mirrored edit keys too
+        except Exception as err:  # noqa: BLE001 - chroma's own errors, whatever their type
+            self.client = None
+            raise ValueError(f"the index (chromadb) cannot be opened ({type(err).__name__}); "
+                             f"`repair` rebuilds it from the workspace files") from None
+        self._stale = self.gen != self._loaded_gen
 
     def _open(self):
         cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH}}
@@ -541,17 +564,19 @@ class ClusterIndex:
         return int((self.centers.metadata or {}).get("gen", -1))
 
     def load(self, state: ClusterState, gen: int) -> None:
-        """Adopt a committed state; rebuild the collection unless it already holds it."""
+        """Adopt a committed state (chroma is brought in step when it is next written)."""
         with self.lock:
             self.state = state
-        if self.client is None:
-            return
-        if "points" in {c.name if hasattr(c, "name") else c for c in self.client.list_collections()}:
-            self.client.delete_collection("points")    # format 1 mirrored edit keys too
-        if self.gen != gen or self.centers.count() != len(state.clusters):
+            self._loaded_gen = gen
+
+    def sync(self, gen: int) -> None:
+        """Bring chroma in step with the state now: opened, and rebuilt if it lags."""
+        self._connect()
+        if self._stale or self.gen != gen or self.centers.count() != len(self.state.clusters):
             self.rebuild(gen)
 
     def rebuild(self, gen: int) -> None:
+        self._connect()
         try:
             self.client.delete_collection("centers")
         except Exception:  # noqa: BLE001 - absent is fine
@@ -561,6 +586,7 @@ class ClusterIndex:
         for i in range(0, len(ids), 4096):     # chroma takes bounded batches
             self._write(ids[i:i + 4096], [], gen)
         self.centers.modify(metadata={"gen": gen})
+        self._stale = False
 
     def _write(self, changed: list[str], gone: list[str], gen: int) -> None:
         s = self.state
@@ -579,9 +605,17 @@ class ClusterIndex:
         self.centers.modify(metadata={"gen": gen})
 
     def mirror(self, clusters_changed: list[str], gen: int) -> None:
-        """Write the clusters a commit touched (already on disk and in the state) to chroma."""
-        self._write([c for c in clusters_changed if c in self.state.clusters],
-                    [c for c in clusters_changed if c not in self.state.clusters], gen)
+        """Write the clusters a commit touched (already on disk and in the state) to chroma;
+        the whole mirror when it lagged behind (opened behind, or an earlier write failed)."""
+        self._connect()
+        if self._stale:
+            return self.rebuild(gen)
+        try:
+            self._write([c for c in clusters_changed if c in self.state.clusters],
+                        [c for c in clusters_changed if c not in self.state.clusters], gen)
+        except BaseException:
+            self._stale = True
+            raise
 
     def route(self, key: torch.Tensor) -> Route:
         """Which block fires for this key (ClusterState.route), on one whole committed state."""
