@@ -30,7 +30,7 @@ from .config import DEFAULT_MODEL, EDIT_SETTINGS, MeloConfig
 from .exchange import EXPORT_FORMAT, EXPORT_MAGIC, check_edits, read_export
 from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
-from .train import train_block
+from .train import Trained, train_block
 from .upgrade import upgrade_format1
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ class EditResult:
     token_accuracy: float = 0.0   # teacher-forced, on the edit prompt, at the end of training
     params: int = 0               # trainable parameters of this edit's block
     superseded: list[str] = field(default_factory=list)   # earlier edits of the same question, now dormant
+
+
+@dataclass
+class TrainedEdit:
+    """A block trained for prompt -> target that is not part of the workspace yet (MeloEditor.train)."""
+
+    prompt: str
+    target: str
+    key: torch.Tensor
+    trained: Trained
+    started: float                # perf_counter at the start of training
 
 
 class _Change:
@@ -120,7 +131,7 @@ class _Change:
 _INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2060\ufeff\s]+")
 
 
-def _clean(text: str, what: str, limit: int) -> str:
+def clean_text(text: str, what: str, limit: int) -> str:
     """A text the user typed, stripped; refused when it shows nothing, is not valid text or
     is too long."""
     if not isinstance(text, str):
@@ -153,12 +164,8 @@ class MeloEditor:
         self.entries: dict[str, dict] = {}    # edit id -> its record, oldest first
         self.bank = BlockBank(reader=self.store.read_block)
         self._file_users: Counter = Counter()   # block file -> live blocks in it
-        # Read-only, routing needs no chroma (it is exact, in memory): its files stay untouched.
-        try:
-            self.index = ClusterIndex(self.workspace / store.INDEX_DIR, mirror=not read_only)
-        except Exception as err:  # noqa: BLE001 - chroma's own errors, whatever their type
-            raise ValueError(f"the index (chromadb) cannot be opened ({type(err).__name__}); "
-                             f"`repair` rebuilds it from the workspace files") from None
+        # Routing needs no chroma (it is exact, in memory): it is opened on the first commit.
+        self.index = ClusterIndex(self.workspace / store.INDEX_DIR, mirror=not read_only)
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -221,6 +228,7 @@ class MeloEditor:
         kept, aside = store.Store(ws).set_aside_damage()
         shutil.rmtree(ws / store.INDEX_DIR, ignore_errors=True)
         ed = cls.open(ws, backbone=backbone)
+        ed.index.sync(ed.store.seq)
         out = {"journal_records_kept": kept, "set_aside": aside, "edits": len(ed.entries),
                "index_rebuilt_clusters": len(ed.index.state.clusters)}
         ed.close()
@@ -282,7 +290,7 @@ class MeloEditor:
 
     # ---- asking --------------------------------------------------------------------------
     def _check(self, text: str, what: str) -> str:
-        return _clean(text, what, self.config.max_text_chars)
+        return clean_text(text, what, self.config.max_text_chars)
 
     def key(self, question: str) -> torch.Tensor:
         return self.keyer.keys([question])[0]
@@ -341,28 +349,42 @@ class MeloEditor:
     # ---- editing -------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> EditResult:
         """Teach the model to answer `prompt` with `target`, in a fresh LoRA block."""
+        return self.commit(self.train(prompt, target, progress))
+
+    def train(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> TrainedEdit:
+        """The first half of `edit`: train the block, write nothing. A caller can still drop
+        it (the app does when the visitor who asked has gone); `commit` makes it an edit."""
         self._writable()
         prompt = self._check(prompt, "the prompt")
         target = self._check(target, "the target")
-        c = self.config
         with self._lock:
             t0 = time.perf_counter()
             key = self.key(prompt)
+            enc = self.backbone.encode([prompt], [target])
+            trained = train_block(self.backbone, enc, self.modules, self.config, seed=len(self.entries),
+                                  progress=progress)
+        return TrainedEdit(prompt, target, key, trained, t0)
+
+    def commit(self, pending: TrainedEdit) -> EditResult:
+        """The second half of `edit`: write the trained block and place its key in the index."""
+        self._writable()
+        c = self.config
+        with self._lock:
             edit_id = secrets.token_hex(4)
             while edit_id in self.entries:
                 edit_id = secrets.token_hex(4)
-            enc = self.backbone.encode([prompt], [target])
-            trained = train_block(self.backbone, enc, self.modules, c, seed=len(self.entries), progress=progress)
             # Queries go on being answered while the block trains; only the commit holds them.
             block = self.bank.allocate()
+            trained = pending.trained
             matrices = {m: (a.to(self._dtype), b.to(self._dtype)) for m, (a, b) in trained.matrices.items()}
             file = self.store.write_blocks({block: matrices}, self._dtype)
             with self._change("edit") as ch:
-                placed = self.index.state.add(edit_id, key, block, target, c.init_radius, c.on_conflict)
+                placed = self.index.state.add(edit_id, pending.key, block, pending.target, c.init_radius,
+                                              c.on_conflict)
                 ch.blocks[block], ch.new_blocks[block] = file, matrices
                 ch.placed(placed, edit_id)
-                seconds = time.perf_counter() - t0
-                ch.set(edit_id, {"id": edit_id, "prompt": prompt, "target": target, "block": block,
+                seconds = time.perf_counter() - pending.started
+                ch.set(edit_id, {"id": edit_id, "prompt": pending.prompt, "target": pending.target, "block": block,
                                  "cluster": placed.cluster, "action": placed.action, "created": time.time(),
                                  "steps": len(trained.losses), "seconds": round(seconds, 3),
                                  "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
@@ -423,8 +445,9 @@ class MeloEditor:
             self.store.remove_block_file(f)
         try:
             self.index.mirror(list(delta["clusters"]), self.store.seq)
-        except Exception as err:  # noqa: BLE001 - the mirror is rebuilt from the files on next open
-            log.warning("chroma mirror lags behind the workspace (%s); it is rebuilt when reopened", err)
+        except Exception as err:  # noqa: BLE001 - the mirror is rebuilt from the files on the next commit
+            log.warning("the chroma mirror lags behind the workspace (%s); the next change rebuilds it, "
+                        "`repair` too", err)
         if self.store.tail >= store.COMPACT_EVERY:
             try:
                 self.compact()
@@ -662,5 +685,5 @@ class MeloEditor:
                              f"{self.config.key_name()}, so its keys would not compare")
         shapes = {m: (self.backbone.loras[m].out_features, self.backbone.loras[m].in_features) for m in self.modules}
         check_edits(name, edits, tensors, self.keyer.dim, shapes,
-                    lambda text, what: _clean(text, what, self.config.max_text_chars))
+                    lambda text, what: clean_text(text, what, self.config.max_text_chars))
         return edits, tensors
