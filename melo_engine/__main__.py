@@ -7,12 +7,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage mistake in one line (argparse prints the whole usage first), exit 2."""
+        self.exit(2, f"error: {message} (python -m melo_engine --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m melo_engine", description="MELO model editing from the shell.")
+    p = _Parser(prog="python -m melo_engine", description="MELO model editing from the shell.")
     p.add_argument("--workspace", "-w", required=True, help="workspace directory (created if missing)")
     p.add_argument("--model", default=None, help="model for a new workspace: short name, hub id or directory")
     p.add_argument("--key-source", choices=["sentence", "model"], default=None,
@@ -40,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> object:
     from melo_engine import MeloConfig, MeloEditor, store
+    from melo_engine.editor import clean_text
 
     for value in vars(args).values():       # before anything is opened
         if isinstance(value, str):
@@ -47,6 +56,10 @@ def run(args) -> object:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("an argument is not valid UTF-8 text") from None
+    texts = {"ask": [("question", "the question")], "edit": [("prompt", "the prompt"), ("target", "the target")],
+             "delete": [("edit_id", "the edit id")]}.get(args.command, [])
+    for attr, what in texts:                 # refused before the model is loaded
+        clean_text(getattr(args, attr), what, limit=10 ** 9)
     if args.command == "repair":
         return MeloEditor.repair(args.workspace)
     config = MeloConfig(key_source=args.key_source) if args.key_source else None
@@ -102,14 +115,16 @@ def main(argv=None) -> int:
 
     quiet_env()
     args = build_parser().parse_args(argv)
+    new_workspace = not os.path.lexists(args.workspace)
     try:
         result = run(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
+        if isinstance(err, OSError):     # a folder that cannot be written, a full disk, ...
+            where = f" ({Path(err.filename).name})" if getattr(err, "filename", None) else ""
+            err = f"{err.strerror or type(err).__name__}{where}"
+        if new_workspace and os.path.isdir(args.workspace):
+            shutil.rmtree(args.workspace, ignore_errors=True)   # a refused command leaves no workspace behind
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:       # a folder that cannot be written, a full disk, ...
-        where = f" ({Path(err.filename).name})" if getattr(err, "filename", None) else ""
-        print(f"error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
         return 2
     if args.json:
         data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result

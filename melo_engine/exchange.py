@@ -38,7 +38,8 @@ def read_export(path: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     except ValueError as err:
         raise ValueError(f"{path.name} is not a MELO Studio export ({err})") from None
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad file to the user
-        raise ValueError(f"{path.name} is not a MELO Studio export ({type(err).__name__})") from None
+        what = "not a safetensors file" if "Safetensor" in type(err).__name__ else "unreadable"
+        raise ValueError(f"{path.name} is not a MELO Studio export ({what})") from None
     if meta.get("format") != str(EXPORT_FORMAT):
         raise ValueError(f"{path.name} has export format {str(meta.get('format'))[:20]!r}; "
                          f"this version reads format {EXPORT_FORMAT}")

@@ -94,6 +94,20 @@ def _cache_gguf(name: str, gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _loaded_or_one_line(where: str, what: str):
+    """_load_pretrained, with its many-line errors (a missing tokenizer, a hub id while offline,
+    a file that is not a model) said in one line."""
+    try:
+        return _load_pretrained(where)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" and "/" in where and not Path(where).exists()
+        if offline:
+            raise ValueError(f"{what} is neither bundled nor a folder here, and the hub is off "
+                             f"(HF_HUB_OFFLINE=1); bundled: {', '.join(BUNDLED)}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load {what}: {first[:200]}") from None
+
+
 def load_model(name: str = DEFAULT_MODEL):
     """Return (model, tokenizer) for `name`: a bundled short name, a local directory, or a hub id.
 
@@ -110,9 +124,12 @@ def load_model(name: str = DEFAULT_MODEL):
             # No bundled package (e.g. on Spaces): the same weights by hub id.
             model, tokenizer = _load_pretrained(BUNDLED[name]["hub_id"])
     elif Path(name).expanduser().is_dir():
-        model, tokenizer = _load_pretrained(str(Path(name).expanduser()))
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder.name or name} is not a model folder (it has no config.json)")
+        model, tokenizer = _loaded_or_one_line(str(folder), f"the model in {folder.name}")
     else:
-        model, tokenizer = _load_pretrained(name)
+        model, tokenizer = _loaded_or_one_line(name, f"model {name!r}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
