@@ -46,7 +46,8 @@ def main() -> None:
                               name="model-load")
     loader.start()
     from webapp import plots
-    from webapp.layout import build_demo
+    from webapp.downloads import Downloads
+    from webapp.layout import build_demo, server_extras
     from webapp.sessions import WorkspacePool
 
     loader.join()
@@ -57,14 +58,19 @@ def main() -> None:
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.
     threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
-    demo = build_demo(pool)
+    downloads = Downloads()
+    demo = build_demo(pool, downloads)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        css_paths=[str(ROOT / "assets" / "style.css")],
-        footer_links=[],
-    )
+    try:
+        demo.launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+            server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+            css_paths=[str(ROOT / "assets" / "style.css")],
+            footer_links=[],
+            app_kwargs=server_extras(pool, downloads),
+        )
+    finally:
+        downloads.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Every API endpoint through gradio_client against the running app."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from gradio_client import Client
 
@@ -82,3 +84,165 @@ def test_concurrent_edits_are_queued_and_asks_still_answered(app_server, example
     assert [e["prompt"] for e in c2.predict(api_name="/edits")] == [e2["prompt"]]
     assert c1.predict(e1["prompt"], api_name="/ask")["text"] == e1["target"]
     assert c2.predict(e1["prompt"], api_name="/ask")["block"] is None
+
+
+# ---- who reaches a workspace ------------------------------------------------------------
+def _event(config: dict, elem_id: str, trigger: str) -> int:
+    """The fn_index of the page's `trigger` event on the component with `elem_id`."""
+    comp = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == elem_id)
+    return next(i for i, d in enumerate(config["dependencies"]) if [comp, trigger] in d["targets"])
+
+
+def _call_event(url: str, fn_index: int, data: list) -> dict:
+    """Call one of the page's private events the way a hand-made client would (gradio's queue
+    protocol: join, then read the session's event stream)."""
+    import json
+    import uuid
+
+    import httpx
+
+    session = uuid.uuid4().hex
+    base = url.rstrip("/") + "/gradio_api/queue"
+    httpx.post(f"{base}/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                     "event_data": None, "trigger_id": None}).raise_for_status()
+    with httpx.stream("GET", f"{base}/data", params={"session_hash": session}, timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("no reply")
+
+
+def test_a_client_cannot_reach_a_workspace_by_another_session_identity(app_server, example_edits):
+    url, _ = app_server
+    owner = Client(url, verbose=False)
+    e = example_edits[6]
+    made = owner.predict(e["prompt"], e["target"], api_name="/edit")["edit_id"]
+    token = owner.cookies["melo_workspace"]
+
+    # The same session hash is not the same workspace: the hash is the client's to pick.
+    stranger = Client(url, verbose=False)
+    stranger.session_hash = owner.session_hash
+    assert stranger.predict(api_name="/edits") == []
+    assert stranger.predict(e["prompt"], api_name="/ask")["block"] is None
+
+    # Tokens the server did not issue are refused: invented, truncated, altered, the old form.
+    random_part, mac = token.split(".")
+    forged = [f"{'A' * 32}.{'B' * 22}", token[:-1], f"{random_part}.{mac[::-1]}", random_part,
+              "api-" + owner.session_hash, token + "x"]
+    for bad in forged:
+        c = Client(url, verbose=False, httpx_kwargs={"cookies": {"melo_workspace": bad}})
+        with pytest.raises(Exception, match="not issued by this server"):
+            c.predict(api_name="/edits")
+        # ... and so are the page's own events, called by hand with the same tokens.
+        reset = _call_event(url, _event(owner.config, "reset-btn", "click"), [bad, True])
+        assert reset["success"] is False and "not issued by this server" in str(reset["output"])
+    assert [x["id"] for x in owner.predict(api_name="/edits")] == [made]
+
+    # The owner keeps the workspace across connections by sending its cookie again.
+    again = Client(url, verbose=False, httpx_kwargs={"cookies": {"melo_workspace": token}})
+    assert [x["id"] for x in again.predict(api_name="/edits")] == [made]
+    assert again.predict(e["prompt"], api_name="/ask")["text"] == e["target"]
+
+
+def test_a_request_without_a_workspace_cookie_or_to_an_unknown_name_is_refused_in_one_line(app_server):
+    import httpx
+
+    url, _ = app_server
+    r = httpx.post(url + "gradio_api/call/edits", json={"data": []})
+    event = r.json()["event_id"]
+    body = httpx.get(url + f"gradio_api/call/edits/{event}", timeout=60).text
+    assert "no workspace" in body and "Traceback" not in body
+    r = httpx.post(url + "gradio_api/call/no-such-name", json={"data": []})
+    assert r.status_code == 404 and "no such API endpoint" in r.json()["error"] and "/ask" in r.text
+
+
+def test_an_edit_whose_client_gave_up_is_not_applied(app_server, example_edits):
+    """A client that queues an edit behind another and is killed before its edit is written:
+    the edit is trained but never committed (nobody would see it happen)."""
+    import subprocess
+    import sys
+
+    url, _ = app_server
+    first = Client(url, verbose=False)
+    e, other = example_edits[2], example_edits[8]
+    job = first.submit(e["prompt"], e["target"], api_name="/edit")
+    code = (f"import time\nfrom gradio_client import Client\nc = Client({url!r}, verbose=False)\n"
+            f"print(c.cookies['melo_workspace'], flush=True)\n"
+            f"j = c.submit({other['prompt']!r}, {other['target']!r}, api_name='/edit')\n"
+            f"time.sleep(0.5)\nprint(j.status().code, flush=True)\ntime.sleep(600)\n")
+    quitter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    token = quitter.stdout.readline().strip()
+    status = quitter.stdout.readline().strip()
+    quitter.kill()                      # gives up: queued behind the first edit, or training
+    quitter.wait()
+    assert status in ("Status.IN_QUEUE", "Status.PROCESSING", "Status.STARTING")
+    assert job.result(timeout=600)["token_accuracy"] == 1.0
+    # Edits take turns in one queue: once this later one is done, the quitter's has run.
+    later = example_edits[4]
+    assert first.predict(later["prompt"], later["target"], api_name="/edit")["token_accuracy"] == 1.0
+    back = Client(url, verbose=False, httpx_kwargs={"cookies": {"melo_workspace": token}})
+    assert back.predict(api_name="/edits") == []
+    assert back.predict(other["prompt"], api_name="/ask")["block"] is None
+
+
+def test_fuzz_through_the_api_and_the_command_line(app_server):
+    """Generated bad inputs through every API endpoint and the command line: each is refused
+    with one plain line (never gradio's "upstream ... exception", never a traceback or a
+    server path), and the app's log gains no traceback."""
+    import random
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tree_digest
+    from test_robustness import _fuzz_texts
+
+    from webapp.tokens import WorkspaceTokens
+
+    url, root = app_server
+    log = root.parent / "app.log"
+    tracebacks_before = log.read_text(errors="replace").count("Traceback")
+    rng = random.Random(11)
+    client = Client(url, verbose=False)
+    client.predict("What is 2 + 2?", api_name="/ask")          # its workspace now exists
+    folder = root / WorkspaceTokens(root).folder(client.cookies["melo_workspace"])
+
+    def files():
+        return {k: v for k, v in tree_digest(folder).items() if k != "last_used"}   # the idle clock
+    before = files()
+    tried = 0
+    values = _fuzz_texts(rng) + [True, -1, 0.0, [], {}, [None, 1], {"text": "What is 2 + 2?"}]
+    for value in values:
+        for api, args in [("/ask", [value]), ("/edit", [value, "Jupiter."]),
+                          ("/edit", ["What is the largest planet?", value]), ("/probe", [value]),
+                          ("/delete", [value])]:
+            tried += 1
+            with pytest.raises(Exception) as err:
+                client.predict(*args, api_name=api)
+            message = str(err.value)
+            assert message and "\n" not in message.strip() and "upstream" not in message, (api, value, message)
+            assert "Traceback" not in message and str(root) not in message
+    assert client.predict(api_name="/edits") == [] and files() == before
+
+    def cli(*args: bytes):
+        return subprocess.run([sys.executable, "-m", "melo_engine", *args], cwd=ROOT, capture_output=True,
+                              timeout=600)
+
+    ws = str(root.parent / "cli-fuzz").encode()
+    cases = []
+    texts = [t for t in _fuzz_texts(rng) if isinstance(t, str) and "\x00" not in t and len(t) < 2000]
+    for text in rng.sample(texts, 12):      # each call starts python: a sample
+        arg = text.encode("utf-8", "surrogateescape") if not any(0xD800 <= ord(c) < 0xE000 for c in text) \
+            else b"\xff\xfe"
+        cases += [[b"-w", ws, b"edit", arg, b"x"], [b"-w", ws, b"edit", b"q?", arg], [b"-w", ws, b"ask", arg]]
+    cases += [[b"-w", ws, b"frobnicate"], [b"list"], [b"-w", ws, b"edit", b"only-one"],
+              [b"-w", ws, b"--key-source", b"nope", b"list"], [b"-w", ws, b"delete", b"\xe2\x80\x8b"]]
+    for args in cases:
+        tried += 1
+        out = cli(*args)
+        lines = out.stderr.decode(errors="replace").strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr[-500:])
+    assert not Path(ws.decode()).exists()          # nothing was created for a refused command
+    assert log.read_text(errors="replace").count("Traceback") == tracebacks_before
+    assert tried >= 100

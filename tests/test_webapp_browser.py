@@ -116,6 +116,18 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     shot(page, "about")
 
     tab(page, "History")
+    # Export: a link the page alone receives, good for one download (downloads.py).
+    page.locator("#export-btn").click()
+    link = page.locator("#export-link a.melo-download")
+    link.wait_for(timeout=LONG)
+    href = link.get_attribute("href")
+    with page.expect_download() as dl:
+        link.click()
+    exported = Path(dl.value.path())
+    from melo_engine.exchange import EXPORT_MAGIC   # noqa: PLC0415
+    assert dl.value.suggested_filename.endswith(".melo") and EXPORT_MAGIC.encode() in exported.read_bytes()[:20000]
+    again = page.request.get(url + href)
+    assert again.status == 404 and "used or has expired" in again.text()
     page.locator("#selected-id input").click()
     page.get_by_role("option", name=e["prompt"][:30]).first.click()
     shot(page, "history")
@@ -163,12 +175,9 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
             page.wait_for_timeout(500)
         assert len(new) == 1, new
         ws = new[0] / "ws"
-        # The committed files (edit log, settings, blocks). chroma's sqlite file is left out:
-        # the server process owns it and sqlite rewrites it on its own (checkpoints) even
-        # when nothing changes; it mirrors the committed files and is rebuilt from them.
-        # The engine tests compare it byte for byte within one process.
+        # Every file, chroma's included (it is opened only to commit a change).
         def committed():
-            return {k: v for k, v in tree_digest(ws).items() if not k.startswith("index/")}
+            return tree_digest(ws)
         before = committed()
         page.locator("#question textarea").fill("")
         page.locator("#target textarea").fill("")

@@ -12,22 +12,37 @@ from webapp.sessions import WorkspacePool
 
 def test_idle_workspaces_are_removed_and_active_ones_kept(backbone, tmp_path):
     pool = WorkspacePool(backbone, root=tmp_path, idle_seconds=60)
-    pool.editor("visitor-idle-0001")
-    pool.editor("visitor-busy-0002")
-    (tmp_path / "visitor-idle-0001" / "last_used").write_text(str(time.time() - 3600))
-    assert pool.sweep() == ["visitor-idle-0001"]
-    assert not (tmp_path / "visitor-idle-0001").exists()
-    assert (tmp_path / "visitor-busy-0002" / "ws" / "workspace.json").is_file()
+    idle, busy = pool.tokens.new(), pool.tokens.new()
+    pool.editor(idle)
+    pool.editor(busy)
+    idle_dir, busy_dir = tmp_path / pool.tokens.folder(idle), tmp_path / pool.tokens.folder(busy)
+    (idle_dir / "last_used").write_text(str(time.time() - 3600))
+    assert pool.sweep() == [idle_dir.name]
+    assert not idle_dir.exists()
+    assert (busy_dir / "ws" / "workspace.json").is_file()
     # The removed visitor comes back to a fresh, empty workspace.
-    assert pool.editor("visitor-idle-0001").edits() == []
+    assert pool.editor(idle).edits() == []
 
 
-def test_bad_visitor_tokens_are_refused(backbone, tmp_path):
+def test_only_tokens_the_server_issued_reach_a_workspace(backbone, tmp_path):
     pool = WorkspacePool(backbone, root=tmp_path)
-    for bad in ("", "short", "../../etc", "a" * 80):
-        with pytest.raises(ValueError):
+    token = pool.tokens.new()
+    random_part, mac = token.split(".")
+    for bad in ("", None, 12345, "short", "../../etc", "a" * 80, random_part, f"{random_part}.{'A' * 22}",
+                token[:-1] + ("A" if token[-1] != "A" else "B"), token + "\n", token.upper()):
+        with pytest.raises(ValueError, match="not issued by this server"):
             pool.editor(bad)
-    assert list(tmp_path.iterdir()) == []
+        assert callbacks.visitor_token(pool, bad) != bad     # the page gets a new one instead
+    assert [p.name for p in tmp_path.iterdir()] == [".token-secret"]
+    # The folder is a hash of the token: a listing of the tree gives away no usable token.
+    pool.editor(token)
+    (folder,) = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert folder == pool.tokens.folder(token) and random_part not in folder and mac not in folder
+    assert callbacks.visitor_token(pool, token) == token
+    # Tokens stay valid for a server restarted on the same folder, and only there.
+    assert WorkspacePool(backbone, root=tmp_path).tokens.valid(token)
+    assert not WorkspacePool(backbone, root=tmp_path / "elsewhere").tokens.valid(token)
+    assert len({pool.tokens.new() for _ in range(1000)}) == 1000
 
 
 def test_map_uses_pca_with_exact_radii_below_the_umap_threshold():
@@ -73,12 +88,43 @@ def test_routing_badge_says_none_or_block():
 
 def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbone, tmp_path):
     pool = WorkspacePool(backbone, root=tmp_path, idle_seconds=3600, empty_idle_seconds=60, max_open=2)
-    pool.editor("visitor-only-looked").ask("What is 2 + 2?")
-    pool.editor("visitor-made-an-edit").edit("What is the capital of Switzerland?", "Bern.")
+    looked, edited, third, never = (pool.tokens.new() for _ in range(4))
+    pool.editor(looked).ask("What is 2 + 2?")
+    pool.editor(edited).edit("What is the capital of Switzerland?", "Bern.")
     with pytest.raises(ValueError, match="as many visitors as it can hold"):
-        pool.editor("visitor-third-one")
-    assert pool.existing("visitor-never-came") is None and not (tmp_path / "visitor-never-came").exists()
+        pool.editor(third)
+    assert pool.existing(never) is None and not (tmp_path / pool.tokens.folder(never)).exists()
     ten_minutes_later = time.time() + 600
-    assert pool.sweep(now=ten_minutes_later) == ["visitor-only-looked"]   # the one with an edit stays
-    assert pool.editor("visitor-third-one").edits() == []                  # room again
-    assert [e["target"] for e in pool.editor("visitor-made-an-edit").edits()] == ["Bern."]
+    assert pool.sweep(now=ten_minutes_later) == [pool.tokens.folder(looked)]   # the one with an edit stays
+    assert pool.editor(third).edits() == []                                      # room again
+    assert [e["target"] for e in pool.editor(edited).edits()] == ["Bern."]
+
+
+def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from webapp.downloads import Downloads
+
+    downloads = Downloads(ttl_seconds=60)
+    try:
+        def fetch(ticket):
+            req = Request({"type": "http", "method": "GET", "path": "/", "headers": [],
+                           "path_params": {"ticket": ticket}})
+            return asyncio.run(downloads.endpoint(req))
+
+        path = downloads.new_file("e.melo")
+        path.write_bytes(b"edits")
+        ticket = downloads.offer(path)
+        assert len(ticket) >= 43 and fetch("not-a-ticket").status_code == 404
+        assert fetch(ticket).status_code == 200
+        assert fetch(ticket).status_code == 404                   # spent
+        late = downloads.new_file("late.melo")
+        late.write_bytes(b"edits")
+        expired = downloads.offer(late)
+        downloads.forget_expired(now=time.time() + 61)
+        assert fetch(expired).status_code == 404 and not late.exists()
+    finally:
+        downloads.close()
+    assert not downloads.folder.exists()

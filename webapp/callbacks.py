@@ -10,14 +10,13 @@ import dataclasses
 import difflib
 import functools
 import html
-import secrets
-import tempfile
+import inspect
 import time
-from pathlib import Path
 
 import gradio as gr
 
 from . import plots
+from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
 
 MAX_PROBES = 20
@@ -26,6 +25,15 @@ HISTORY_COLUMNS = ["id", "prompt", "target", "block", "cluster", "action", "stat
 
 def user_errors(fn):
     """Show a ValueError (bad input, unknown id, bad file) as a short message, not a traceback."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ValueError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+        return generator
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -35,9 +43,10 @@ def user_errors(fn):
     return wrapper
 
 
-def visitor_token(token: str | None) -> str:
-    """The browser's workspace token, or a new one on a first visit."""
-    return token if token and len(token) >= 8 else secrets.token_urlsafe(12)
+def visitor_token(pool: WorkspacePool, token: str | None) -> str:
+    """The browser's workspace token, or a new one on a first visit (or for one this server did
+    not issue: an older token, or one somebody typed in)."""
+    return token if pool.tokens.valid(token) else pool.tokens.new()
 
 
 # ---- rendering -----------------------------------------------------------------------
@@ -128,7 +137,12 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
     def report(step, loss):
         progress(step / max_iters, desc=f"training step {step}: loss {loss:.3f}")
 
-    r = ed.edit(question, target, progress=report)
+    pending = ed.train(question, target, progress=report)     # nothing written yet
+    # gradio checks at every yield that the visitor is still connected, and never resumes a
+    # generator whose visitor has gone: an edit whose page was closed, or whose API client
+    # gave up, while it waited in the queue or trained is not written.
+    yield gr.skip(), gr.skip(), gr.skip()
+    r = ed.commit(pending)
     after = ed.ask(question)
     forgotten = (f" It split a conflicting cluster; forgotten earlier edits: {', '.join(r.forgotten)}."
                  if r.forgotten else "")
@@ -144,7 +158,7 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
                       f" (kept as superseded in History; undoing this edit brings them back).")
     summary = (f"**Edit `{r.edit_id}`** trained **block {r.block}** in {r.steps} steps ({r.seconds:.1f} s) "
                f"and {what} (`{r.cluster}`).{forgotten}")
-    return summary, answer_html(after), losses_figure(r.losses)
+    yield summary, answer_html(after), losses_figure(r.losses)
 
 
 @user_errors
@@ -193,12 +207,19 @@ def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
 
 
 @user_errors
-def export(pool: WorkspacePool, token: str) -> str:
+def export(pool: WorkspacePool, downloads: Downloads, token: str) -> str:
+    """A link that downloads the export once (downloads.py: nobody else can fetch it)."""
     ed = pool.editor(token)
-    if not any(e["status"] == "active" for e in ed.edits()):
+    active = sum(e["status"] == "active" for e in ed.edits())
+    if not active:
         raise ValueError("there are no edits to export")
-    out = Path(tempfile.mkdtemp(prefix="melo-export-")) / f"melo-edits-{time.strftime('%Y%m%d-%H%M%S')}.melo"
-    return str(ed.export(out))
+    path = ed.export(downloads.new_file(f"melo-edits-{time.strftime('%Y%m%d-%H%M%S')}.melo"))
+    ticket = downloads.offer(path)
+    href = html.escape(ROUTE.format(ticket=ticket).lstrip("/"))   # relative: works under a proxy's path
+    minutes = round(downloads.ttl_seconds / 60)
+    return (f'<a class="melo-download" href="{href}" download="{html.escape(path.name)}">Download '
+            f'{html.escape(path.name)}</a> ({active} edit{"s" if active != 1 else ""}, '
+            f'{path.stat().st_size / 1e6:.1f} MB). The link works once, for {minutes} minutes.')
 
 
 @user_errors

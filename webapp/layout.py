@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from . import callbacks as cb
+from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
+from .tokens import COOKIE, TokenCookie
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+API_NAMES = ("/ask", "/edit", "/probe", "/delete", "/edits")
 
 ABOUT = """
 **MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
@@ -39,8 +43,9 @@ HELP = {
 }
 
 
-def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr.Blocks:
-    """The page. `answer_concurrency`: questions answered at once (default: one per core)."""
+def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: int | None = None) -> gr.Blocks:
+    """The page. `downloads` hands out exports (serve `downloads.endpoint` at downloads.ROUTE,
+    see `server_extras`); `answer_concurrency`: questions answered at once (default: one per core)."""
     examples = json.loads((ASSETS / "example_edits.json").read_text())
     bind = lambda fn: partial(fn, pool)  # noqa: E731 - every callback gets the pool first
 
@@ -87,7 +92,7 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
             history_msg = gr.Markdown(elem_id="history-msg")
             with gr.Row():
                 export_btn = gr.Button("Export all edits", elem_id="export-btn")
-                export_file = gr.File(label="Exported file", interactive=False)
+                export_link = gr.HTML(elem_id="export-link")
                 import_file = gr.File(label="Import a .melo file", file_types=[".melo"], elem_id="import-file")
 
         with gr.Tab("Settings", id="settings"):
@@ -140,7 +145,7 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
                 event = event.then(fn, ins, out, **private)
             return event
 
-        demo.load(cb.visitor_token, token, token, **private).then(
+        demo.load(bind(cb.visitor_token), token, token, **private).then(
             bind(cb.settings_values), token, [key_source, radius, rank, lr, iters], **private).then(
             bind(cb.key_info), token, key_about, **private).then(
             bind(cb.history), token, [table, selected], **private).then(
@@ -168,7 +173,7 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
 
         table.select(pick, table, selected, **private)
         after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private))
-        export_btn.click(bind(cb.export), token, export_file, **private)
+        export_btn.click(partial(cb.export, pool, downloads), token, export_link, **private)
         after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
@@ -176,12 +181,18 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
             lambda: (False, []), None, [confirm, probes_state], **private))
 
-        # ---- API endpoints (gradio_client): plain JSON, a workspace per client session --------
-        def api_visitor(request: gr.Request) -> str:
-            return "api-" + (request.session_hash or "anonymous").replace("/", "_")[:48]
+        # ---- API endpoints (gradio_client): plain JSON, a workspace per client ---------------
+        # The workspace is the one of the token cookie the client got with /config (tokens.py),
+        # never one picked by the session hash, which any client can set.
+        def api_token(request: gr.Request) -> str:
+            token = request.cookies.get(COOKIE)
+            if not token:
+                raise ValueError(f"no workspace: connect with gradio_client, which keeps the {COOKIE} cookie "
+                                 f"this server sets on /config (README, API)")
+            return token
 
         def api_editor(request: gr.Request):
-            return pool.editor(api_visitor(request))
+            return pool.editor(api_token(request))
 
         @cb.user_errors
         def ask_api(question: str, request: gr.Request) -> dict:
@@ -189,9 +200,12 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
             return cb.api_answer(api_editor(request).ask(question, compare_base=True))
 
         @cb.user_errors
-        def edit_api(question: str, target: str, request: gr.Request) -> dict:
+        def edit_api(question: str, target: str, request: gr.Request) -> Iterator[dict]:
             """Edit the model so `question` gets `target`; returns the edit result."""
-            return cb.api_edit_result(api_editor(request).edit(question, target))
+            ed = api_editor(request)
+            pending = ed.train(question, target)
+            yield None                  # not resumed if the client has gone (see cb.edit)
+            yield cb.api_edit_result(ed.commit(pending))
 
         @cb.user_errors
         def probe_api(queries: str, request: gr.Request) -> list:
@@ -211,9 +225,10 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
             api_editor(request).delete(edit_id.strip())
             return {"deleted": edit_id.strip()}
 
+        @cb.user_errors
         def edits_api(request: gr.Request) -> list:
             """Every edit of this client's workspace (listing never creates one)."""
-            ed = pool.existing(api_visitor(request))
+            ed = pool.existing(api_token(request))
             return ed.edits() if ed is not None else []
 
         gr.api(ask_api, api_name="ask", **answer_q)
@@ -222,3 +237,21 @@ def build_demo(pool: WorkspacePool, answer_concurrency: int | None = None) -> gr
         gr.api(delete_api, api_name="delete")
         gr.api(edits_api, api_name="edits")
     return demo
+
+
+def server_extras(pool: WorkspacePool, downloads: Downloads) -> dict:
+    """What the server adds to gradio's app (launch's `app_kwargs`): the API's token cookie,
+    the one-time export downloads, and a plain 404 for an API name that does not exist
+    (gradio answers it with a 500 and a traceback in the log)."""
+    from gradio.route_utils import FnIndexInferError
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def unknown_endpoint(request, exc):
+        return JSONResponse({"error": f"no such API endpoint; this app has {', '.join(API_NAMES)}"},
+                            status_code=404)
+
+    return {"middleware": [Middleware(TokenCookie, tokens=pool.tokens)],
+            "routes": [Route(ROUTE, downloads.endpoint, methods=["GET"])],
+            "exception_handlers": {FnIndexInferError: unknown_endpoint}}

@@ -1,13 +1,12 @@
 """Visitors' workspaces: one MeloEditor per visitor, all on one shared, frozen Backbone.
 
-A visitor is known by a random token the page keeps in the browser's local storage (so a
-reload finds the same workspace); API clients without one get a workspace per session.
-Workspaces idle for longer than `idle_seconds` are removed by a background sweep.
+A visitor is known by a token only the server can issue (tokens.py): the page keeps it in
+the browser's local storage (so a reload finds the same workspace), API clients get it as a
+cookie. Workspaces idle for too long are removed by a background sweep.
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+from .tokens import WorkspaceTokens
 
 
 def default_root() -> Path:
@@ -40,6 +39,7 @@ class WorkspacePool:
         self.backbone = backbone
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
+        self.tokens = WorkspaceTokens(self.root)
         self.idle_seconds = idle_seconds
         self.empty_idle_seconds = min(empty_idle_seconds, idle_seconds)
         self.max_open = max_open
@@ -47,28 +47,27 @@ class WorkspacePool:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def editor(self, visitor: str) -> MeloEditor:
-        """The visitor's editor, opening (or creating) the workspace on first use."""
-        if not visitor or not _TOKEN.match(visitor):
-            raise ValueError("this page has no workspace yet: reload it")
+    def editor(self, token: str) -> MeloEditor:
+        """The editor of the token's workspace, opening (or creating) it on first use."""
+        folder = self.tokens.folder(token)
         with self._lock:
-            full = visitor not in self._editors and len(self._editors) >= self.max_open
+            full = folder not in self._editors and len(self._editors) >= self.max_open
         if full:
             self.sweep()
         with self._lock:
-            ed = self._editors.get(visitor)
+            ed = self._editors.get(folder)
             if ed is None:
                 if len(self._editors) >= self.max_open:
                     raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                ed = MeloEditor.open(self.root / visitor / "ws", backbone=self.backbone)
-                self._editors[visitor] = ed
-        (self.root / visitor / "last_used").write_text(str(time.time()))
+                ed = MeloEditor.open(self.root / folder / "ws", backbone=self.backbone)
+                self._editors[folder] = ed
+        (self.root / folder / "last_used").write_text(str(time.time()))
         return ed
 
-    def existing(self, visitor: str) -> MeloEditor | None:
-        """The visitor's editor if they have a workspace; never creates one."""
-        if visitor and _TOKEN.match(visitor) and (self.root / visitor / "ws").is_dir():
-            return self.editor(visitor)
+    def existing(self, token: str) -> MeloEditor | None:
+        """The token's editor if its workspace exists; never creates one."""
+        if (self.root / self.tokens.folder(token) / "ws").is_dir():
+            return self.editor(token)
         return None
 
     @staticmethod
@@ -77,10 +76,12 @@ class WorkspacePool:
         return blocks.is_dir() and any(blocks.iterdir())
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove workspaces idle for too long (see the class); return the visitors removed."""
+        """Remove workspaces idle for too long (see the class); return the folders removed."""
         now = time.time() if now is None else now
         removed = []
         for d in self.root.iterdir() if self.root.is_dir() else []:
+            if not d.is_dir():
+                continue        # the token secret
             stamp = d / "last_used"
             try:
                 last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
