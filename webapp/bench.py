@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -219,6 +220,39 @@ def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:
             proc.kill()
 
 
+def workspace_cost(visitors: int = 20, editors: int = 5) -> dict:
+    """What one more visitor costs the server: open files, threads and disk per workspace,
+    for visitors who only ask and for visitors who made one edit (docs/RELIABILITY.md)."""
+    from melo_engine.backbone import Backbone
+    from melo_engine.config import DEFAULT_MODEL
+
+    from .sessions import WorkspacePool
+
+    backbone = Backbone.load(DEFAULT_MODEL)
+    backbone.sentence_encoder()
+    root = Path(tempfile.mkdtemp(prefix="melo-cost-"))
+    pool = WorkspacePool(backbone, root=root)
+
+    def now():
+        disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return len(os.listdir("/proc/self/fd")), threading.active_count(), disk
+
+    pool.editor(pool.tokens.new()).ask("What is 2 + 2?")      # warm: the first ask loads the encoder
+    base = now()
+    tokens = [pool.tokens.new() for _ in range(visitors)]
+    for t in tokens:
+        pool.editor(t).ask("What is 2 + 2?")
+    asked = now()
+    for t in tokens[:editors]:
+        pool.editor(t).edit("What is the capital of Turkey?", "Ankara is the capital of Turkey.")
+    edited = now()
+    shutil.rmtree(root, ignore_errors=True)
+
+    def per(a, b, n):
+        return {"open_files": (b[0] - a[0]) / n, "threads": (b[1] - a[1]) / n, "disk_kB": (b[2] - a[2]) / n / 1000}
+    return {"only_asked": per(base, asked, visitors), "one_edit_more": per(asked, edited, editors)}
+
+
 def main(argv=None) -> int:
     quiet_env(offline=True)
     p = argparse.ArgumentParser(prog="python -m webapp.bench")
@@ -229,12 +263,15 @@ def main(argv=None) -> int:
     ld.add_argument("--threads", type=int, default=None, help="MELO_THREADS for the app (default: the app's)")
     m = sub.add_parser("map", help="index map time for N real edits")
     m.add_argument("--edits", type=int, default=200)
+    sub.add_parser("workspace-cost", help="open files, threads and disk per visitor's workspace")
     f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
     f.add_argument("study")
     f.add_argument("png")
     args = p.parse_args(argv)
     if args.what == "frontier":
         res = frontier_png(args.study, args.png)
+    elif args.what == "workspace-cost":
+        res = workspace_cost()
     else:
         res = startup() if args.what == "startup" else load(args.askers, threads=args.threads) if args.what == "load" else index_map(args.edits)
     print(json.dumps(res, indent=1))
