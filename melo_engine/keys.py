@@ -17,7 +17,6 @@ transform is fitted once per model and source on reference paraphrase pairs and 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .model import cache_dir
+from .model import cache_dir, cached_tensors
 
 SOURCES = ("sentence", "model")
 
@@ -165,27 +164,15 @@ WHITENING_SHRINK = 0.1
 
 def whitening_for(keyer: Keyer) -> Whitening:
     """The cached whitening for this model and key setting (fitted on first use)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from .calibrate import whitening_pairs
 
     cfg, bb = keyer.cfg, keyer.backbone
+
+    def fit():
+        a, b = whitening_pairs()
+        w = Whitening.fit(keyer.raw(a), keyer.raw(b), WHITENING_SHRINK)
+        return {"matrix": w.matrix}, {"pairs": str(w.pairs)}
+
     path = cache_dir() / "whitening" / f"{cfg.model}-{cfg.key_name()}-s{WHITENING_SHRINK}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if json.loads(meta.get("fingerprint", "null")) == bb.fingerprint:
-                    return Whitening(f.get_tensor("matrix"), int(meta["pairs"]), WHITENING_SHRINK)
-        except Exception:  # noqa: BLE001 - a damaged cache file is refitted, never trusted
-            pass
-    a, b = whitening_pairs()
-    w = Whitening.fit(keyer.raw(a), keyer.raw(b), WHITENING_SHRINK)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}-{os.getpid()}")
-    # One file, renamed into place: a process starting beside this one reads all or nothing.
-    save_file({"matrix": w.matrix.contiguous()}, str(tmp),
-              metadata={"fingerprint": json.dumps(bb.fingerprint), "pairs": str(w.pairs)})
-    os.replace(tmp, path)
-    return w
+    tensors, meta = cached_tensors(path, bb.fingerprint, fit)
+    return Whitening(tensors["matrix"], int(meta["pairs"]), WHITENING_SHRINK)

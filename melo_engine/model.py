@@ -108,6 +108,30 @@ def _loaded_or_one_line(where: str, what: str):
         raise ValueError(f"cannot load {what}: {first[:200]}") from None
 
 
+def cached_tensors(path: Path, fingerprint, make) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) from the cache file at `path` if it was made for `fingerprint`,
+    else `make()` -> (tensors, metadata), saved there first. A damaged file is remade, never
+    trusted; the file is renamed into place, so a process beside this one reads all or nothing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if json.loads(meta.get("fingerprint", "null")) == fingerprint:
+                    return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception:  # noqa: BLE001 - remade below
+            pass
+    tensors, meta = make()
+    meta = dict(meta, fingerprint=json.dumps(fingerprint))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return tensors, meta
+
+
 def load_model(name: str = DEFAULT_MODEL):
     """Return (model, tokenizer) for `name`: a bundled short name, a local directory, or a hub id.
 

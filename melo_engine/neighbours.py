@@ -1,0 +1,65 @@
+"""Side effects of an edit, found before anyone asks: which everyday questions now fire it.
+
+An edit fires for every question whose key falls inside its cluster, and some of those are
+not paraphrases ("capital of Austria" after an edit of "capital of Switzerland"). Generating
+answers to find them would take seconds per question; comparing keys takes milliseconds. So
+a bank of reference questions (assets/reference_questions.json: capitals, elements, planets,
+painters, ... in the templates a class is likely to edit) has its keys computed once per
+model and key setting and cached; after an edit, the bank is routed against the index and
+the questions nearest the edit are listed with distance against radius, and whether the
+edit now fires for them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model import cache_dir, cached_tensors
+
+REFERENCE_FILE = Path(__file__).resolve().parent.parent / "assets" / "reference_questions.json"
+
+
+@dataclass
+class Neighbour:
+    question: str
+    distance: float         # to the center of the edit's cluster
+    radius: float           # that cluster's radius
+    fires: bool             # routing this question now fires the edit's block
+    fired_edit: str | None  # the edit that fires for it (this one, another, or None)
+
+
+def reference_questions() -> list[str]:
+    return json.loads(REFERENCE_FILE.read_text())
+
+
+def reference_keys(keyer) -> tuple[list[str], torch.Tensor]:
+    """The bank's questions and their keys under this workspace's key setting (cached)."""
+    questions = reference_questions()
+    digest = hashlib.sha256("\n".join(questions).encode()).hexdigest()[:12]
+    cfg = keyer.cfg
+    path = cache_dir() / "reference" / f"{cfg.model}-{cfg.key_name()}-{digest}.safetensors"
+    tensors, _ = cached_tensors(path, keyer.backbone.fingerprint,
+                                lambda: ({"keys": keyer.keys(questions).float()}, {}))
+    return questions, tensors["keys"]
+
+
+def side_effects(state, edit_id: str, questions: list[str], keys: torch.Tensor, n: int = 8) -> list[Neighbour]:
+    """The `n` reference questions nearest the center of `edit_id`'s cluster, and every one
+    that fires the edit, nearest first."""
+    point = state.points[edit_id]
+    cluster = state.clusters[point.cluster]
+    dist = torch.linalg.vector_norm(keys - cluster.center.float()[None], dim=-1)
+    out = []
+    for i in torch.argsort(dist).tolist():
+        route = state.route(keys[i])
+        fires = route.edit_id == edit_id
+        if len(out) >= n and not fires:
+            if float(dist[i]) > cluster.radius:
+                break            # farther ones are outside the cluster: none of them fires it
+            continue
+        out.append(Neighbour(questions[i], float(dist[i]), float(cluster.radius), fires, route.edit_id))
+    return out
