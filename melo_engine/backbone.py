@@ -237,6 +237,24 @@ class Backbone:
         with self.lora(active):
             return self._greedy(enc, max_new_tokens, min_new_tokens)
 
+    @torch.no_grad()
+    def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,
+                       max_new_tokens: int) -> list[str]:
+        """Greedy answers to many questions in one generation, question i with block row i of
+        `active`. Rows are padded on the left (generation continues every row at its end);
+        a row without a block runs the original model exactly."""
+        enc = self.encode(questions)
+        width = enc.ids.shape[1]
+        ids = torch.full_like(enc.ids, self.tokenizer.pad_token_id)
+        mask = torch.zeros_like(enc.mask)
+        for i, n in enumerate(enc.mask.sum(1).tolist()):
+            ids[i, width - n:] = enc.ids[i, :n]
+            mask[i, width - n:] = 1
+        with self.lora(active):
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
     def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
         out = self.model.generate(
             input_ids=enc.ids,

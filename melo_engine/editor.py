@@ -10,12 +10,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,9 +29,10 @@ from .backbone import Backbone
 from .bank import BlockBank
 from .calibrate import calibrated_radius
 from .config import DEFAULT_MODEL, EDIT_SETTINGS, MeloConfig
-from .exchange import EXPORT_FORMAT, EXPORT_MAGIC, check_edits, read_export
+from .exchange import EXPORT_FORMAT, EXPORT_MAGIC, KEPT_NUMBERS, check_edits, read_export
 from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
+from .neighbours import Neighbour, reference_keys, side_effects
 from .train import Trained, train_block
 from .upgrade import upgrade_format1
 
@@ -158,6 +161,7 @@ class MeloEditor:
         self.backbone = backbone
         self.config = config
         self.keyer = keyer or Keyer(backbone, config)
+        self._reference = None                # the side-effect bank's keys, loaded when first needed
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._lock = threading.RLock()        # one change to this workspace at a time
         self.store = store.Store(self.workspace)
@@ -337,14 +341,53 @@ class MeloEditor:
         active, r = choose(self.key(question), t0)
         return self.backbone.generate(question, active, max_new_tokens, min_new_tokens), r
 
-    def probe(self, questions: list[str]) -> list[Answer]:
-        """Ask many questions, each with the unedited answer beside it."""
+    def probe(self, questions: list[str], workers: int | None = None) -> list[Answer]:
+        """Ask many questions, each with the unedited answer beside it, answered together:
+        every question is routed once, then the rows (the edited answers, and the unedited
+        twins of those that fired a block) are generated as `workers` batches side by side,
+        one per core by default (each on the calling thread's torch threads: the app gives a
+        request one). Six queries through the app: 6.7 s, against 20.3 s asked one at a time
+        (docs/BENCHMARKS.md, "Probe")."""
         if not isinstance(questions, (list, tuple)):
             raise ValueError("the questions must be a list of texts")
-        qs = [q for q in questions if isinstance(q, str) and q.strip()]
+        qs = [self._check(q, f"question {i + 1}") for i, q in enumerate(questions)]
         if not qs:
             raise ValueError("no questions to probe")
-        return [self.ask(q, compare_base=True) for q in qs]
+        t0 = time.perf_counter()
+        keys = self.keyer.keys(qs)
+        with self.index.lock:
+            routes = [self.index.state.route(k) for k in keys]
+        rows = [(q, r.block) for q, r in zip(qs, routes)] + [(q, None) for q, r in zip(qs, routes) if r.block is not None]
+        n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
+        parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
+
+        def generate(part):
+            with self.index.lock:
+                active = self.bank.gather([b for _, b in part], self.modules)
+            # Each thread holds its own blocks (the LoRA layers keep them per thread).
+            return self.backbone.generate_batch([q for q, _ in part], active, self.config.max_new_tokens)
+
+        with ThreadPoolExecutor(n) as pool:
+            done = list(pool.map(generate, parts))
+        texts = [None] * len(rows)
+        for i, part_texts in enumerate(done):
+            texts[i::n] = part_texts
+        base = iter(texts[len(qs):])
+        seconds = (time.perf_counter() - t0) / len(qs)
+        return [Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id,
+                       next(base) if r.block is not None else t, seconds)
+                for t, r in zip(texts[:len(qs)], routes)]
+
+    def side_effects(self, edit_id: str, n: int = 8) -> list[Neighbour]:
+        """The reference questions nearest an active edit, and every one that now fires it,
+        with distance against radius (neighbours.py): keys only, nothing generated."""
+        entry = self._entry(str(edit_id))
+        if self._reference is None:
+            self._reference = reference_keys(self.keyer)
+        with self.index.lock:
+            if entry["id"] not in self.index.state.points:
+                raise ValueError(f"edit {entry['id']} is {entry['status']}: it fires for no question")
+            return side_effects(self.index.state, entry["id"], *self._reference, n=n)
 
     # ---- editing -------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> EditResult:
@@ -492,9 +535,18 @@ class MeloEditor:
                         ch.update(e, superseded_by=p.superseded_by)
             return back
 
-    def reset(self) -> None:
-        """Remove every edit (the settings stay)."""
+    def default_settings(self) -> dict:
+        """The settings a new workspace of this model and key source starts with."""
+        fresh = MeloConfig()
+        out = {k: getattr(fresh, k) for k in EDIT_SETTINGS if k != "init_radius"}
+        out["init_radius"] = calibrated_radius(self.backbone, self.config, self.keyer)
+        return out
+
+    def reset(self, default_settings: bool = False) -> None:
+        """Remove every edit; the settings stay, unless `default_settings`."""
         self._writable()
+        if default_settings:
+            self.update_settings(**self.default_settings())
         with self._lock:
             with self.index.lock:
                 self.store.append({"op": "reset", "at": time.time()})
@@ -534,7 +586,7 @@ class MeloEditor:
             keyer = Keyer(self.backbone, cfg)
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(self.backbone, cfg, keyer))
             cfg.save(self.workspace / store.CONFIG)
-            self.config, self.keyer = cfg, keyer
+            self.config, self.keyer, self._reference = cfg, keyer, None
             return cfg
 
     # ---- looking inside ------------------------------------------------------------------
@@ -545,11 +597,28 @@ class MeloEditor:
         return {
             "distance": self.config.distance,
             "points": [{"edit_id": p.edit_id, "key": p.key.tolist(), "block": p.block, "cluster": p.cluster,
-                        "label": p.label, "prompt": by_id.get(p.edit_id, {}).get("prompt", "")}
+                        "label": by_id.get(p.edit_id, {}).get("target", p.label),
+                        "prompt": by_id.get(p.edit_id, {}).get("prompt", "")}
                        for p in s.points.values()],
             "clusters": [{"id": c.id, "center": c.center.tolist(), "radius": c.radius, "label": c.label,
                           "members": list(c.members)} for c in s.clusters.values()],
         }
+
+    def distances(self, question: str, n: int = 8) -> list[dict]:
+        """The `n` clusters nearest a question, with the true distance of its key to each
+        center against that cluster's radius: what a 2-D map cannot show exactly."""
+        key = self.key(self._check(question, "the question"))
+        with self.index.lock:
+            s = self.index.state
+            r = s.route(key)
+            fired = r.cluster if r.block is not None else None
+            out = []
+            for cid, d in s.centers.k_nearest(key, n):
+                c = s.clusters[cid]
+                targets = [self.entries[m]["target"] for m in c.members if m in self.entries]
+                out.append({"cluster": cid, "distance": d, "radius": c.radius, "fires": cid == fired,
+                            "edits": list(c.members), "answer": targets[0] if targets else c.label})
+            return out
 
     def stats(self) -> dict:
         n = len(self.entries)
@@ -584,7 +653,7 @@ class MeloEditor:
             meta = {"magic": EXPORT_MAGIC, "format": str(EXPORT_FORMAT), "model": self.config.model,
                     "fingerprint": json.dumps(self.backbone.fingerprint),
                     "settings": json.dumps(self.config.to_json()),
-                    "edits": json.dumps([{k: e[k] for k in ("id", "prompt", "target")} for e in active])}
+                    "edits": json.dumps([self._exported(e) for e in active])}
             tmp = path.with_name(f".{path.name}.tmp")
             try:
                 save_file(tensors, str(tmp), metadata=meta)
@@ -593,6 +662,14 @@ class MeloEditor:
                 tmp.unlink(missing_ok=True)
                 raise ValueError(f"cannot write {path.name}: {err.strerror or type(err).__name__}") from None
             return path
+
+    def _exported(self, e: dict) -> dict:
+        """What an export keeps of an edit: its texts and history, and the radius of its
+        cluster now (what decides where it fires)."""
+        out = {k: e[k] for k in ("id", "prompt", "target")}
+        out.update({k: e[k] for k, _, _ in KEPT_NUMBERS if k in e and k != "radius"})
+        out["radius"] = self.index.state.clusters[self.index.state.points[e["id"]].cluster].radius
+        return out
 
     def import_(self, path) -> list[str]:
         """Add the edits of an export file (trained blocks included: nothing retrains).
@@ -617,12 +694,15 @@ class MeloEditor:
             with self._change("import") as ch:
                 for e, (eid, block) in zip(edits, ids):
                     ch.blocks[block], ch.new_blocks[block] = file, blocks[block]
-                    placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], self.config.init_radius,
+                    # The radius it had where it was exported: it fires for the same questions.
+                    radius = e.get("radius", self.config.init_radius)
+                    placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], radius,
                                        self.config.on_conflict)
                     ch.placed(placed, eid)
                     ch.set(eid, {"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
-                                 "cluster": placed.cluster, "action": placed.action, "created": time.time(),
-                                 "steps": 0, "seconds": 0.0, "status": "active", "imported": True})
+                                 "cluster": placed.cluster, "action": placed.action,
+                                 "created": e.get("created", time.time()), "steps": e.get("steps", 0),
+                                 "seconds": e.get("seconds", 0.0), "status": "active", "imported": True})
             return [eid for eid, _ in ids]
 
     def bulk_add(self, chunks) -> int:

@@ -18,6 +18,10 @@ EXPORT_MAGIC = "melo-studio-edits"
 EXPORT_FORMAT = 1
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RANK = 64
+# What an export keeps of each edit beyond its texts, key and block, so that an import shows
+# the same history (older exports lack them: the importer's defaults apply), with the range
+# a value must fall in: (field, low, high).
+KEPT_NUMBERS = (("created", 0.0, 4.0e9), ("seconds", 0.0, 1.0e6), ("steps", 0, 10 ** 6), ("radius", 1e-6, 4.0))
 
 
 def read_export(path: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
@@ -64,6 +68,11 @@ def check_edits(name: str, edits: list[dict], tensors: dict[str, torch.Tensor], 
             if not isinstance(e.get(what), str):
                 raise ValueError(f"{name}: edit {eid} has no {what}")
             clean(e[what], f"an imported {what}")
+        for what, low, high in KEPT_NUMBERS:
+            value = e.get(what)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not low <= value <= high):   # NaN fails both comparisons
+                raise ValueError(f"{name}: edit {eid} has an impossible {what} ({str(value)[:20]})")
         needed = [f"key.{eid}"] + [f"edit.{eid}.{m}.{w}" for m in shapes for w in "AB"]
         missing = [n for n in needed if n not in tensors]
         if missing:

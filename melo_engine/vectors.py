@@ -140,5 +140,18 @@ class VectorTable:
         _, _, name, d = self.query(q)
         return name, d
 
+    def k_nearest(self, q: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        """The k rows nearest q with their exact distances, nearest first (exact, like `query`:
+        every row whose lower bound is below the k-th smallest upper bound is rechecked)."""
+        if not self.row or k <= 0:
+            return []
+        d2, slack = self._approx(q)
+        k = min(k, len(self.row))
+        kth_upper = float(torch.topk(d2 + slack, k, largest=False).values[-1])
+        rows = (d2 - slack <= kth_upper).nonzero().squeeze(1)
+        d = self._exact(rows, q)
+        order = torch.argsort(d)[:k]
+        return [(self.ids[int(rows[i])], float(d[i])) for i in order]
+
     def rows_of(self, names: list[str]) -> torch.Tensor:
         return torch.tensor([self.row[n] for n in names], dtype=torch.long)

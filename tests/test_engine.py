@@ -194,3 +194,47 @@ def test_index_searches_broadly_even_in_a_workspace_made_before(tmp_path):
     names = {c.name if hasattr(c, "name") else c for c in index.client.list_collections()}
     assert names == {"centers"}          # edit keys are no longer mirrored (they live in the files)
     index.close()
+
+
+def test_probe_answers_together_what_ask_answers_one_at_a_time(edited, example_edits, unrelated_questions):
+    ed, results = edited
+    qs = [example_edits[0]["paraphrase"], example_edits[6]["prompt"]] + unrelated_questions[:4]
+    together = ed.probe(qs)
+    for q, a in zip(qs, together):
+        single = ed.ask(q, compare_base=True)
+        assert (a.text, a.base_text, a.block, a.edit_id) == (single.text, single.base_text, single.block, single.edit_id)
+    with pytest.raises(ValueError, match="question 2 is empty"):
+        ed.probe(["What is 2 + 2?", "\u200b"])
+
+
+def test_side_effects_and_distances_agree_with_routing(edited, example_edits):
+    ed, results = edited
+    r = results[3]                                   # "Which element has the atomic number 1?"
+    found = ed.side_effects(r.edit_id)
+    assert found[0].question == example_edits[3]["prompt"] and found[0].fires and found[0].distance < 1e-5
+    assert [n.distance for n in found] == sorted(n.distance for n in found)
+    for n in found:                                  # "fires" is what routing does with that question
+        assert n.fires == (ed.route(n.question).edit_id == r.edit_id)
+    # A same-template neighbour that fires is listed (the reason this check exists).
+    assert any(n.fires and "atomic number 2?" in n.question for n in found)
+    near = ed.distances(example_edits[3]["paraphrase"], n=3)
+    route = ed.route(example_edits[3]["paraphrase"])
+    assert near[0]["cluster"] == route.cluster and near[0]["distance"] == pytest.approx(route.distance, abs=1e-5)
+    assert near[0]["fires"] == (route.block is not None) and len(near) == 3
+
+
+def test_export_import_keeps_times_and_radii_and_reset_restores_defaults(backbone, example_edits, tmp_path):
+    a = MeloEditor.open(tmp_path / "a", backbone=backbone)
+    a.update_settings(init_radius=0.5)
+    e = example_edits[5]
+    a.edit(e["prompt"], e["target"])
+    path = a.export(tmp_path / "x.melo")
+    b = MeloEditor.open(tmp_path / "b", backbone=backbone)
+    b.import_(path)
+    (x,), (y,) = a.edits(), b.edits()
+    for k in ("prompt", "target", "created", "seconds", "steps", "action"):
+        assert x[k] == y[k], k
+    assert b.index.state.clusters[y["cluster"]].radius == 0.5 != b.config.init_radius
+    defaults = a.default_settings()
+    a.reset(default_settings=True)
+    assert a.edits() == [] and a.config.init_radius == defaults["init_radius"] != 0.5

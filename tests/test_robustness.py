@@ -43,8 +43,10 @@ def test_bad_questions_and_ids_are_refused(one_edit):
     for q in ("", "   ", "z" * 501):
         with pytest.raises(ValueError):
             one_edit.ask(q)
-    with pytest.raises(ValueError, match="no questions"):
+    with pytest.raises(ValueError, match="question 1 is empty"):
         one_edit.probe(["", "  "])
+    with pytest.raises(ValueError, match="no questions"):
+        one_edit.probe([])
     with pytest.raises(ValueError, match="unknown edit id"):
         one_edit.delete("deadbeef")
     with pytest.raises(ValueError, match="cannot change"):
@@ -181,6 +183,11 @@ BAD_IMPORTS = {
     "id ../../etc/passwd": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], id="../../etc/passwd")]),
                             "not a plain name"),
     "duplicate id": (lambda m, t: _set_edits(m, json.loads(m["edits"]) * 2), "twice"),
+    "radius NaN": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], radius=float("nan"))]),
+                   "impossible radius"),
+    "created negative": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], created=-5)]),
+                         "impossible created"),
+    "steps a text": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], steps="many")]), "impossible steps"),
     "target a number": (lambda m, t: _set_edits(m, [dict(json.loads(m["edits"])[0], target=12345)]), "no target"),
 }
 

@@ -217,6 +217,8 @@ def test_vector_table_search_is_exact_through_changes():
         got, got_d, near, near_d = t.query(q)
         assert set(got) == {ids[i] for i in (d <= 0.3).nonzero().flatten().tolist()}
         assert near == ids[int(d.argmin())] and near_d == pytest.approx(float(d.min()), abs=1e-6)
+        k_near = t.k_nearest(q, 5)                   # the exact view beside the map uses this
+        assert [n for n, _ in k_near] == [ids[i] for i in torch.argsort(d)[:5].tolist()]
 
 
 def test_reading_opens_read_only_and_writes_not_a_byte(two_edits, backbone, tmp_path):
