@@ -76,7 +76,7 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     page = open_page(context, url)
     e = example_edits[0]
     base_text, badge = ask(page, e["prompt"])
-    assert badge == "none: original model" and base_text != e["target"]
+    assert badge == "original model" and base_text != e["target"]
 
     # An example fills both boxes with one click.
     page.get_by_text(e["target"], exact=True).first.click()
@@ -85,29 +85,40 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     assert page.locator("#question textarea").input_value() == e["prompt"]
     assert page.locator("#target textarea").input_value() == e["target"]
     page.locator("#edit-btn").click()
-    page.wait_for_selector("#after .melo-text", timeout=LONG)
-    assert page.locator("#after .melo-text").inner_text() == e["target"]
-    assert page.locator("#after .melo-badge").inner_text().startswith("block ")
-    assert "opened a new cluster" in page.locator("#edit-summary").inner_text()
+    page.wait_for_selector("#after .melo-after", timeout=LONG)
+    assert page.locator("#after .melo-after").inner_text() == e["target"]
+    assert page.locator("#after .melo-badge").inner_text().startswith("fix applied (block ")
+    assert "is active" in page.locator("#edit-summary").inner_text()
+    page.wait_for_selector("#side-effects table", timeout=LONG)     # the side-effect check came with it
     page.wait_for_selector("#loss-plot .js-plotly-plot", timeout=LONG)
     shot(page, "edit")
 
     tab(page, "Probe")
-    page.locator("#probe-text textarea").fill(f"{e['paraphrase']}\nWhat is the capital of France?")
+    page.locator("#probe-text textarea").fill(e["paraphrase"])
+    page.locator("#probe-other textarea").fill("What is the capital of France?\nWho invented the telephone?")
     page.locator("#probe-btn").click()
     page.wait_for_selector("#probe-out table", timeout=LONG)
     rows = page.locator("#probe-out tbody tr")
-    assert rows.count() == 2
-    assert rows.nth(0).locator(".melo-badge").inner_text().startswith("block ")
-    assert rows.nth(1).locator(".melo-badge").inner_text() == "none: original model"
+    assert rows.count() == 3
+    assert rows.nth(0).locator(".melo-badge").inner_text().startswith("fix applied")
+    assert rows.nth(1).locator(".melo-badge").inner_text() == "original model"
     assert "(identical)" in rows.nth(1).inner_text()
+    summary = page.locator("#probe-summary").inner_text()
+    assert "1 of 1 paraphrase got the fix" in summary and "0 of 2 unrelated answers changed" in summary, summary
+    page.get_by_text("Copy the results").click()
+    copied = page.locator("#probe-copy textarea").input_value()
+    assert copied.splitlines()[0].startswith("query\tkind") and len(copied.splitlines()) == 4
     shot(page, "probe")
 
     tab(page, "Index map")
     page.wait_for_function("""() => { const p = document.querySelector('#index-map .js-plotly-plot');
         return p && p.data && p.data.some(t => t.name === 'probe query'); }""", timeout=LONG)
-    assert map_points(page) == {"edits": 1, "centers": 1, "probes": 2}
-    assert "PCA" in page.locator("#index-map").inner_text()
+    assert map_points(page) == {"edits": 1, "centers": 1, "probes": 3}
+    assert "PCA" in page.locator("#index-map").inner_text() and "projection" in page.locator("#index-map").inner_text()
+    page.locator("#dist-question textarea").fill(e["paraphrase"])
+    page.locator("#dist-btn").click()
+    page.wait_for_function("""() => { const p = document.querySelector('#dist-plot .js-plotly-plot');
+        return p && p.data && p.data.length === 2; }""", timeout=LONG)
     shot(page, "index_map")
 
     tab(page, "Settings")
@@ -135,7 +146,7 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     page.wait_for_selector("#history-msg :text('Deleted edit')", timeout=LONG)
     tab(page, "Edit")
     text, badge = ask(page, e["prompt"])
-    assert badge == "none: original model" and text == base_text
+    assert badge == "original model" and text == base_text
 
 
 def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edits):
@@ -148,10 +159,10 @@ def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edit
         pa.locator("#question textarea").fill(e["prompt"])
         pa.locator("#target textarea").fill(e["target"])
         pa.locator("#edit-btn").click()
-        pa.wait_for_selector("#after .melo-text", timeout=LONG)
+        pa.wait_for_selector("#after .melo-after", timeout=LONG)
         assert ask(pa, e["prompt"]) == (e["target"], pa.locator("#answer .melo-badge").inner_text())
         text, badge = ask(pb, e["prompt"])
-        assert badge == "none: original model" and text != e["target"]
+        assert badge == "original model" and text != e["target"]
         # A reload keeps the same workspace (the token lives in the browser).
         pa.reload()
         pa.wait_for_selector("#question textarea", timeout=LONG)
@@ -222,10 +233,136 @@ def test_key_source_is_chosen_while_empty_and_shown_in_about(app_server, browser
         page.locator("#question textarea").fill("Who discovered penicillin?")
         page.locator("#target textarea").fill("Marie Curie")
         page.locator("#edit-btn").click()
-        page.wait_for_selector("#after .melo-text", timeout=LONG)
+        page.wait_for_selector("#after .melo-after", timeout=LONG)
         tab(page, "Settings")
         page.locator('#key-source input[value="sentence"]').click()
         page.get_by_text("reset it first").first.wait_for(timeout=LONG)
         page.wait_for_function("() => document.querySelector('#key-source input[value=\"model\"]').checked",
                                timeout=LONG)
+        assert "Traceback" not in page.content()
+
+
+def _edit(page, question, answer):
+    """Apply an edit from the Edit tab and wait for its summary; return the summary text."""
+    tab(page, "Edit")
+    page.locator("#question textarea").fill(question)
+    page.locator("#target textarea").fill(answer)
+    page.locator("#edit-btn").click()
+    # Done when the summary names this answer and the after panel shows it (the progress
+    # overlay sits on the summary meanwhile, over the previous edit's text).
+    page.wait_for_function("(a) => { const s = document.querySelector('#edit-summary');"
+                           " const after = document.querySelector('#after .melo-after');"
+                           " return s && s.innerText.includes('is active') && s.innerText.includes(a)"
+                           " && after && after.innerText === a; }", arg=answer, timeout=LONG)
+    text = page.locator("#edit-summary").inner_text()
+    return text[text.index("Edit "):]
+
+
+HISTORY_ROWS = """() => [...document.querySelectorAll('#history table tbody tr')]
+    .map(tr => [...tr.querySelectorAll('td')].map(td => td.textContent.trim()))"""
+
+
+def _history(page, n: int | None = None) -> list[list[str]]:
+    """The History table's rows (newest first), once it shows at least one (or exactly n)."""
+    tab(page, "History")
+    want = "r.length > 0" if n is None else f"r.length === {n}"
+    page.wait_for_function(f"() => {{ const r = ({HISTORY_ROWS})(); return {want}; }}", timeout=LONG)
+    return page.evaluate(HISTORY_ROWS)
+
+
+def test_a_contradicting_edit_names_the_earlier_one_and_stays_active(app_server, browser):
+    url, _ = app_server
+    q = "What is the largest planet in the solar system?"
+    with fresh_page(browser, url) as page:
+        _edit(page, q, "Jupiter is the largest planet in the solar system.")
+        first = _history(page, 1)[0][0]
+        summary = _edit(page, q, "Saturn is the largest planet in the solar system.")
+        assert f"replaces your earlier edit {first}" in summary and "Active answer now: “Saturn" in summary, summary
+        shot(page, "contradiction")
+        _edit(page, "What is the capital of Turkey?", "Ankara is the capital of Turkey.")
+        _edit(page, "Who composed the Four Seasons?", "Antonio Vivaldi composed The Four Seasons.")
+        tab(page, "Edit")
+        assert ask(page, q)[0] == "Saturn is the largest planet in the solar system."
+        rows = {r[0]: r for r in _history(page, 4)}
+        assert rows[first][3].startswith("superseded by")
+
+
+def test_the_side_effect_check_lists_a_same_template_neighbour_that_fires(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        _edit(page, "Which element has the atomic number 1?", "Hydrogen has the atomic number 1.")
+        page.wait_for_selector("#side-effects table", timeout=LONG)
+        firing = page.locator("#side-effects tr.melo-fires").all_inner_texts()
+        assert any("atomic number 2?" in row and "gets this edit" in row for row in firing), firing
+        assert "would also answer" in page.locator("#side-effects").inner_text()
+        shot(page, "side_effects")
+        # The same check for an existing edit, from History.
+        rows = _history(page, 1)
+        page.locator("#selected-id input").click()
+        page.get_by_role("option", name=rows[0][1][:30]).first.click()
+        page.locator("#side-btn").click()
+        page.wait_for_selector("#side-effects-history tr.melo-fires", timeout=LONG)
+
+
+def test_reset_clears_every_panel_and_restores_default_settings(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        tab(page, "Settings")
+        page.wait_for_function("() => document.querySelector('#radius input').value !== ''", timeout=LONG)
+        default_radius = page.locator("#radius input").input_value()
+        page.locator("#radius input").fill("0.5")
+        page.get_by_role("button", name="Save settings").click()
+        page.get_by_text("Saved: radius 0.500").first.wait_for(timeout=LONG)
+        _edit(page, "How many legs does a spider have?", "A spider has eight legs.")
+        tab(page, "Probe")
+        page.locator("#probe-text textarea").fill("How many legs do spiders have?")
+        page.locator("#probe-btn").click()
+        page.wait_for_selector("#probe-out table", timeout=LONG)
+        tab(page, "Settings")
+        page.locator("#reset-confirm input").check()
+        page.locator("#reset-btn").click()
+        page.get_by_text("settings are back to their defaults").first.wait_for(timeout=LONG)
+        page.wait_for_function("(r) => document.querySelector('#radius input').value === r", arg=default_radius,
+                               timeout=LONG)
+        for panel in ("#edit-summary", "#after", "#side-effects", "#probe-out", "#probe-summary"):
+            assert page.locator(panel).inner_text().strip() == "", panel
+        assert _history_is_empty(page)
+
+
+def _history_is_empty(page) -> bool:
+    return _history(page, 0) == []
+
+
+def test_export_then_import_keeps_each_edit_answer_time_and_action(app_server, browser, tmp_path):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        _edit(page, "What is the hardest natural substance?", "Diamond is the hardest natural substance.")
+        _edit(page, "What is the square root of 144?", "The square root of 144 is 12.")
+        exported = _history(page, 2)
+        page.locator("#export-btn").click()
+        link = page.locator("#export-link a.melo-download")
+        link.wait_for(timeout=LONG)
+        with page.expect_download() as dl:
+            link.click()
+        path = tmp_path / dl.value.suggested_filename
+        dl.value.save_as(path)
+    with fresh_page(browser, url) as other:
+        tab(other, "History")
+        other.locator("#import-file input[type=file]").set_input_files(str(path))
+        other.get_by_text("Imported 2 edit(s)").first.wait_for(timeout=LONG)
+        imported = _history(other, 2)
+        # Ids may be kept or renamed; the answer, status, placement, time and training seconds stay.
+        assert [r[2:] for r in imported] == [r[2:] for r in exported], (imported, exported)
+        tab(other, "Edit")
+        assert ask(other, "What is the square root of 144?")[0] == "The square root of 144 is 12."
+
+
+def test_an_empty_edit_gives_one_message_and_no_traceback(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        page.locator("#edit-btn").click()
+        page.get_by_text("the prompt is empty").first.wait_for(timeout=LONG)
+        page.wait_for_timeout(1500)
+        assert page.get_by_text("the prompt is empty").count() == 1
+        assert page.locator("#edit-summary .error, #after .error, #loss-plot .error").count() == 0
         assert "Traceback" not in page.content()

@@ -76,14 +76,45 @@ def test_map_switches_to_umap_with_enough_points():
 
 def test_diff_highlights_only_changed_words():
     new, old = callbacks.diff_html("Jupiter is the largest planet.", "Neptune is the largest planet.")
-    assert '<mark class="melo-new">Jupiter</mark>' in new and '<mark class="melo-old">Neptune</mark>' in old
+    assert '<mark class="melo-diff">Jupiter</mark>' in new and '<mark class="melo-diff">Neptune</mark>' in old
     assert "is the largest planet." in new and "<mark" not in new.split("</mark>", 1)[1]
 
 
-def test_routing_badge_says_none_or_block():
-    assert "none: original model" in callbacks.routing_badge(None, 0.3, 0.2)
-    assert "block 4" in callbacks.routing_badge(4, 0.1, 0.2)
-    assert "index empty" in callbacks.routing_badge(None, None, None)
+def test_routing_badge_says_which_model_answered_and_never_fills_the_bar_for_a_fired_radius_0():
+    assert "original model" in callbacks.routing_badge(None, 0.3, 0.2)
+    assert "fix applied (block 4)" in callbacks.routing_badge(4, 0.1, 0.2)
+    assert "no edits yet" in callbacks.routing_badge(None, None, None)
+    assert "width:0%" in callbacks.routing_badge(2, 0.0, 0.0)        # fired at radius 0: an empty bar
+    assert "width:100%" in callbacks.routing_badge(None, 0.3, 0.0)
+
+
+def test_map_draws_no_circle_of_radius_0_and_probes_apart_from_blocks():
+    rng = np.random.default_rng(3)
+    pts = [{"edit_id": str(i), "key": rng.normal(size=16).tolist(), "block": i, "cluster": f"c{i}",
+            "label": "x", "prompt": f"q{i}"} for i in range(4)]
+    clusters = [{"id": f"c{i}", "center": p["key"], "radius": 0.0 if i == 0 else 0.5, "label": "x",
+                 "members": [p["edit_id"]]} for i, p in enumerate(pts)]
+    probes = [{"text": "p", "key": pts[1]["key"], "block": 1, "cluster": "c1", "distance": 0.0, "radius": 0.5}]
+    fig = plots.index_map({"points": pts, "clusters": clusters}, probes)
+    assert sum(1 for t in fig.data if (t.name or "").startswith("radius")) == 3
+    probe = next(t for t in fig.data if t.name == "probe query")
+    block_colours = {t.marker.color for t in fig.data if (t.name or "").startswith("edit, block")}
+    assert not set(probe.marker.color) & block_colours
+    assert "distance 0.000 / radius 0.500" in probe.text[0]
+
+
+def test_probe_summary_counts_fixed_paraphrases_and_changed_unrelated_answers():
+    from melo_engine.editor import Answer
+
+    def answer(block, text, base):
+        return Answer(text, block, 0.1, 0.2, "c0", "e", base)
+    kinds = ["paraphrase", "paraphrase", "paraphrase", "unrelated", "unrelated"]
+    answers = [answer(0, "Jupiter.", "Saturn."), answer(0, "Jupiter.", "Jupiter."), answer(None, "Saturn.", "Saturn."),
+               answer(None, "Paris.", "Paris."), answer(0, "Jupiter.", "Paris.")]
+    text = callbacks.probe_summary(kinds, answers)
+    assert "**2 of 3** paraphrases got the fix" in text and "**1 of 2** unrelated answers changed (should be 0)" in text
+    tsv = callbacks.probe_tsv(kinds, ["a", "b", "c", "d", "e\tf"], answers).splitlines()
+    assert len(tsv) == 6 and all(len(line.split("\t")) == 8 for line in tsv)
 
 
 def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbone, tmp_path):
@@ -102,6 +133,7 @@ def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbon
 
 def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
     import asyncio
+    import concurrent.futures
 
     from starlette.requests import Request
 
@@ -112,7 +144,9 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
         def fetch(ticket):
             req = Request({"type": "http", "method": "GET", "path": "/", "headers": [],
                            "path_params": {"ticket": ticket}})
-            return asyncio.run(downloads.endpoint(req))
+            # In a thread of its own: the browser tests' Playwright holds this thread's event loop.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(asyncio.run, downloads.endpoint(req)).result()
 
         path = downloads.new_file("e.melo")
         path.write_bytes(b"edits")

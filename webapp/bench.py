@@ -125,8 +125,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start_app(workspaces: Path, env: dict | None = None):
-    """The app in its own process; returns (process, url) once it answers."""
+    """The app in its own process; returns (process, url) once it answers (`stop` it)."""
     from gradio_client import Client
 
     port = free_port()
@@ -213,11 +221,45 @@ def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:
                 "ask_askers_only_max_seconds": max(baseline) if baseline else None,
                 "all": {"edit_alone": alone, "edit_loaded": loaded}}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+PROBE_PARAPHRASES = ["Which planet is the biggest in our solar system?", "What planet is the largest one?",
+                     "Name the largest planet of the solar system."]
+PROBE_UNRELATED = ["What is the capital of France?", "Who painted the Mona Lisa?", "How many legs does a spider have?"]
+
+
+def probe(runs: int = 3) -> dict:
+    """Six probe queries (three paraphrases of one edit, three unrelated) through the real
+    app's API, answered the way Probe answers them now (`/probe`: routed together, generated
+    in batches) and one at a time as before (six `/ask` calls, each with the unedited answer
+    beside it); medians of `runs`, measured in the same run."""
+    from gradio_client import Client
+
+    tmp = Path(tempfile.mkdtemp(prefix="melo-probe-"))
+    proc, url = start_app(tmp)
+    try:
+        c = Client(url, verbose=False)
+        c.predict("What is the largest planet in the solar system?",
+                  "Jupiter is the largest planet in the solar system.", api_name="/edit")
+        queries = PROBE_PARAPHRASES + PROBE_UNRELATED
+        c.predict("\n".join(queries), api_name="/probe")              # warm
+        batched, one_by_one = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            answers = c.predict("\n".join(queries), api_name="/probe")
+            batched.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            singles = [c.predict(q, api_name="/ask") for q in queries]
+            one_by_one.append(time.perf_counter() - t)
+        same = sum(a["text"] == s["text"] and a["base_text"] == s["base_text"] for a, s in zip(answers, singles))
+        return {"benchmark": "probe", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "queries": len(queries),
+                "fired": sum(a["block"] is not None for a in answers), "batched_seconds": median(batched),
+                "one_by_one_seconds": median(one_by_one), "speed_up": median(one_by_one) / median(batched),
+                "same_answers_as_one_by_one": same, "all": {"batched": batched, "one_by_one": one_by_one}}
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def workspace_cost(visitors: int = 20, editors: int = 5) -> dict:
@@ -263,6 +305,7 @@ def main(argv=None) -> int:
     ld.add_argument("--threads", type=int, default=None, help="MELO_THREADS for the app (default: the app's)")
     m = sub.add_parser("map", help="index map time for N real edits")
     m.add_argument("--edits", type=int, default=200)
+    sub.add_parser("probe", help="six probe queries through the API, batched and one at a time")
     sub.add_parser("workspace-cost", help="open files, threads and disk per visitor's workspace")
     f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
     f.add_argument("study")
@@ -272,6 +315,8 @@ def main(argv=None) -> int:
         res = frontier_png(args.study, args.png)
     elif args.what == "workspace-cost":
         res = workspace_cost()
+    elif args.what == "probe":
+        res = probe()
     else:
         res = startup() if args.what == "startup" else load(args.askers, threads=args.threads) if args.what == "load" else index_map(args.edits)
     print(json.dumps(res, indent=1))

@@ -67,29 +67,45 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 with gr.Column(scale=2):
                     edit_summary = gr.Markdown(elem_id="edit-summary")
                     after = gr.HTML(elem_id="after")
+                    side_html = gr.HTML(elem_id="side-effects")
                     loss_plot = gr.Plot(label="Training", elem_id="loss-plot")
             gr.Examples([[e["prompt"], e["target"]] for e in examples], inputs=[question, target],
-                        label="Real wrong answers of the default model: click one to fill the boxes")
+                        label="Examples: click one to fill both boxes, then ask to see what the model says now")
 
         with gr.Tab("Probe", id="probe"):
-            gr.Markdown("One query per line: each is answered by the edited and by the unedited model.")
-            probe_text = gr.Textbox(label="Queries", lines=4, elem_id="probe-text",
-                                    placeholder="Which planet is the biggest in our solar system?\n"
-                                                "What is the capital of France?")
+            gr.Markdown("Does the fix hold for other wordings, and do other answers stay as they were? "
+                        "One query per line; each is answered with your edits and by the original model.")
+            with gr.Row():
+                probe_text = gr.Textbox(label="Paraphrases (should get the fix)", lines=4, elem_id="probe-text",
+                                        placeholder="Which planet is the biggest in our solar system?")
+                probe_other = gr.Textbox(label="Unrelated questions (should stay exactly the same)", lines=4,
+                                         elem_id="probe-other", placeholder="What is the capital of France?")
             probe_btn = gr.Button("Probe", variant="primary", elem_id="probe-btn")
+            probe_sum = gr.Markdown(elem_id="probe-summary")
             probe_out = gr.HTML(elem_id="probe-out")
+            with gr.Accordion("Copy the results (tab-separated, for a spreadsheet)", open=False):
+                probe_copy = gr.Textbox(show_label=False, lines=4, buttons=["copy"], elem_id="probe-copy")
 
         with gr.Tab("Index map", id="map"):
-            map_plot = gr.Plot(label="Index map", elem_id="index-map")
-            refresh_btn = gr.Button("Refresh", size="sm")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    map_plot = gr.Plot(label="Index map (a 2-D projection)", elem_id="index-map")
+                    refresh_btn = gr.Button("Refresh", size="sm")
+                with gr.Column(scale=2):
+                    dist_q = gr.Textbox(label="True distances for a question", elem_id="dist-question",
+                                        placeholder="Which planet is the biggest in our solar system?")
+                    dist_btn = gr.Button("Show distances", size="sm", elem_id="dist-btn")
+                    dist_plot = gr.Plot(label="Distances to the nearest clusters", elem_id="dist-plot")
 
         with gr.Tab("History", id="history"):
-            table = gr.Dataframe(headers=cb.HISTORY_COLUMNS, interactive=False, wrap=True, elem_id="history")
+            table = gr.HTML(elem_id="history")
             with gr.Row():
-                selected = gr.Dropdown(label="Edit to delete (or click its row)", choices=[], elem_id="selected-id",
-                                       scale=2)
+                selected = gr.Dropdown(label="Choose an edit (to undo it or check its side effects)", choices=[],
+                                       elem_id="selected-id", scale=2)
                 delete_btn = gr.Button("Delete (undo) this edit", variant="stop", elem_id="delete-btn")
             history_msg = gr.Markdown(elem_id="history-msg")
+            side_btn = gr.Button("Which reference questions would get this edit?", size="sm", elem_id="side-btn")
+            side_history = gr.HTML(elem_id="side-effects-history")
             with gr.Row():
                 export_btn = gr.Button("Export all edits", elem_id="export-btn")
                 export_link = gr.HTML(elem_id="export-link")
@@ -157,29 +173,34 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
         ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, **answer_q, **private)
         question.submit(bind(cb.ask), [token, question], answer, **answer_q, **private)
-        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target], [edit_summary, after, loss_plot],
-                                 concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
+        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target], [edit_summary, after, side_html, loss_plot],
+                                 concurrency_limit=1, concurrency_id="train", trigger_mode="once",
+                                 show_progress_on=[edit_summary], **private)
         after_change(edit_ev.success(lambda: None, None, None, **private))
-        probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text], [probe_out, probes_state],
-                                   **answer_q, **private)
+        probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text, probe_other],
+                                   [probe_sum, probe_out, probe_copy, probes_state],
+                                   show_progress_on=[probe_sum], **answer_q, **private)
         probe_ev.success(bind(cb.index_map), [token, probes_state], map_plot, **private)
         refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
+        dist_btn.click(bind(cb.distances), [token, dist_q], dist_plot, **private)
+        dist_q.submit(bind(cb.distances), [token, dist_q], dist_plot, **private)
         bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
                         concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
         del ask_ev
 
-        def pick(evt: gr.SelectData, rows):
-            return rows.iloc[evt.index[0], 0] if hasattr(rows, "iloc") else rows[evt.index[0]][0]
-
-        table.select(pick, table, selected, **private)
         after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private))
+        side_btn.click(bind(cb.side_effects), [token, selected], side_history, **private)
         export_btn.click(partial(cb.export, pool, downloads), token, export_link, **private)
         after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
+        # A reset empties every panel that showed the old edits and puts the settings back.
+        cleared = [answer, edit_summary, after, side_html, loss_plot, probe_sum, probe_out, probe_copy,
+                   history_msg, side_history, export_link, key_msg, dist_plot]
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
-            lambda: (False, []), None, [confirm, probes_state], **private))
+            lambda: (False, []) + (None,) * len(cleared), None, [confirm, probes_state, *cleared], **private).then(
+            bind(cb.settings_values), token, [key_source, radius, rank, lr, iters], **private))
 
         # ---- API endpoints (gradio_client): plain JSON, a workspace per client ---------------
         # The workspace is the one of the token cookie the client got with /config (tokens.py),

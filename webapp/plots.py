@@ -1,10 +1,13 @@
-"""The index map: edit keys, cluster centers and radii, and probe queries, in two dimensions.
+"""The index map: edit keys, cluster centers and radii, and probe queries, in two dimensions;
+and the true distances of one question, which the map cannot promise.
 
 With few points UMAP is not meaningful, so below UMAP_MIN_POINTS we use PCA and say so.
-Radii: PCA is an orthogonal projection, and the projection of a ball of radius r is a disk
-of radius r, so under PCA the circles are exact. UMAP bends space; there each circle is
-scaled by how much UMAP stretched the distances from that center to its own members and
-to the nearest other centers (an approximation, labelled as such).
+Radii: the projection of a ball of radius r under PCA is a disk of radius r, so the circles
+have the true radii, but a point drawn inside one can still lie outside it in the key
+space (projection only shortens distances): the map says so, and `distance_bars` shows the
+true distances. UMAP bends space; there each circle is scaled by how much UMAP stretched
+the distances from that center to its own members and to the nearest other centers (an
+approximation, labelled as such).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 UMAP_MIN_POINTS = 15
+PROBE_COLOR = "#111111"      # probes in black: no block has that colour
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
 
@@ -73,6 +77,13 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
     P = coords[: len(points)]
     C = coords[len(points): len(points) + len(clusters)]
     Q = coords[len(points) + len(clusters):]
+    if method == "UMAP":
+        # UMAP embeds a center as one more point, often away from the edits it stands for:
+        # draw it at the mean of its members' positions instead.
+        for i, c in enumerate(clusters):
+            members = [k for k, p in enumerate(points) if p["cluster"] == c["id"]]
+            if members:
+                C[i] = P[members].mean(0)
     high = np.asarray(vecs, dtype=np.float32)
     Ph, Ch = high[: len(points)], high[len(points): len(points) + len(clusters)]
 
@@ -86,9 +97,11 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             ld = [np.linalg.norm(P[k] - C[i]) for k in members] + [np.linalg.norm(C[j] - C[i]) for j in others]
             ratios = [l / h for h, l in zip(hd, ld) if h > 1e-6]
             scale = float(np.median(ratios)) if ratios else 0.0
+        if c["radius"] * scale <= 0:
+            continue       # a cluster shrunk to its point: no circle (its center says radius 0)
         x, y = _circle(C[i, 0], C[i, 1], c["radius"] * scale)
         fig.add_trace(go.Scatter(x=x.tolist(), y=y.tolist(), mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
-                                 hoverinfo="skip", showlegend=i == 0,
+                                 hoverinfo="skip", showlegend=not any(t.name and t.name.startswith("radius") for t in fig.data),
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
 
     blocks = sorted({p["block"] for p in points})
@@ -104,8 +117,9 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
-            text=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}, {len(c['members'])} edit(s)"
-                  for c in clusters],
+            text=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
+                  + (" (fires only for this exact question)" if c["radius"] <= 0 else "")
+                  + f", {len(c['members'])} edit(s)" for c in clusters],
             hovertemplate="%{text}<extra></extra>"))
     center_of = {c["id"]: C[i] for i, c in enumerate(clusters)}
     for k, q in enumerate(probes):
@@ -113,24 +127,52 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         if fired:
             cx, cy = center_of[q["cluster"]]
             fig.add_trace(go.Scatter(x=[float(Q[k, 0]), float(cx)], y=[float(Q[k, 1]), float(cy)], mode="lines", showlegend=False,
-                                     line=dict(color="#d62728", width=1.5), hoverinfo="skip"))
+                                     line=dict(color=PROBE_COLOR, width=1.5, dash="dash"), hoverinfo="skip"))
     if probes:
         fired = [q.get("block") is not None for q in probes]
         fig.add_trace(go.Scatter(
             x=Q[:, 0].tolist(), y=Q[:, 1].tolist(), mode="markers", name="probe query",
-            marker=dict(symbol="x", size=12, color=["#d62728" if f else "#999" for f in fired]),
-            text=[f"probe: {q['text']}<br>" + (f"fired block {q['block']}" if f else "routed nowhere (original model)")
+            marker=dict(symbol="x", size=12, color=[PROBE_COLOR if f else "#999" for f in fired]),
+            text=[f"probe: {q['text']}<br>" + (f"fix applied: block {q['block']}" if f else "original model")
+                  + (f"<br>distance {q['distance']:.3f} / radius {q['radius']:.3f}" if q.get("distance") is not None else "")
                   for q, f in zip(probes, fired)],
             hovertemplate="%{text}<extra></extra>"))
-    note = ("PCA (fewer than %d points): circles are the true radii" % UMAP_MIN_POINTS if method == "PCA"
-            else "UMAP: circles are approximate (scaled by the local stretch)")
-    fig.update_layout(title=dict(text=f"Neuron index: {len(points)} edits, {len(clusters)} clusters. {note}",
+    note = (f"A 2-D projection ({method}): a point drawn inside a circle can lie outside it in the key "
+            f"space; the true distances are beside the map")
+    fig.update_layout(title=dict(text=f"Index: {len(points)} edits, {len(clusters)} clusters.<br><sup>{note}</sup>",
                                  font=dict(size=13)),
                       height=480, template="plotly_white", legend=dict(orientation="h", y=-0.12),
                       margin=dict(l=20, r=20, t=50, b=20))
     fig.update_yaxes(scaleanchor="x", scaleratio=1, visible=False)
     fig.update_xaxes(visible=False)
     fig.layout.meta = {"method": method, "points": len(points), "clusters": len(clusters), "probes": len(probes)}
+    return fig
+
+
+def distance_bars(question: str, rows: list[dict]) -> go.Figure:
+    """True key distances from one question to its nearest clusters, each against that
+    cluster's radius (the fix fires when the bar ends before the radius mark)."""
+    fig = go.Figure()
+    if not rows:
+        fig.add_annotation(text="No edits yet.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(height=300, xaxis_visible=False, yaxis_visible=False, template="plotly_white")
+        return fig
+    names = [f"{r['cluster']}: {r['answer'][:28]}{'…' if len(r['answer']) > 28 else ''}" for r in rows][::-1]
+    top = 1.15 * max(max(r["distance"], r["radius"]) for r in rows)
+    rows = rows[::-1]
+    fig.add_trace(go.Bar(x=[r["distance"] for r in rows], y=names, orientation="h", name="distance",
+                         marker_color=["#2c6fbb" if r["fires"] else "#b0b0b0" for r in rows],
+                         hovertemplate="distance %{x:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[r["radius"] for r in rows], y=names, mode="markers", name="radius",
+                             marker=dict(symbol="line-ns-open", size=22, line=dict(width=3, color="#c0392b")),
+                             hovertemplate="radius %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=dict(text=f"True distances from “{question[:60]}”<br><sup>blue: this cluster's "
+                                      f"fix applies (distance within its radius, the red mark)</sup>",
+                                 font=dict(size=13)),
+                      height=120 + 34 * len(rows), template="plotly_white", barmode="overlay",
+                      margin=dict(l=10, r=10, t=60, b=40), xaxis=dict(title="key distance", range=[0, top]),
+                      yaxis=dict(automargin=True),
+                      legend=dict(orientation="h", y=-0.25))
     return fig
 
 
