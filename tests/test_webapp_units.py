@@ -162,3 +162,15 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
     finally:
         downloads.close()
     assert not downloads.folder.exists()
+
+
+def test_an_answer_cut_at_the_length_limit_ends_with_an_ellipsis(backbone, tmp_path):
+    from melo_engine.editor import Answer
+
+    pool = WorkspacePool(backbone, root=tmp_path)
+    ed = pool.editor(pool.tokens.new())
+    long = " ".join(["the painter who lived in Florence"] * 12)      # far beyond 48 tokens
+    marked = callbacks.with_ellipsis(ed, Answer(long, None, 0.5, 0.2, None, base_text="Paris."))
+    assert marked.text == long + " …" and marked.base_text == "Paris."
+    short = callbacks.with_ellipsis(ed, Answer("Bern", 0, 0.0, 0.2, "c0", "e"))
+    assert short.text == "Bern" and short.base_text is None

@@ -92,6 +92,18 @@ def diff_html(edited: str, base: str) -> tuple[str, str]:
     return " ".join(out_a), " ".join(out_b)
 
 
+def with_ellipsis(ed, ans):
+    """An answer that ran to the length limit stops mid-sentence: mark it with an ellipsis."""
+    limit = ed.config.max_new_tokens - 2
+
+    def mark(text):
+        if not text or text.endswith((".", "!", "?", "…", '"', "”", ")")):
+            return text
+        cut = len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit
+        return text + " …" if cut else text
+    return dataclasses.replace(ans, text=mark(ans.text), base_text=mark(ans.base_text))
+
+
 def answer_html(ans) -> str:
     return (f'<div class="melo-answer"><div class="melo-text">{html.escape(ans.text)}</div>'
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}'
@@ -204,7 +216,7 @@ def losses_figure(losses: list[float]):
 @user_errors
 def ask(pool: WorkspacePool, token: str, question: str) -> str:
     ed = pool.editor(token)
-    return answer_html(ed.ask(question))
+    return answer_html(with_ellipsis(ed, ed.ask(question)))
 
 
 WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
@@ -257,7 +269,7 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
     r = ed.commit(pending)
     side = side_effects_html(r.edit_id, ed.side_effects(r.edit_id))    # keys only: milliseconds
     yield edit_summary(ed, r), gr.skip(), side, losses_figure(r.losses)
-    yield gr.skip(), before_after_html(ed.ask(question, compare_base=True)), gr.skip(), gr.skip()
+    yield gr.skip(), before_after_html(with_ellipsis(ed, ed.ask(question, compare_base=True))), gr.skip(), gr.skip()
 
 
 @user_errors
@@ -284,7 +296,7 @@ def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
     if len(items) > MAX_PROBES:
         raise ValueError(f"at most {MAX_PROBES} queries at once ({len(items)} given)")
     kinds, questions = [k for k, _ in items], [q for _, q in items]
-    answers = ed.probe(questions)
+    answers = [with_ellipsis(ed, a) for a in ed.probe(questions)]
     probes = [{"text": q, "key": ed.key(q).tolist(), "block": a.block, "cluster": a.cluster,
                "distance": a.distance, "radius": a.radius} for q, a in zip(questions, answers)]
     return (probe_summary(kinds, answers), probe_html(kinds, questions, answers),
@@ -422,6 +434,8 @@ def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
 BENCH_METHODS = ("melo", "grace", "lora")
 BENCH_MAX_EDITS = 50
 BENCH_COLUMNS = ["method", "edit success", "retention", "generality", "locality", "s / edit", "params / edit"]
+# All four scores are teacher-forced token accuracy: the share of answer tokens the model
+# predicts right given the tokens before them (the paper's measure), from 0 to 1.
 
 
 def retention_figure(res: dict):
@@ -437,7 +451,8 @@ def retention_figure(res: dict):
                                  line=dict(dash=dashes.get(name, "solid"), width=4 if name == "melo" else 2)))
     fig.update_layout(height=320, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
                       title=dict(text="retention of all earlier edits", font=dict(size=13)),
-                      xaxis_title="edits made", yaxis_title="retention", yaxis_range=[0, 1.05])
+                      xaxis_title="edits made", yaxis_title="retention (token accuracy)", yaxis_range=[0, 1.05],
+                      xaxis=dict(tickmode="linear", tick0=0, dtick=max(1, len(curve) // 10)))   # whole edits only
     return fig
 
 

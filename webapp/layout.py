@@ -36,7 +36,11 @@ HELP = {
                   "groups questions by meaning (default). Model: the edited model's own hidden state "
                   "(the paper). Can change only while the workspace has no edits.",
     "radius": "How far (in key distance) a question may be from an edit and still fire its block. "
-              "Larger: more paraphrases fixed, more risk of touching unrelated questions.",
+              "Key distances run from 0 (the same question) to 2 (opposite); the default is calibrated "
+              "halfway between how far rewordings of one question spread and how near questions about "
+              "other subjects come. "
+              "Larger: more paraphrases fixed, more risk of touching unrelated questions (the side-effect "
+              "check after each edit shows which).",
     "rank": "Size of each edit's LoRA block. Larger blocks learn harder edits but store more numbers.",
     "lr": "Step size of the optimiser that trains a block. Too high may overshoot; too low needs more steps.",
     "iters": "Most training steps per edit; training stops earlier once the answer is reproduced.",
@@ -185,6 +189,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         dist_btn.click(bind(cb.distances), [token, dist_q], dist_plot, **private)
         dist_q.submit(bind(cb.distances), [token, dist_q], dist_plot, **private)
         bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
+                        show_progress_on=[bench_table],
                         concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
         del ask_ev
 
