@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from webapp import callbacks, plots
+from webapp import callbacks, plots, render
 from webapp.sessions import WorkspacePool
 
 
@@ -75,17 +75,17 @@ def test_map_switches_to_umap_with_enough_points():
 
 
 def test_diff_highlights_only_changed_words():
-    new, old = callbacks.diff_html("Jupiter is the largest planet.", "Neptune is the largest planet.")
+    new, old = render.diff_html("Jupiter is the largest planet.", "Neptune is the largest planet.")
     assert '<mark class="melo-diff">Jupiter</mark>' in new and '<mark class="melo-diff">Neptune</mark>' in old
     assert "is the largest planet." in new and "<mark" not in new.split("</mark>", 1)[1]
 
 
 def test_routing_badge_says_which_model_answered_and_never_fills_the_bar_for_a_fired_radius_0():
-    assert "original model" in callbacks.routing_badge(None, 0.3, 0.2)
-    assert "fix applied (block 4)" in callbacks.routing_badge(4, 0.1, 0.2)
-    assert "no edits yet" in callbacks.routing_badge(None, None, None)
-    assert "width:0%" in callbacks.routing_badge(2, 0.0, 0.0)        # fired at radius 0: an empty bar
-    assert "width:100%" in callbacks.routing_badge(None, 0.3, 0.0)
+    assert "original model" in render.routing_badge(None, 0.3, 0.2)
+    assert "fix applied (block 4)" in render.routing_badge(4, 0.1, 0.2)
+    assert "no edits yet" in render.routing_badge(None, None, None)
+    assert "width:0%" in render.routing_badge(2, 0.0, 0.0)        # fired at radius 0: an empty bar
+    assert "width:100%" in render.routing_badge(None, 0.3, 0.0)
 
 
 def test_map_draws_no_circle_of_radius_0_and_probes_apart_from_blocks():
@@ -111,9 +111,9 @@ def test_probe_summary_counts_fixed_paraphrases_and_changed_unrelated_answers():
     kinds = ["paraphrase", "paraphrase", "paraphrase", "unrelated", "unrelated"]
     answers = [answer(0, "Jupiter.", "Saturn."), answer(0, "Jupiter.", "Jupiter."), answer(None, "Saturn.", "Saturn."),
                answer(None, "Paris.", "Paris."), answer(0, "Jupiter.", "Paris.")]
-    text = callbacks.probe_summary(kinds, answers)
+    text = render.probe_summary(kinds, answers)
     assert "**2 of 3** paraphrases got the fix" in text and "**1 of 2** unrelated answers changed (should be 0)" in text
-    tsv = callbacks.probe_tsv(kinds, ["a", "b", "c", "d", "e\tf"], answers).splitlines()
+    tsv = render.probe_tsv(kinds, ["a", "b", "c", "d", "e\tf"], answers).splitlines()
     assert len(tsv) == 6 and all(len(line.split("\t")) == 8 for line in tsv)
 
 
@@ -170,7 +170,7 @@ def test_an_answer_cut_at_the_length_limit_ends_with_an_ellipsis(backbone, tmp_p
     pool = WorkspacePool(backbone, root=tmp_path)
     ed = pool.editor(pool.tokens.new())
     long = " ".join(["the painter who lived in Florence"] * 12)      # far beyond 48 tokens
-    marked = callbacks.with_ellipsis(ed, Answer(long, None, 0.5, 0.2, None, base_text="Paris."))
+    marked = render.with_ellipsis(ed, Answer(long, None, 0.5, 0.2, None, base_text="Paris."))
     assert marked.text == long + " …" and marked.base_text == "Paris."
-    short = callbacks.with_ellipsis(ed, Answer("Bern", 0, 0.0, 0.2, "c0", "e"))
+    short = render.with_ellipsis(ed, Answer("Bern", 0, 0.0, 0.2, "c0", "e"))
     assert short.text == "Bern" and short.base_text is None

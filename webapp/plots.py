@@ -176,6 +176,30 @@ def distance_bars(question: str, rows: list[dict]) -> go.Figure:
     return fig
 
 
+def losses_figure(losses: list[float]):
+    fig = go.Figure(go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines+markers"))
+    fig.update_layout(height=220, template="plotly_white", margin=dict(l=40, r=10, t=30, b=30),
+                      title=dict(text="training loss per step", font=dict(size=12)),
+                      xaxis_title="step", yaxis_title="loss")
+    return fig
+
+
+def retention_figure(res: dict):
+    fig = go.Figure()
+    # Distinct dashes: methods that keep every edit draw the same line at 1.0.
+    dashes = {"melo": "solid", "grace": "dash", "lora": "dot"}
+    for name, m in res["methods"].items():
+        curve = m["retention_curve"]
+        fig.add_trace(go.Scatter(x=[c["edits"] for c in curve], y=[c["retention"] for c in curve],
+                                 mode="lines+markers", name=name,
+                                 line=dict(dash=dashes.get(name, "solid"), width=4 if name == "melo" else 2)))
+    fig.update_layout(height=320, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
+                      title=dict(text="retention of all earlier edits", font=dict(size=13)),
+                      xaxis_title="edits made", yaxis_title="retention (token accuracy)", yaxis_range=[0, 1.05],
+                      xaxis=dict(tickmode="linear", tick0=0, dtick=max(1, len(curve) // 10)))   # whole edits only
+    return fig
+
+
 def frontier(study: dict, default: tuple[int, str, str] = (10, "mean_user", "cosine")) -> go.Figure:
     """Generality against routing locality for every key setting of a key study
     (`python -m melo_engine.bench layers --json`). Keys over the whole question (mean_user)

@@ -1,0 +1,189 @@
+"""What the page shows, as HTML and text: answers and which model gave them, before and
+after, side effects, probe results and their summary, the history table. Plain functions
+of engine results; callbacks.py calls them."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import html
+import time
+
+SIDE_EFFECT_ROWS = 10
+HISTORY_COLUMNS = ["id", "question", "answer", "status", "placed", "block", "made", "seconds"]
+
+FIRED, NOT_FIRED = "#2c6fbb", "#7f8c8d"    # blue and grey: which model answered, not right or wrong
+
+
+def routing_badge(block, distance, radius) -> str:
+    """'fix applied (block N)' or 'original model', with distance against radius as numbers
+    and a bar whose tick is the radius (the fix applies up to the tick)."""
+    fired = block is not None
+    label = f"fix applied (block {block})" if fired else "original model"
+    color = FIRED if fired else NOT_FIRED
+    if distance is None:
+        detail = '<span class="melo-dist">no edits yet</span>'
+    else:
+        # The bar spans 0..2*radius, the tick at the middle is the radius. A radius of 0
+        # (a cluster shrunk to its own point) fires only at distance 0.
+        frac = min(distance / (2 * radius), 1.0) if radius else (0.0 if distance == 0 else 1.0)
+        detail = (f'<span class="melo-dist" title="distance between keys, 0 = the same question; the fix '
+                  f'applies when it is at most the radius">distance {distance:.3f} / radius {radius:.3f}</span>'
+                  f'<span class="melo-bar"><span class="melo-fill" style="width:{100 * frac:.0f}%;'
+                  f'background:{color}"></span><span class="melo-tick"></span></span>')
+    return f'<span class="melo-badge" style="background:{color}">{html.escape(label)}</span> {detail}'
+
+
+def diff_html(edited: str, base: str) -> tuple[str, str]:
+    """Both texts with the words that differ highlighted (one neutral colour: a changed word
+    is not a right or a wrong one)."""
+    a, b = edited.split(), base.split()
+    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    out_a, out_b = [], []
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        wa, wb = html.escape(" ".join(a[i1:i2])), html.escape(" ".join(b[j1:j2]))
+        if op == "equal":
+            out_a.append(wa)
+            out_b.append(wb)
+        else:
+            if wa:
+                out_a.append(f'<mark class="melo-diff">{wa}</mark>')
+            if wb:
+                out_b.append(f'<mark class="melo-diff">{wb}</mark>')
+    return " ".join(out_a), " ".join(out_b)
+
+
+def with_ellipsis(ed, ans):
+    """An answer that ran to the length limit stops mid-sentence: mark it with an ellipsis."""
+    limit = ed.config.max_new_tokens - 2
+
+    def mark(text):
+        if not text or text.endswith((".", "!", "?", "…", '"', "”", ")")):
+            return text
+        cut = len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit
+        return text + " …" if cut else text
+    return dataclasses.replace(ans, text=mark(ans.text), base_text=mark(ans.base_text))
+
+
+def answer_html(ans) -> str:
+    return (f'<div class="melo-answer"><div class="melo-text">{html.escape(ans.text)}</div>'
+            f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}'
+            f' <span class="melo-time">answered in {ans.seconds:.2f} s</span></div></div>')
+
+
+def before_after_html(ans) -> str:
+    """The question's answer without and with the edit, labelled."""
+    after, before = diff_html(ans.text, ans.base_text or ans.text)
+    return (f'<div class="melo-answer"><div class="melo-label">Before (original model)</div>'
+            f'<div class="melo-text melo-before">{before}</div>'
+            f'<div class="melo-label">After (with the edit)</div><div class="melo-text melo-after">{after}</div>'
+            f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
+
+
+def side_effects_html(edit_id: str, neighbours) -> str:
+    """The reference questions nearest an edit: the ones it now fires for first and marked."""
+    firing = [n for n in neighbours if n.fires and n.distance > 1e-6]
+    head = (f'<div class="melo-warn">This edit would also answer {len(firing)} other question'
+            f'{"s" if len(firing) != 1 else ""} from the reference list: check them in Probe.</div>'
+            if firing else '<div class="melo-ok">None of the reference questions near this edit would '
+            'get it.</div>')
+    rows = []
+    shown = neighbours[:SIDE_EFFECT_ROWS]
+    for n in shown:
+        verdict = ("<b>gets this edit</b>" if n.fires else
+                   f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else "stays original")
+        rows.append(f'<tr class="{"melo-fires" if n.fires else ""}"><td>{html.escape(n.question)}</td>'
+                    f'<td class="melo-num">{n.distance:.3f}</td><td class="melo-num">{n.radius:.3f}</td>'
+                    f'<td>{verdict}</td></tr>')
+    return (f'<div class="melo-side"><div class="melo-label">Side-effect check for edit {html.escape(edit_id)}: '
+            f'reference questions nearest it (keys only, nothing generated)</div>{head}'
+            '<table class="melo-probe"><thead><tr><th>question</th><th>distance</th><th>radius</th>'
+            '<th>now</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
+            + (f'<div class="melo-same">and {len(neighbours) - len(shown)} more that get it</div>'
+               if len(neighbours) > len(shown) else "") + "</div>")
+
+
+def probe_summary(kinds: list[str], answers) -> str:
+    """'2 of 3 paraphrases got the fix; 0 of 3 unrelated answers changed' (Markdown)."""
+    para = [a for k, a in zip(kinds, answers) if k == "paraphrase"]
+    other = [a for k, a in zip(kinds, answers) if k == "unrelated"]
+    parts = []
+    if para:
+        got = sum(a.block is not None for a in para)
+        parts.append(f"**{got} of {len(para)}** paraphrase{'s' if len(para) != 1 else ''} got the fix")
+    if other:
+        changed = sum(a.text != a.base_text for a in other)
+        parts.append(f"**{changed} of {len(other)}** unrelated answer{'s' if len(other) != 1 else ''} changed"
+                     + (" (should be 0)" if changed else ""))
+    return "; ".join(parts) + "."
+
+
+def probe_html(kinds: list[str], questions: list[str], answers) -> str:
+    rows = []
+    for kind, q, a in zip(kinds, questions, answers):
+        edited, base = diff_html(a.text, a.base_text or "")
+        same = "" if a.text != a.base_text else ' <span class="melo-same">(identical)</span>'
+        rows.append(f"<tr><td>{html.escape(q)}</td><td>{kind}</td><td>{edited}</td><td>{base}{same}</td>"
+                    f"<td>{routing_badge(a.block, a.distance, a.radius)}</td></tr>")
+    return ('<table class="melo-probe"><thead><tr><th>query</th><th>kind</th><th>answer now</th>'
+            '<th>original model</th><th>what answered</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+
+
+def probe_tsv(kinds: list[str], questions: list[str], answers) -> str:
+    """The results as tab-separated text, to paste into a spreadsheet."""
+    def cell(x):
+        return str(x).replace("\t", " ").replace("\n", " ")
+    lines = ["query\tkind\tanswer now\toriginal model\tfix applied\tblock\tdistance\tradius"]
+    for kind, q, a in zip(kinds, questions, answers):
+        lines.append("\t".join(cell(x) for x in (q, kind, a.text, a.base_text, "yes" if a.block is not None else "no",
+                                                  "" if a.block is None else a.block,
+                                                  "" if a.distance is None else f"{a.distance:.4f}",
+                                                  "" if a.radius is None else f"{a.radius:.4f}")))
+    return "\n".join(lines)
+
+
+def history_rows(ed) -> list[list]:
+    rows = []
+    for e in reversed(ed.edits()):
+        status = e["status"] + (f" by {e['superseded_by']}" if e.get("superseded_by") else "")
+        placed = e.get("action", "") + (f" ({e['cluster']})" if e.get("cluster") else "")
+        rows.append([e["id"], e["prompt"], e["target"], status, placed,
+                     "" if e.get("block") is None else e["block"],
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created", 0))),
+                     f"{e.get('seconds', 0.0):.1f}"])
+    return rows
+
+
+def history_html(ed) -> str:
+    rows = history_rows(ed)
+    if not rows:
+        return '<div class="melo-same">No edits yet.</div>'
+    head = "".join(f"<th>{c}</th>" for c in HISTORY_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
+                 "beside": "It is the first edit of a question like this one.",
+                 "joined": "It joins an earlier edit of this question with the same answer.",
+                 "superseded": "",
+                 "conflict": "It split the cluster of an earlier edit with another answer."}
+
+
+def _quoted(text: str) -> str:
+    return f"“{html.escape(text)}”"
+
+
+def edit_summary(ed, r) -> str:
+    """What the edit did, in words for a class: what is active now, and what it replaced."""
+    target = ed.entries[r.edit_id]["target"]
+    lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
+             f"(trained in {r.steps} steps, {r.seconds:.1f} s). {WHAT_HAPPENED[r.action]}".rstrip()]
+    for old in r.superseded:
+        lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
+                     f"({_quoted(ed.entries[old]['target'])}): that one is kept as superseded and "
+                     f"comes back if you undo this one. **Active answer now:** {_quoted(target)}")
+    if r.forgotten:
+        lines.append(f"Earlier edits no longer reached: {', '.join(f'`{e}`' for e in r.forgotten)}.")
+    if r.moved:
+        lines.append(f"Earlier edits moved to clusters of their own (still active): {', '.join(f'`{e}`' for e in r.moved)}.")
+    return "\n\n".join(lines)
