@@ -128,7 +128,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             save_btn = gr.Button("Save settings")
             settings_msg = gr.Markdown()
             with gr.Row():
-                confirm = gr.Checkbox(label="Yes, remove every edit in my workspace", elem_id="reset-confirm")
+                confirm = gr.Checkbox(label="Yes, remove every edit in my workspace and restore the default settings", elem_id="reset-confirm")
                 reset_btn = gr.Button("Reset workspace", variant="stop", elem_id="reset-btn")
 
         with gr.Tab("Benchmark", id="benchmark"):
