@@ -90,9 +90,15 @@ def side_effects(pool: WorkspacePool, token: str, edit_id: str) -> str:
 
 
 def probe_lines(text, kind: str) -> list[tuple[str, str]]:
+    """(kind, query) for every line with text in it (None: no lines)."""
     if text is not None and not isinstance(text, str):
         raise ValueError("the queries must be text, one per line")
     return [(kind, q.strip()) for q in (text or "").splitlines() if q.strip()]
+
+
+def check_probe_count(n: int) -> None:
+    if n > MAX_PROBES:
+        raise ValueError(f"at most {MAX_PROBES} queries at once ({n} given)")
 
 
 @user_errors
@@ -102,12 +108,12 @@ def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
     items = probe_lines(paraphrases, "paraphrase") + probe_lines(unrelated, "unrelated")
     if not items:
         raise ValueError("type one or more queries, one per line")
-    if len(items) > MAX_PROBES:
-        raise ValueError(f"at most {MAX_PROBES} queries at once ({len(items)} given)")
+    check_probe_count(len(items))
     kinds, questions = [k for k, _ in items], [q for _, q in items]
     answers = [render.with_ellipsis(ed, a) for a in ed.probe(questions)]
-    probes = [{"text": q, "key": ed.key(q).tolist(), "block": a.block, "cluster": a.cluster,
-               "distance": a.distance, "radius": a.radius} for q, a in zip(questions, answers)]
+    keys = ed.keyer.keys(questions)          # for the map: one batch
+    probes = [{"text": q, "key": k.tolist(), "block": a.block, "cluster": a.cluster,
+               "distance": a.distance, "radius": a.radius} for q, k, a in zip(questions, keys, answers)]
     return (render.probe_summary(kinds, answers), render.probe_html(kinds, questions, answers),
             render.probe_tsv(kinds, questions, answers), probes)
 

@@ -238,9 +238,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             """One query per line: each answered by the edited and the unedited model."""
             if not isinstance(queries, str):
                 raise ValueError("the queries must be text, one per line")
-            qs = [q for q in queries.splitlines() if q.strip()]
-            if len(qs) > cb.MAX_PROBES:
-                raise ValueError(f"at most {cb.MAX_PROBES} queries at once")
+            qs = [q for _, q in cb.probe_lines(queries, "query")]
+            cb.check_probe_count(len(qs))
             return [cb.api_answer(a) for a in api_editor(request).probe(qs)]
 
         @cb.user_errors

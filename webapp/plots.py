@@ -88,6 +88,7 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
     Ph, Ch = high[: len(points)], high[len(points): len(points) + len(clusters)]
 
     # Radii, drawn first so the markers sit on top.
+    radius_in_legend = False
     for i, c in enumerate(clusters):
         scale = 1.0
         if method == "UMAP":
@@ -101,8 +102,9 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             continue       # a cluster shrunk to its point: no circle (its center says radius 0)
         x, y = _circle(C[i, 0], C[i, 1], c["radius"] * scale)
         fig.add_trace(go.Scatter(x=x.tolist(), y=y.tolist(), mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
-                                 hoverinfo="skip", showlegend=not any(t.name and t.name.startswith("radius") for t in fig.data),
+                                 hoverinfo="skip", showlegend=not radius_in_legend,
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
+        radius_in_legend = True
 
     blocks = sorted({p["block"] for p in points})
     for b in blocks:

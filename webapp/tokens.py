@@ -32,19 +32,27 @@ class WorkspaceTokens:
 
     @staticmethod
     def _load_secret(path: Path) -> bytes:
-        try:   # O_EXCL: of two servers starting at once, one writes and both read the same
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            secret = path.read_bytes()
-            if len(secret) < 32:
-                raise ValueError(f"{path.name} in the workspaces folder is damaged: remove it "
-                                 f"(every visitor then starts a new workspace)") from None
-            return secret
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-        return path.read_bytes()
+        """The secret in `path`, made first if there is none. It is written whole to a file of
+        its own and linked into place (link fails if the name exists), so of two servers
+        starting at once one makes it and both read the same, never a half-written file."""
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}-{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass                       # the other server's secret stands
+            finally:
+                tmp.unlink()
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise ValueError(f"{path.name} in the workspaces folder is damaged: remove it "
+                             f"(every visitor then starts a new workspace)")
+        return secret
 
     def _sign(self, random_part: str) -> str:
         mac = hmac.new(self._secret, random_part.encode(), hashlib.sha256).digest()[:16]
