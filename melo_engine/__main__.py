@@ -25,14 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for a new workspace: short name, hub id or directory")
     p.add_argument("--key-source", choices=["sentence", "model"], default=None,
                    help="for a new workspace: route by the sentence encoder (default) or the model's own layer")
+    p.add_argument("--prompt-mode", choices=["chat", "completion"], default=None,
+                   help="for a new workspace: prompts as a chat turn (default) or plain text the model continues")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ask", help="answer a question with the edited model")
     a.add_argument("question")
     a.add_argument("--base", action="store_true", help="also show the unedited model's answer")
+    a.add_argument("--sentences", action="store_true", help="number the answer's sentences (for `correct`)")
     e = sub.add_parser("edit", help="make the model answer PROMPT with TARGET")
     e.add_argument("prompt")
     e.add_argument("target")
+    e.add_argument("--prefix", default=None,
+                   help="correct one sentence: the answer's text before it, kept exactly; TARGET replaces the sentence")
+    c = sub.add_parser("correct", help="replace sentence N of the answer to QUESTION by SENTENCE, keeping what came before")
+    c.add_argument("question")
+    c.add_argument("number", type=int, help="which sentence, 1 for the first (see ask --sentences)")
+    c.add_argument("sentence")
+    c.add_argument("--end", action="store_true", help="the answer stops after the corrected sentence")
     sub.add_parser("list", help="list the edits")
     d = sub.add_parser("delete", help="undo one edit")
     d.add_argument("edit_id")
@@ -57,22 +67,35 @@ def run(args) -> object:
             except UnicodeEncodeError:
                 raise ValueError("an argument is not valid UTF-8 text") from None
     texts = {"ask": [("question", "the question")], "edit": [("prompt", "the prompt"), ("target", "the target")],
+             "correct": [("question", "the question"), ("sentence", "the corrected sentence")],
              "delete": [("edit_id", "the edit id")]}.get(args.command, [])
     for attr, what in texts:                 # refused before the model is loaded
         clean_text(getattr(args, attr), what, limit=10 ** 9)
     if args.command == "repair":
         return MeloEditor.repair(args.workspace)
-    config = MeloConfig(key_source=args.key_source) if args.key_source else None
+    if args.command == "correct" and args.number < 1:
+        raise ValueError("the sentence number starts at 1")
+    new = {k: v for k, v in (("key_source", args.key_source), ("prompt_mode", args.prompt_mode)) if v}
+    config = MeloConfig(**new) if new else None
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.
     reading = args.command in ("ask", "list", "export", "stats") and (Path(args.workspace) / store.HEADER).is_file()
     ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading)
     if args.key_source and ed.config.key_source != args.key_source:
         raise ValueError(f"this workspace routes by the {ed.config.key_source} key; --key-source applies to new ones")
+    if args.prompt_mode and ed.config.prompt_mode != args.prompt_mode:
+        raise ValueError(f"this workspace is in {ed.config.prompt_mode} mode; --prompt-mode applies to new ones")
     if args.command == "ask":
-        return ed.ask(args.question, compare_base=args.base)
+        answer = ed.ask(args.question, compare_base=args.base)
+        if args.sentences:
+            from melo_engine.sentences import split_sentences
+
+            return {"answer": answer.text, **{str(i): s for i, s in enumerate(split_sentences(answer.text), 1)}}
+        return answer
     if args.command == "edit":
-        return ed.edit(args.prompt, args.target)
+        return ed.edit(args.prompt, args.target, prefix=args.prefix)
+    if args.command == "correct":
+        return ed.correct(args.question, args.number, args.sentence, end=args.end)
     if args.command == "list":
         return ed.edits()
     if args.command == "delete":

@@ -106,9 +106,14 @@ class Backbone:
         return names
 
     # ---- prompts -----------------------------------------------------------------------
-    def format_prompt(self, question: str) -> tuple[str, tuple[int, int]]:
+    def uses_chat(self, chat: bool = True) -> bool:
+        """Whether prompts go through the chat template: asked for (a workspace in chat mode)
+        and the model has one. Otherwise a prompt is plain text that the model continues."""
+        return bool(chat and getattr(self.tokenizer, "chat_template", None))
+
+    def format_prompt(self, question: str, chat: bool = True) -> tuple[str, tuple[int, int]]:
         """The model's input text for a user question, and where the question sits in it."""
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.uses_chat(chat):
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
             )
@@ -116,21 +121,24 @@ class Backbone:
             return text, (start, start + len(question))
         return question, (0, len(question))
 
-    def encode(self, questions: list[str], targets: list[str] | None = None) -> Encoded:
+    def encode(self, questions: list[str], targets: list[str] | None = None, chat: bool = True,
+               ends: bool = True) -> Encoded:
         """Tokenize prompts (optionally followed by target tokens), right-padded.
 
         user_mask covers the user's text inside the prompt; target tokens are never in it.
+        `chat=False`: plain prompts, continued as text (a workspace in completion mode).
+        `ends=False`: targets do not end the turn (a corrected sentence the answer goes on from).
         """
         rows, users, prompt_lens = [], [], []
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        chat = self.uses_chat(chat)
         for i, q in enumerate(questions):
-            text, (s, e) = self.format_prompt(q)
+            text, (s, e) = self.format_prompt(q, chat)
             enc = self.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
             user = [1 if (a < e and b > s) else 0 for a, b in enc["offset_mapping"]]
             prompt_lens.append(len(ids))
             if targets is not None:
-                extra = self.target_ids(targets[i])
+                extra = self.target_ids(targets[i], chat, ends)
                 ids += extra
                 user += [0] * len(extra)
             rows.append(ids)
@@ -148,11 +156,12 @@ class Backbone:
             user_mask[i, : len(u)] = torch.tensor(u)
         return Encoded(ids, mask, prompt_mask, user_mask)
 
-    def target_ids(self, target: str) -> list[int]:
-        """Tokens of an answer as the model should produce it, ending the turn with EOS."""
-        ids = self.tokenizer(" " + target.strip() if not getattr(self.tokenizer, "chat_template", None)
-                             else target.strip(), add_special_tokens=False)["input_ids"]
-        return list(ids) + [self.tokenizer.eos_token_id]
+    def target_ids(self, target: str, chat: bool = True, ends: bool = True) -> list[int]:
+        """Tokens of an answer as the model should produce it, ending the turn with EOS
+        unless `ends` is False. A plain-text prompt is continued after a space."""
+        text = target.strip() if self.uses_chat(chat) else " " + target.strip()
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + [self.tokenizer.eos_token_id] if ends else ids
 
     # ---- running parts of the stack ----------------------------------------------------
     def _part(self, start: int, stop: int, final_norm: bool) -> nn.Module:
@@ -186,9 +195,9 @@ class Backbone:
         return torch.nn.functional.normalize(k, dim=-1) if distance == "cosine" else k
 
     def keys_of(self, questions: list[str], layer: int, reduction: str, distance: str,
-                batch: int = 32) -> torch.Tensor:
+                batch: int = 32, chat: bool = True) -> torch.Tensor:
         """`keys` for many questions, a batch at a time so that memory stays flat."""
-        return torch.cat([self.keys(self.encode(questions[i:i + batch]), layer, reduction, distance)
+        return torch.cat([self.keys(self.encode(questions[i:i + batch], chat=chat), layer, reduction, distance)
                           for i in range(0, len(questions), batch)])
 
     def upper_logits(self, hidden: torch.Tensor, enc: Encoded, start: int, positions: torch.Tensor):
@@ -231,19 +240,21 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int,
-                 min_new_tokens: int = 0) -> str:
+                 min_new_tokens: int = 0, chat: bool = True) -> str:
         """Greedy answer to one question with the given blocks held for every new token."""
-        enc = self.encode([question])
+        enc = self.encode([question], chat=chat)
         with self.lora(active):
             return self._greedy(enc, max_new_tokens, min_new_tokens)
 
     @torch.no_grad()
     def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,
-                       max_new_tokens: int) -> list[str]:
+                       max_new_tokens: int | list[int], chat: bool = True) -> list[str]:
         """Greedy answers to many questions in one generation, question i with block row i of
         `active`. Rows are padded on the left (generation continues every row at its end);
-        a row without a block runs the original model exactly."""
-        enc = self.encode(questions)
+        a row without a block runs the original model exactly. `max_new_tokens` may be one
+        budget per row: every row then stops where it would have stopped alone."""
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(questions)
+        enc = self.encode(questions, chat=chat)
         width = enc.ids.shape[1]
         ids = torch.full_like(enc.ids, self.tokenizer.pad_token_id)
         mask = torch.zeros_like(enc.mask)
@@ -251,9 +262,10 @@ class Backbone:
             ids[i, width - n:] = enc.ids[i, :n]
             mask[i, width - n:] = 1
         with self.lora(active):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        return [self.tokenizer.decode(row[width:width + n], skip_special_tokens=True).strip()
+                for row, n in zip(out, limits)]
 
     def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
         out = self.model.generate(
@@ -269,7 +281,7 @@ class Backbone:
     @torch.no_grad()
     def generate_routed(self, question: str, key_layer: int, reduction: str, distance: str,
                         choose: Callable[[torch.Tensor], tuple[dict | None, object]], max_new_tokens: int,
-                        min_new_tokens: int = 0):
+                        min_new_tokens: int = 0, chat: bool = True):
         """Greedy answer where the block is chosen from the prompt inside the first forward.
 
         A hook on the key layer reduces the prompt's hidden states to the key, asks
@@ -277,7 +289,7 @@ class Backbone:
         no separate forward for the key, and one routing decision held for all new tokens.
         Returns (text, info).
         """
-        enc = self.encode([question])
+        enc = self.encode([question], chat=chat)
         decided: dict = {}
         me = threading.get_ident()
 

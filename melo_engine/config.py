@@ -61,6 +61,11 @@ class MeloConfig:
     max_iters: int = 40
     stop_loss: float = 0.05              # mean target-token loss that counts as learnt
 
+    # How a prompt reaches the model. "chat": as a user turn of the model's chat template (an
+    # answer ends the turn). "completion": plain text the model continues, as a base model
+    # is used and as the paper's hallucination task prompts it (a passage's first sentences).
+    prompt_mode: str = "chat"            # "chat" | "completion"
+
     # Limits and generation.
     max_text_chars: int = 500
     max_new_tokens: int = 48
@@ -89,7 +94,9 @@ class MeloConfig:
             base = "sentence-all-MiniLM-L6-v2-mean"
         else:
             base = f"model-L{self.key_layer}-{self.key_reduction}-{self.distance}"
-        return base + ("-whitened" if self.whitened else "")
+        base += "-whitened" if self.whitened else ""
+        # The model's own key sees the prompt as formatted: another mode, another key space.
+        return base + ("-completion" if self.key_source == "model" and self.prompt_mode == "completion" else "")
 
     def validate(self) -> None:
         if self.key_source not in ("sentence", "model"):
@@ -100,6 +107,8 @@ class MeloConfig:
             raise ValueError(f"unknown on_conflict {self.on_conflict!r} (supersede, keep, forget)")
         if self.block_dtype not in ("float16", "float32"):
             raise ValueError(f"unknown block_dtype {self.block_dtype!r} (float16, float32)")
+        if self.prompt_mode not in ("chat", "completion"):
+            raise ValueError(f"unknown prompt_mode {self.prompt_mode!r} (chat, completion)")
         if self.distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {self.distance!r}")
         for name in ("rank_per_block", "max_iters", "max_text_chars", "max_new_tokens"):

@@ -33,6 +33,7 @@ from .exchange import EXPORT_FORMAT, EXPORT_MAGIC, KEPT_NUMBERS, check_edits, re
 from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
 from .neighbours import Neighbour, reference_keys, side_effects
+from .sentences import joined, text_before
 from .train import Trained, train_block
 from .upgrade import upgrade_format1
 
@@ -78,6 +79,9 @@ class TrainedEdit:
     key: torch.Tensor
     trained: Trained
     started: float                # perf_counter at the start of training
+    prefix: str | None = None     # a sentence correction: the answer's text kept before `target`
+    taught_tokens: int = 0        # tokens of what the block was taught to say
+    ends_answer: bool = False     # a sentence correction that also ends the answer
 
 
 class _Change:
@@ -312,7 +316,8 @@ class MeloEditor:
         base = None
         if compare_base:
             # With no block fired, the edited model *is* the base model: no second run needed.
-            base = text if r.block is None else self.backbone.generate(question, None, c.max_new_tokens)
+            base = text if r.block is None else self.backbone.generate(question, None, self.budget(r.edit_id),
+                                                                      chat=self.chat)
         return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0)
 
     def generate(self, question: str, max_new_tokens: int, min_new_tokens: int = 0,
@@ -331,15 +336,31 @@ class MeloEditor:
                 timer(time.perf_counter() - started)
             return active, r
 
-        if self.keyer.in_prefill:
-            # The model's own key, taken inside the prefill: no extra forward.
+        if self.keyer.in_prefill and not any("prefix" in e for e in self.entries.values()):
+            # The model's own key, taken inside the prefill: no extra forward. (Not with
+            # sentence corrections: their length budget must be known before generating.)
             return self.backbone.generate_routed(
                 question, c.key_layer, c.key_reduction, c.distance,
                 lambda raw: choose(self.keyer.finish(raw[None])[0], time.perf_counter()),
-                max_new_tokens, min_new_tokens)
+                max_new_tokens, min_new_tokens, chat=self.chat)
         t0 = time.perf_counter()
         active, r = choose(self.key(question), t0)
-        return self.backbone.generate(question, active, max_new_tokens, min_new_tokens), r
+        budget = max(max_new_tokens, self.budget(r.edit_id))
+        return self.backbone.generate(question, active, budget, min_new_tokens, chat=self.chat), r
+
+    @property
+    def chat(self) -> bool:
+        """Prompts go through the chat template (else: plain text the model continues)."""
+        return self.config.prompt_mode == "chat"
+
+    def budget(self, edit_id: str | None) -> int:
+        """New tokens to generate when edit `edit_id` fires (None: no edit). A sentence
+        correction taught the whole answer up to its sentence, which may be longer than the
+        usual limit: it gets room for that and a little of what follows."""
+        e = self.entries.get(edit_id) if edit_id is not None else None
+        if e is None or "prefix" not in e:
+            return self.config.max_new_tokens
+        return max(self.config.max_new_tokens, int(e.get("taught_tokens", 0)) + 16)
 
     def probe(self, questions: list[str], workers: int | None = None) -> list[Answer]:
         """Ask many questions, each with the unedited answer beside it, answered together:
@@ -357,15 +378,18 @@ class MeloEditor:
         keys = self.keyer.keys(qs)
         with self.index.lock:
             routes = [self.index.state.route(k) for k in keys]
-        rows = [(q, r.block) for q, r in zip(qs, routes)] + [(q, None) for q, r in zip(qs, routes) if r.block is not None]
+        # (question, block, token budget); the unedited twin of a fired row gets its budget
+        rows = [(q, r.block, self.budget(r.edit_id)) for q, r in zip(qs, routes)]
+        rows += [(q, None, self.budget(r.edit_id)) for q, r in zip(qs, routes) if r.block is not None]
         n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
         parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
 
         def generate(part):
             with self.index.lock:
-                active = self.bank.gather([b for _, b in part], self.modules)
+                active = self.bank.gather([b for _, b, _ in part], self.modules)
             # Each thread holds its own blocks (the LoRA layers keep them per thread).
-            return self.backbone.generate_batch([q for q, _ in part], active, self.config.max_new_tokens)
+            return self.backbone.generate_batch([q for q, _, _ in part], active, [n for _, _, n in part],
+                                                chat=self.chat)
 
         with ThreadPoolExecutor(n) as pool:
             done = list(pool.map(generate, parts))
@@ -390,23 +414,63 @@ class MeloEditor:
             return side_effects(self.index.state, entry["id"], *self._reference, n=n)
 
     # ---- editing -------------------------------------------------------------------------
-    def edit(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> EditResult:
-        """Teach the model to answer `prompt` with `target`, in a fresh LoRA block."""
-        return self.commit(self.train(prompt, target, progress))
+    def edit(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None,
+             prefix: str | None = None, end: bool = False) -> EditResult:
+        """Teach the model to answer `prompt` with `target`, in a fresh LoRA block.
 
-    def train(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None) -> TrainedEdit:
+        With `prefix` the edit corrects one sentence of a longer answer: for `prompt` the
+        model says `prefix` (the answer's text before the wrong sentence, kept exactly; ""
+        for the first sentence), then `target` in place of the wrong sentence, and goes on
+        from there (what follows may change), or, with `end`, stops there.
+        """
+        return self.commit(self.train(prompt, target, progress, prefix, end))
+
+    def correct(self, question: str, number: int, sentence: str, answer: str | None = None,
+                progress: Callable[[int, float], None] | None = None, end: bool = False) -> EditResult:
+        """Correct sentence `number` (1 for the first) of the answer to `question`: the
+        answer given now, or `answer` as it was shown. The sentences before it stay exactly
+        as they are (sentences.py splits the answer); with `end` the answer stops after the
+        corrected sentence."""
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise ValueError("the sentence number must be a whole number")
+        if answer is None:
+            answer = self.ask(question).text
+        return self.edit(question, sentence, progress, prefix=text_before(answer, number - 1), end=end)
+
+    def train(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None,
+              prefix: str | None = None, end: bool = False) -> TrainedEdit:
         """The first half of `edit`: train the block, write nothing. A caller can still drop
         it (the app does when the visitor who asked has gone); `commit` makes it an edit."""
         self._writable()
         prompt = self._check(prompt, "the prompt")
-        target = self._check(target, "the target")
+        target = self._check(target, "the corrected sentence" if prefix is not None else "the target")
+        if prefix is not None:
+            prefix = self._check_prefix(prefix)
+        taught = joined(prefix, target) if prefix is not None else target
         with self._lock:
             t0 = time.perf_counter()
             key = self.key(prompt)
-            enc = self.backbone.encode([prompt], [target])
+            enc = self.backbone.encode([prompt], [taught], chat=self.chat, ends=prefix is None or bool(end))
             trained = train_block(self.backbone, enc, self.modules, self.config, seed=len(self.entries),
                                   progress=progress)
-        return TrainedEdit(prompt, target, key, trained, t0)
+        return TrainedEdit(prompt, target, key, trained, t0, prefix,
+                           int(enc.mask.sum() - enc.prompt_mask.sum()), prefix is not None and bool(end))
+
+    def _check_prefix(self, prefix: str) -> str:
+        """The kept text before a corrected sentence: any text (empty for the first
+        sentence), valid UTF-8, at most four times the text limit; kept as given."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"the text before the sentence must be text, not {type(prefix).__name__}")
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text before the sentence is not valid UTF-8 text") from None
+        if "\x00" in prefix:
+            raise ValueError("the text before the sentence contains a NUL character")
+        limit = 4 * self.config.max_text_chars
+        if len(prefix) > limit:
+            raise ValueError(f"the text before the sentence is {len(prefix)} characters long; the limit is {limit}")
+        return prefix.lstrip()
 
     def commit(self, pending: TrainedEdit) -> EditResult:
         """The second half of `edit`: write the trained block and place its key in the index."""
@@ -427,11 +491,16 @@ class MeloEditor:
                 ch.blocks[block], ch.new_blocks[block] = file, matrices
                 ch.placed(placed, edit_id)
                 seconds = time.perf_counter() - pending.started
-                ch.set(edit_id, {"id": edit_id, "prompt": pending.prompt, "target": pending.target, "block": block,
-                                 "cluster": placed.cluster, "action": placed.action, "created": time.time(),
-                                 "steps": len(trained.losses), "seconds": round(seconds, 3),
-                                 "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
-                                 "status": "active"})
+                entry = {"id": edit_id, "prompt": pending.prompt, "target": pending.target, "block": block,
+                         "cluster": placed.cluster, "action": placed.action, "created": time.time(),
+                         "steps": len(trained.losses), "seconds": round(seconds, 3),
+                         "final_loss": trained.losses[-1], "token_accuracy": trained.token_accuracy,
+                         "status": "active"}
+                if pending.prefix is not None:
+                    entry.update(prefix=pending.prefix, taught_tokens=pending.taught_tokens)
+                    if pending.ends_answer:
+                        entry["ends_answer"] = True
+                ch.set(edit_id, entry)
             return EditResult(edit_id, block, placed.cluster, placed.action, len(trained.losses),
                               trained.losses, seconds, placed.forgotten, list(placed.moved),
                               trained.token_accuracy, trained.params, list(placed.superseded))
@@ -545,8 +614,6 @@ class MeloEditor:
     def reset(self, default_settings: bool = False) -> None:
         """Remove every edit; the settings stay, unless `default_settings`."""
         self._writable()
-        if default_settings:
-            self.update_settings(**self.default_settings())
         with self._lock:
             with self.index.lock:
                 self.store.append({"op": "reset", "at": time.time()})
@@ -557,6 +624,9 @@ class MeloEditor:
             self.store.sweep(set())
             self.compact()
             self.index.rebuild(self.store.seq)
+        if default_settings:        # chat prompts too (a mode changes only while there are no edits)
+            self.set_prompt_mode("chat")
+            self.update_settings(**self.default_settings())
 
     def update_settings(self, **changes) -> MeloConfig:
         """Change settings that affect new edits only (radius, rank, lr, iterations, ...)."""
@@ -575,13 +645,26 @@ class MeloEditor:
         """Route by another key source ("sentence" or "model"). Only while the workspace has
         no edits (reset it first): stored keys of one source do not compare with the other's.
         The radius goes back to the one calibrated for the new source."""
+        return self._reroute("key source", key_source=source, key_whitening=None)
+
+    def set_prompt_mode(self, mode: str) -> MeloConfig:
+        """Prompt the model through its chat template ("chat") or as plain text it continues
+        ("completion"). Only while the workspace has no edits: a block is trained on prompts
+        formatted one way and would not fit the other. The radius goes back to the one
+        calibrated for the mode (calibrate.py: passages in completion mode)."""
+        return self._reroute("prompt mode", prompt_mode=mode)
+
+    def _reroute(self, what: str, **changes) -> MeloConfig:
+        """A setting that decides what keys mean: changed only while there are no edits, and
+        the radius recalibrated. The first of `changes` is the one asked for."""
         self._writable()
+        first, value = next(iter(changes.items()))
         with self._lock:
-            if source == self.config.key_source:
+            if getattr(self.config, first) == value:
                 return self.config
             if self.entries:
-                raise ValueError("the key source can change only while the workspace has no edits: reset it first")
-            cfg = dataclasses.replace(self.config, key_source=source, key_whitening=None, init_radius=None)
+                raise ValueError(f"the {what} can change only while the workspace has no edits: reset it first")
+            cfg = dataclasses.replace(self.config, init_radius=None, **changes)
             cfg.validate()
             keyer = Keyer(self.backbone, cfg)
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(self.backbone, cfg, keyer))
@@ -666,7 +749,7 @@ class MeloEditor:
     def _exported(self, e: dict) -> dict:
         """What an export keeps of an edit: its texts and history, and the radius of its
         cluster now (what decides where it fires)."""
-        out = {k: e[k] for k in ("id", "prompt", "target")}
+        out = {k: e[k] for k in ("id", "prompt", "target", "prefix", "ends_answer") if k in e}
         out.update({k: e[k] for k, _, _ in KEPT_NUMBERS if k in e and k != "radius"})
         out["radius"] = self.index.state.clusters[self.index.state.points[e["id"]].cluster].radius
         return out
@@ -699,10 +782,15 @@ class MeloEditor:
                     placed = state.add(eid, tensors[f"key.{e['id']}"], block, e["target"], radius,
                                        self.config.on_conflict)
                     ch.placed(placed, eid)
-                    ch.set(eid, {"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
-                                 "cluster": placed.cluster, "action": placed.action,
-                                 "created": e.get("created", time.time()), "steps": e.get("steps", 0),
-                                 "seconds": e.get("seconds", 0.0), "status": "active", "imported": True})
+                    entry = {"id": eid, "prompt": e["prompt"], "target": e["target"], "block": block,
+                             "cluster": placed.cluster, "action": placed.action,
+                             "created": e.get("created", time.time()), "steps": e.get("steps", 0),
+                             "seconds": e.get("seconds", 0.0), "status": "active", "imported": True}
+                    if "prefix" in e:      # a sentence correction stays one
+                        entry.update(prefix=e["prefix"], taught_tokens=e.get("taught_tokens", 0))
+                        if e.get("ends_answer") is True:
+                            entry["ends_answer"] = True
+                    ch.set(eid, entry)
             return [eid for eid, _ in ids]
 
     def bulk_add(self, chunks) -> int:
@@ -760,6 +848,10 @@ class MeloEditor:
             theirs = MeloConfig.from_json(meta["settings"]).key_name()
         except (TypeError, ValueError, AttributeError):
             raise ValueError(f"{name} has unreadable settings") from None
+        mode = meta["settings"].get("prompt_mode", "chat") if isinstance(meta["settings"], dict) else "chat"
+        if mode != self.config.prompt_mode:
+            raise ValueError(f"{name} was exported from a workspace in {mode} mode; this one is in "
+                             f"{self.config.prompt_mode} mode, where its blocks would not fit the prompts")
         if theirs != self.config.key_name():
             raise ValueError(f"{name} was exported with keys {theirs}; this workspace uses "
                              f"{self.config.key_name()}, so its keys would not compare")

@@ -21,7 +21,10 @@ MAX_RANK = 64
 # What an export keeps of each edit beyond its texts, key and block, so that an import shows
 # the same history (older exports lack them: the importer's defaults apply), with the range
 # a value must fall in: (field, low, high).
-KEPT_NUMBERS = (("created", 0.0, 4.0e9), ("seconds", 0.0, 1.0e6), ("steps", 0, 10 ** 6), ("radius", 1e-6, 4.0))
+KEPT_NUMBERS = (("created", 0.0, 4.0e9), ("seconds", 0.0, 1.0e6), ("steps", 0, 10 ** 6), ("radius", 1e-6, 4.0),
+                ("taught_tokens", 0, 10 ** 5))
+# A sentence correction also keeps the text before its sentence (any text, this long at most).
+MAX_PREFIX_CHARS = 10_000
 
 
 def read_export(path: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
@@ -68,6 +71,11 @@ def check_edits(name: str, edits: list[dict], tensors: dict[str, torch.Tensor], 
             if not isinstance(e.get(what), str):
                 raise ValueError(f"{name}: edit {eid} has no {what}")
             clean(e[what], f"an imported {what}")
+        prefix = e.get("prefix")
+        if prefix is not None and (not isinstance(prefix, str) or len(prefix) > MAX_PREFIX_CHARS or "\x00" in prefix):
+            raise ValueError(f"{name}: edit {eid} has an unusable text before its sentence")
+        if "ends_answer" in e and not isinstance(e["ends_answer"], bool):
+            raise ValueError(f"{name}: edit {eid} has an unreadable ends_answer")
         for what, low, high in KEPT_NUMBERS:
             value = e.get(what)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

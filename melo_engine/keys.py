@@ -45,6 +45,10 @@ class SentenceEncoder:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        # A text longer than the encoder's 128 tokens keeps its end: for a passage prompt
+        # (completion mode) the last sentences tell one continuation point from the next,
+        # while the start is shared. Questions are far shorter and never cut.
+        self.tokenizer.truncation_side = "left"
         self.dim = int(model.config.hidden_size)
         self.lock = threading.Lock()
 
@@ -148,7 +152,8 @@ class Keyer:
         c = self.cfg
         if c.key_source == "sentence":
             return self.backbone.sentence_encoder().encode(questions)
-        return self.backbone.keys_of(questions, c.key_layer, c.key_reduction, c.distance)
+        return self.backbone.keys_of(questions, c.key_layer, c.key_reduction, c.distance,
+                                     chat=c.prompt_mode == "chat")
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         return raw if self.whitening is None else self.whitening.apply(raw)
