@@ -16,6 +16,13 @@ Both come from the bundled zsRE sample (596 facts, one subject each, several phr
   another subject comes (1st percentile of the nearest one: 0.90). A low quantile of the
   second alone was unstable: the 0.5 % quantile jumped from 0.68 to 0.87 between
   neighbouring ranks, and at 0.87 3 % of CounterFact's same-relation questions fired.
+- Completion mode, any key: a prompt is a point in a text the model continues, and the
+  nearest other prompt is the same text a sentence earlier or later (a question's wording
+  spreads; a passage's continuation points do not). The radius is half the 1st percentile
+  of the distance between consecutive continuation points of one passage (the header, then
+  each of the model's first two sentences after it; assets/calibration_passages.json,
+  zsRE subjects of the calibration half): the paper's split rule (half the distance)
+  applied ahead of time, so one point's correction does not fire at the next.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RADIUS_QUANTILE = 0.05
 REFERENCE_SLICE = slice(826, 1126)
 SPREAD_QUANTILE, OTHER_QUANTILE = 0.99, 0.01
+POINTS_QUANTILE = 0.01
 
 
 def _zsre() -> list[dict]:
@@ -74,6 +82,19 @@ def calibration_questions() -> tuple[list[str], list[str]]:
     return qs, subjects
 
 
+def continuation_points() -> list[tuple[str, str]]:
+    """Consecutive continuation points (a, b) of the reference passages: the header and the
+    header with the first sentence, that and the header with both sentences."""
+    data = json.loads((ASSETS / "calibration_passages.json").read_text())
+    out = []
+    for p in data["passages"]:
+        points = [f"This is a Wikipedia passage about {p['name']}."]
+        for sentence in p["sentences"]:
+            points.append(f"{points[-1]} {sentence}")
+        out += list(zip(points, points[1:]))
+    return out
+
+
 def nearest_other_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
     """Each key's distance to the nearest key of a question about another subject."""
     d = torch.cdist(keys, keys)
@@ -95,8 +116,10 @@ def farthest_same_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tens
 def calibrated_radius(backbone, cfg: MeloConfig, keyer=None) -> float:
     """The default init radius for this model and key setting (cached under MELO_CACHE)."""
     split = cfg.whitened or cfg.key_source != "model"
+    passages = cfg.prompt_mode == "completion"
     # The unwhitened model key keeps the name it was cached under before key sources existed.
-    name = (f"{cfg.model}-{cfg.key_name()}-gap-{SPREAD_QUANTILE}-{OTHER_QUANTILE}" if split
+    name = (f"{cfg.model}-{cfg.key_name()}-completion-points-{POINTS_QUANTILE}" if passages
+            else f"{cfg.model}-{cfg.key_name()}-gap-{SPREAD_QUANTILE}-{OTHER_QUANTILE}" if split
             else f"{cfg.model}-L{cfg.key_layer}-{cfg.key_reduction}-{cfg.distance}-q{RADIUS_QUANTILE}")
     cache = cache_dir() / "calibration.json"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -107,7 +130,12 @@ def calibrated_radius(backbone, cfg: MeloConfig, keyer=None) -> float:
         from .keys import Keyer
 
         keyer = Keyer(backbone, cfg)
-    if split:
+    if passages:
+        pairs = continuation_points()
+        a, b = keyer.keys([x for x, _ in pairs]), keyer.keys([y for _, y in pairs])
+        radius = 0.5 * float(torch.quantile((a - b).norm(dim=-1), POINTS_QUANTILE))
+        qs = pairs
+    elif split:
         qs, subjects = calibration_questions()
         keys = keyer.keys(qs)
         spread = float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
