@@ -89,3 +89,40 @@ def agreement(base: list[int], edited: list[int]) -> float:
     if not base:
         return float(edited == base)
     return sum(1 for i, t in enumerate(base) if i < len(edited) and edited[i] == t) / len(base)
+
+
+# ---- perplexity (the hallucination task) --------------------------------------------------
+@torch.no_grad()
+def perplexities(backbone: Backbone, method, prompts: list[str], targets: list[str], chat: bool = False) -> list[float]:
+    """Per example: exp of the mean negative log-likelihood of the target's tokens given the
+    prompt (prompt tokens masked, no end of turn after the target), with the method's edit
+    routed from the prompt and applied from the prompt's last token on."""
+    out = []
+    for i in range(0, len(prompts), BATCH):
+        ps, ts = prompts[i:i + BATCH], targets[i:i + BATCH]
+        enc = backbone.encode(ps, ts, chat=chat, ends=False)
+        n_prompt, n_total = enc.prompt_mask.sum(1).tolist(), enc.mask.sum(1).tolist()
+        with _applied(backbone, method, ps, [n - 1 for n in n_prompt]):
+            logits = backbone.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False).logits
+        for r, (a, b) in enumerate(zip(n_prompt, n_total)):
+            nll = torch.nn.functional.cross_entropy(logits[r, a - 1:b - 1].float(), enc.ids[r, a:b])
+            out.append(float(torch.exp(nll)))
+    return out
+
+
+@torch.no_grad()
+def passage_perplexities(backbone: Backbone, method, texts: list[str], max_tokens: int = 256) -> list[float]:
+    """Per passage: exp of the mean negative log-likelihood of every token after the first
+    (the whole sequence, as for the locality set), the method routed from the passage and
+    applied throughout. Passages are cut at `max_tokens` tokens."""
+    out = []
+    for i in range(0, len(texts), BATCH):
+        ts = texts[i:i + BATCH]
+        enc = backbone.encode(ts, chat=False)
+        enc.ids, enc.mask = enc.ids[:, :max_tokens], enc.mask[:, :max_tokens]
+        with _applied(backbone, method, ts, [0] * len(ts)):
+            logits = backbone.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False).logits
+        for r, n in enumerate(enc.mask.sum(1).tolist()):
+            nll = torch.nn.functional.cross_entropy(logits[r, :n - 1].float(), enc.ids[r, 1:n])
+            out.append(float(torch.exp(nll)))
+    return out

@@ -35,12 +35,15 @@ from .train import target_positions, train_block
 class MeloMethod:
     name = "melo"
 
-    def __init__(self, backbone: Backbone, workspace: Path, config: MeloConfig | None = None):
+    def __init__(self, backbone: Backbone, workspace: Path, config: MeloConfig | None = None, ends: bool = True):
         self.editor = MeloEditor.open(workspace, config=config, backbone=backbone)
         self.backbone = backbone
+        self.ends = ends
 
     def edit(self, prompt: str, target: str) -> dict:
-        r = self.editor.edit(prompt, target)
+        # ends=False: the target is a sentence of a passage that goes on (prefix "": the
+        # prompt already holds the passage so far).
+        r = self.editor.edit(prompt, target, prefix=None if self.ends else "")
         return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten),
                 "superseded": len(r.superseded)}
 
@@ -64,15 +67,16 @@ class MeloMethod:
 class LoRAMethod:
     name = "lora"
 
-    def __init__(self, backbone: Backbone, config: MeloConfig | None = None):
+    def __init__(self, backbone: Backbone, config: MeloConfig | None = None, chat: bool = True, ends: bool = True):
         self.backbone = backbone
         self.config = (config or MeloConfig()).resolved(backbone.num_layers)
         self.modules = backbone.ensure_lora(self.config.lora_layers, self.config.lora_modules)
         self.block: dict | None = None
+        self.chat, self.ends = chat, ends
 
     def edit(self, prompt: str, target: str) -> dict:
         t0 = time.perf_counter()
-        enc = self.backbone.encode([prompt], [target])
+        enc = self.backbone.encode([prompt], [target], chat=self.chat, ends=self.ends)
         trained = train_block(self.backbone, enc, self.modules, self.config, start_from=self.block)
         self.block = trained.matrices
         return {"seconds": time.perf_counter() - t0, "params": trained.params}
@@ -112,16 +116,18 @@ class GraceConfig:
 class GraceMethod:
     name = "grace"
 
-    def __init__(self, backbone: Backbone, config: GraceConfig | None = None):
+    def __init__(self, backbone: Backbone, config: GraceConfig | None = None, chat: bool = True, ends: bool = True):
         from .calibrate import calibrated_radius
 
         self.backbone = backbone
+        self.chat, self.ends = chat, ends
         c = dataclasses.replace(config or GraceConfig())
         if c.layer is None:
             c.layer = round(2 * backbone.num_layers / 3)
         if c.init_radius is None:
             probe = MeloConfig(key_source="model", key_layer=c.layer - 1, key_reduction=c.reduction,
-                               distance="l2", lora_layers=(backbone.num_layers - 1,))
+                               distance="l2", lora_layers=(backbone.num_layers - 1,),
+                               prompt_mode="chat" if chat else "completion")
             c.init_radius = calibrated_radius(backbone, probe)
         self.config = c
         self.entries: list[GraceEntry] = []
@@ -129,7 +135,8 @@ class GraceMethod:
 
     def keys(self, prompts: list[str]) -> torch.Tensor:
         # The input of the edited layer = the output of the layer below it.
-        return self.backbone.keys(self.backbone.encode(prompts), self.config.layer - 1, self.config.reduction, "l2")
+        return self.backbone.keys(self.backbone.encode(prompts, chat=self.chat), self.config.layer - 1,
+                                  self.config.reduction, "l2")
 
     def key(self, prompt: str) -> torch.Tensor:
         return self.keys([prompt])[0]
@@ -173,7 +180,7 @@ class GraceMethod:
         c, bb = self.config, self.backbone
         key = self.key(prompt)
         label = normalize_label(target)
-        enc = bb.encode([prompt], [target])
+        enc = bb.encode([prompt], [target], chat=self.chat, ends=self.ends)
         positions, targets = target_positions(enc)
         n_prompt = int(positions[0, 0]) + 1
         hidden = bb.lower(enc, c.layer)
@@ -222,13 +229,17 @@ class GraceMethod:
         return {"entries": len(self.entries), "settings": dataclasses.asdict(self.config)}
 
 
-def build(name: str, backbone: Backbone, workspace: Path, settings: dict | None = None):
-    """A method by name; `settings` are MeloConfig fields for MELO (e.g. key_source)."""
+def build(name: str, backbone: Backbone, workspace: Path, settings: dict | None = None, chat: bool = True,
+          ends: bool = True):
+    """A method by name; `settings` are MeloConfig fields for MELO (e.g. key_source).
+    `chat=False`: prompts are plain text the model continues; `ends=False`: a target is a
+    sentence the text goes on from (the hallucination task)."""
     if name == "melo":
-        return MeloMethod(backbone, workspace, MeloConfig(**(settings or {})))
+        settings = dict(settings or {}, **({} if chat else {"prompt_mode": "completion"}))
+        return MeloMethod(backbone, workspace, MeloConfig(**settings), ends)
     if name == "lora":
-        return LoRAMethod(backbone)
+        return LoRAMethod(backbone, chat=chat, ends=ends)
     if name == "grace":
-        return GraceMethod(backbone)
+        return GraceMethod(backbone, chat=chat, ends=ends)
     raise ValueError(f"unknown method {name!r} (melo, grace, lora)")
 

@@ -2,7 +2,11 @@
 locality above plain LoRA's (the point of routing), and the routing study."""
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from conftest import ROOT
 
 from melo_engine.bench import edits_benchmark, load_stream, routing_study
 
@@ -76,3 +80,38 @@ def test_short_scale_benchmark_routes_exactly_and_stores_half_precision_blocks(t
         assert r["route_disagreements"] == 0
     big = res["runs"][1]
     assert big["route_fired"] >= 100 and big["bytes_per_edit"] < 110_000
+
+
+def test_hallucination_sets_follow_the_papers_definitions():
+    from melo_engine.bench.hallucination import from_selfcheck, header, standin
+
+    task = from_selfcheck(ROOT / "tests" / "data" / "wikibio_format_sample.json")
+    # Inaccurate sentence j: prompt = header + the passage's sentences before j (as written,
+    # wrong ones too), target = sentence j of the Wikipedia text (the last when it is shorter).
+    assert [(e.prompt, e.target) for e in task.edits] == [
+        (header("Ada Lovelace"), "Ada Lovelace (10 December 1815 - 27 November 1852) was an English mathematician and writer."),
+        (header("Ada Lovelace") + " Ada Lovelace was a French mathematician. She worked with Charles Babbage on the "
+         "Analytical Engine.", "She died of uterine cancer in 1852 at the age of 36."),
+        (header("Alan Mathison Turing") + " Alan Turing was a British mathematician.", "He was born in Maida Vale, London.")]
+    assert [a.target for a in task.accurate] == ["She worked with Charles Babbage on the Analytical Engine.",
+                                                 "Alan Turing was a British mathematician."]
+    assert task.accurate[1].prompt == header("Alan Mathison Turing") and len(task.locality) >= 20
+    s = standin()
+    assert len(s.edits) > 200 and len(s.accurate) > 20 and s.notes["passages"] > 100
+    assert all(e.prompt.startswith("This is a Wikipedia passage about ") for e in s.edits + s.accurate)
+
+
+def test_short_hallucination_benchmark_has_three_perplexities_per_method(backbone, tmp_path):
+    from melo_engine.bench import hallucination_benchmark
+
+    res = hallucination_benchmark(4, ["melo", "grace", "lora"], backbone=backbone, show_progress=False)
+    json.dumps(res)                                   # what --json writes
+    keys = ("edit_ppl", "arr_ppl", "locality_ppl")
+    assert all(isinstance(res["base"][k], float) and res["base"][k] > 1.0 for k in keys)
+    for name in ("melo", "grace", "lora"):
+        m = res["methods"][name]
+        assert all(isinstance(m[k], float) and m[k] >= 1.0 for k in keys), (name, m)
+    melo, base = res["methods"]["melo"], res["base"]
+    assert melo["edit_ppl"] < 1.5 < base["edit_ppl"]          # the corrections are learnt ...
+    assert abs(melo["locality_ppl"] / base["locality_ppl"] - 1) < 0.01     # ... and unrelated text is untouched
+    assert res["methods"]["lora"]["locality_ppl"] > melo["locality_ppl"]

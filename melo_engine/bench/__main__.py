@@ -1,4 +1,4 @@
-"""python -m melo_engine.bench {speed,keys,edits,routing,scale,layers} [...]: prints a table and, with
+"""python -m melo_engine.bench {speed,keys,edits,routing,scale,layers,standin} [...]: prints a table and, with
 --json OUT, writes the figures."""
 from __future__ import annotations
 
@@ -32,15 +32,20 @@ def main(argv=None) -> int:
     ly.add_argument("--edits", type=int, default=200)
     ly.add_argument("--json", default=None)
     e = sub.add_parser("edits", help="sequential editing: MELO against GRACE and plain LoRA")
-    e.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
+    e.add_argument("--dataset", choices=list(PROTOCOLS) + ["hallucination"], default="zsre")
+    e.add_argument("--data", default=None,
+                   help="hallucination: the WikiBio hallucination set as a file (JSON or JSON lines with "
+                        "gpt3_sentences, annotation, wiki_bio_text); default: the bundled stand-in")
     e.add_argument("--protocol", choices=sorted({p for ps in PROTOCOLS.values() for p in ps}), default=None,
                    help="zsre: paper (default) or counterfactual; see melo_engine/bench/data.py")
-    e.add_argument("--n", type=int, default=20)
+    e.add_argument("--n", type=int, default=None, help="edits (default 20; hallucination: every edit of the set)")
     e.add_argument("--methods", default="melo,grace,lora")
     e.add_argument("--key-source", choices=["model", "sentence"], default=None,
                    help="MELO's key source (default: the engine's default)")
     e.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
                    help="how MELO stores its blocks (default: the engine's, float16)")
+    e.add_argument("--radius", type=float, default=None,
+                   help="MELO's init radius (default: calibrated for the key source and prompt mode)")
     e.add_argument("--json", default=None)
     r = sub.add_parser("routing", help="where the index of N edits routes their prompts and held-out phrasings")
     r.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
@@ -48,6 +53,9 @@ def main(argv=None) -> int:
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--key-source", choices=["model", "sentence"], default=None)
     r.add_argument("--json", default=None)
+    st = sub.add_parser("standin", help="write the hallucination stand-in and the completion-mode calibration "
+                                        "passages: passages the default model writes")
+    st.add_argument("--out", default=None, help="the stand-in only, to this file (default: both, into assets/)")
     sc = sub.add_parser("scale", help="edit, ask, delete, reopen and disk in workspaces of N edits")
     sc.add_argument("--edits", default="0,1000,10000,100000", help="comma-separated workspace sizes")
     sc.add_argument("--root", default=None, help="where to build the workspaces (default: a temporary folder)")
@@ -57,19 +65,52 @@ def main(argv=None) -> int:
     settings = {"key_source": args.key_source} if getattr(args, "key_source", None) else {}
     if getattr(args, "block_dtype", None):
         settings["block_dtype"] = args.block_dtype
+    if getattr(args, "radius", None) is not None:
+        settings["init_radius"] = args.radius
     if args.what == "scale":
         from .scale import HEADER, scale_benchmark
 
         print(HEADER, flush=True)
         res = scale_benchmark([int(x) for x in args.edits.split(",") if x.strip()], args.root, args.keep)
-    elif args.what == "edits":
-        from .edits import edits_benchmark, print_edits_table
+    elif args.what == "standin":
+        from melo_engine.backbone import Backbone
+        from melo_engine.config import DEFAULT_MODEL
+
+        from .hallucination import CALIBRATION, STANDIN, build_calibration_passages, build_standin
+
+        bb = Backbone.load(DEFAULT_MODEL)
+        res = build_standin(bb)
+        Path(args.out or STANDIN).write_text(json.dumps(res, indent=1) + "\n")
+        if args.out is None:
+            CALIBRATION.write_text(json.dumps(build_calibration_passages(bb), indent=1) + "\n")
+        marks = [m for p in res["passages"] for m in p["annotation"]]
+        print(f"{len(res['passages'])} passages: {marks.count('inaccurate')} inaccurate sentences (edits), "
+              f"{marks.count('accurate')} accurate")
+        return 0
+    elif args.what == "edits" and args.dataset == "hallucination":
+        from .hallucination import hallucination_benchmark, print_hallucination_table
 
         def write(partial):
             if args.json:
                 Path(args.json).write_text(json.dumps(partial, indent=1))
         try:
-            res = edits_benchmark(args.dataset, args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
+            res = hallucination_benchmark(args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
+                                          data=args.data, melo_settings=settings, checkpoint=write)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print_hallucination_table(res)
+    elif args.what == "edits":
+        from .edits import edits_benchmark, print_edits_table
+
+        if args.data:
+            print("error: --data is for --dataset hallucination", file=sys.stderr)
+            return 2
+        def write(partial):
+            if args.json:
+                Path(args.json).write_text(json.dumps(partial, indent=1))
+        try:
+            res = edits_benchmark(args.dataset, args.n or 20, [m.strip() for m in args.methods.split(",") if m.strip()],
                                   protocol=args.protocol, melo_settings=settings, checkpoint=write)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
