@@ -15,7 +15,7 @@ def client(app_server):
 
 def test_api_endpoints_are_listed(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/ask", "/edit", "/probe", "/delete", "/edits"} <= names
+    assert {"/ask", "/edit", "/correct", "/probe", "/delete", "/edits"} <= names
 
 
 def test_api_edit_ask_probe_delete(client, example_edits):
@@ -38,6 +38,24 @@ def test_api_edit_ask_probe_delete(client, example_edits):
     assert client.predict(r["edit_id"], api_name="/delete") == {"deleted": r["edit_id"]}
     assert client.predict(api_name="/edits") == []
     assert client.predict(e["prompt"], api_name="/ask")["text"] == before["text"]
+
+
+def test_api_corrects_one_sentence_and_keeps_the_one_before(app_server):
+    from melo_engine.sentences import split_sentences
+
+    url, _ = app_server
+    c = Client(url, verbose=False)
+    q, fix = "How many legs does a spider have?", "A spider has eight legs, in four pairs."
+    first = split_sentences(c.predict(q, api_name="/ask")["text"])[0]
+    for number, message in [(9, "no sentence 9"), (0, "whole number from 1"), (2.5, "whole number")]:
+        with pytest.raises(Exception, match=message):
+            c.predict(q, number, fix, api_name="/correct")
+    assert c.predict(api_name="/edits") == []
+    r = c.predict(q, 2, fix, api_name="/correct")
+    after = c.predict(q, api_name="/ask")
+    assert after["block"] == r["block"] and after["text"].startswith(f"{first} {fix}")
+    [entry] = c.predict(api_name="/edits")
+    assert entry["prefix"] == first + " " and entry["target"] == fix
 
 
 def test_api_bad_input_is_a_clear_error(client):

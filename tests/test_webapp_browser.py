@@ -25,12 +25,21 @@ def open_page(context, url):
 
 def ask(page, question):
     page.locator("#question textarea").fill(question)
-    before = page.locator("#answer").inner_html()
+    # Mark the answer shown now; a new answer replaces the whole block (every answer carries
+    # its own timing), so the next unmarked block is the new one (not the old one while the
+    # page shows its progress over it).
+    page.evaluate("() => { const a = document.querySelector('#answer .melo-answer'); if (a) a.dataset.old = '1'; }")
     page.locator("#ask-btn").click()
-    # Every answer carries its own timing, so a new answer always changes the block.
-    page.wait_for_function("(b) => { const el = document.querySelector('#answer');"
-                           " return el.querySelector('.melo-text') && el.innerHTML !== b; }", arg=before, timeout=LONG)
-    return page.locator("#answer .melo-text").inner_text(), page.locator("#answer .melo-badge").inner_text()
+    page.wait_for_function("() => { const a = document.querySelector('#answer .melo-answer');"
+                           " return a && !a.dataset.old && a.querySelector('.melo-text'); }", timeout=LONG)
+    return answer_text(page), page.locator("#answer .melo-badge").inner_text()
+
+
+def answer_text(page, where="#answer .melo-text") -> str:
+    """The answer as the model said it: without the sentence numbers the page puts before
+    each sentence of a longer answer."""
+    return page.evaluate("""(sel) => { const el = document.querySelector(sel).cloneNode(true);
+        el.querySelectorAll('.melo-num-badge').forEach(b => b.remove()); return el.textContent; }""", where)
 
 
 def tab(page, name):
@@ -366,3 +375,67 @@ def test_an_empty_edit_gives_one_message_and_no_traceback(app_server, browser):
         assert page.get_by_text("the prompt is empty").count() == 1
         assert page.locator("#edit-summary .error, #after .error, #loss-plot .error").count() == 0
         assert "Traceback" not in page.content()
+
+
+def test_correcting_one_sentence_of_a_long_answer_on_the_page(app_server, browser):
+    """Ask, pick the wrong sentence, fix its text, apply: the sentence before it stays word
+    for word and the corrected sentence takes the wrong one's place."""
+    from melo_engine.sentences import split_sentences
+
+    url, _ = app_server
+    question, fix = "How many legs does a spider have?", "A spider has eight legs, in four pairs."
+    with fresh_page(browser, url) as page:
+        before, badge = ask(page, question)
+        sentences = split_sentences(before)
+        assert badge == "original model" and len(sentences) == 3
+        assert page.locator("#answer .melo-num-badge").count() == 3
+        options = page.locator("#wrong-sentence label")
+        assert options.count() == 4 and options.nth(0).inner_text().strip() == "The whole answer"
+        page.locator("#wrong-sentence label", has_text="Sentence 2:").click()
+        box = page.locator("#target textarea")
+        page.wait_for_function("(s) => document.querySelector('#target textarea').value === s",
+                               arg=sentences[1], timeout=LONG)
+        assert "Corrected sentence 2" in page.locator("#target").inner_text()
+        assert page.locator("#end-here").is_visible()        # offered for a sentence; left unticked
+        box.fill(fix)
+        page.locator("#edit-btn").click()
+        page.wait_for_function("() => document.querySelector('#after .melo-after')", timeout=LONG)
+        summary = page.locator("#edit-summary").inner_text()
+        assert "after the first sentence, kept word for word" in summary and "may change" in summary
+        after = answer_text(page, "#after .melo-after")
+        assert after.startswith(f"{sentences[0]} {fix}"), after
+        shot(page, "sentence_correction")
+        again, badge = ask(page, question)
+        assert again.startswith(f"{sentences[0]} {fix}") and badge.startswith("fix applied")
+        # The choices follow the new answer; History names the edit a one-sentence correction.
+        assert page.locator("#wrong-sentence label", has_text=f"Sentence 2: {fix}").count() == 1
+        tab(page, "History")
+        page.wait_for_function("() => document.querySelector('#history').innerText.includes('one sentence')",
+                               timeout=LONG)
+
+
+def test_completion_mode_is_chosen_in_settings_and_continues_plain_text(app_server, browser, backbone):
+    """Completion mode: the text is continued as it is (no chat template), with the radius
+    calibrated for passages; it refuses to change while edits exist and reset puts chat back."""
+    url, _ = app_server
+    prompt = "This is a Wikipedia passage about Danielle Darrieux."
+    with fresh_page(browser, url) as page:
+        tab(page, "Settings")
+        chat_radius = float(page.locator("#radius input").input_value())
+        page.locator('#prompt-mode input[value="completion"]').check()
+        page.wait_for_selector("#mode-msg :text('Completion mode')", timeout=LONG)
+        page.wait_for_function("(r) => parseFloat(document.querySelector('#radius input').value) < r / 4",
+                               arg=chat_radius, timeout=LONG)
+        tab(page, "Edit")
+        text, badge = ask(page, prompt)
+        assert text.removesuffix(" …") == backbone.generate(prompt, None, 48, chat=False) and badge == "original model"
+        _edit(page, prompt, "Danielle Darrieux was a French actress.")
+        tab(page, "Settings")
+        page.locator('#prompt-mode input[value="chat"]').click()
+        page.get_by_text("reset it first").first.wait_for(timeout=LONG)
+        assert page.locator('#prompt-mode input[value="completion"]').is_checked()
+        page.locator("#reset-confirm input").check()
+        page.locator("#reset-btn").click()
+        page.wait_for_function("() => document.querySelector('#prompt-mode input[value=\"chat\"]').checked",
+                               timeout=LONG)
+        shot(page, "settings_completion")

@@ -50,13 +50,43 @@ def visitor_token(pool: WorkspacePool, token: str | None) -> str:
 
 # ---- actions -------------------------------------------------------------------------
 @user_errors
-def ask(pool: WorkspacePool, token: str, question: str) -> str:
+def ask(pool: WorkspacePool, token: str, question: str):
+    """(the answer, numbered by sentence; what was answered, for a sentence correction; the
+    "what to correct" choices, back to the whole answer)."""
     ed = pool.editor(token)
-    return render.answer_html(render.with_ellipsis(ed, ed.ask(question)))
+    ans = ed.ask(question)
+    shown = {"question": question.strip(), "text": ans.text}
+    return (render.answer_html(render.with_ellipsis(ed, ans)), shown,
+            gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
+
+
+def pick_sentence(choice, shown):
+    """The correction box for the chosen sentence (its text, to edit) and the "end the
+    answer there" box; for the whole answer, an empty box."""
+    from melo_engine.sentences import split_sentences
+
+    sentences = split_sentences((shown or {}).get("text", ""))
+    if not choice or not 1 <= int(choice) <= len(sentences):
+        return gr.update(label="Correct answer", value=""), gr.update(value=False, visible=False)
+    return (gr.update(label=f"Corrected sentence {int(choice)} (replaces it; the sentences before it stay)",
+                      value=sentences[int(choice) - 1]), gr.update(visible=True))
+
+
+def sentence_prefix(question: str, choice, shown) -> str | None:
+    """The text a sentence correction keeps (None: the whole answer is replaced)."""
+    from melo_engine.sentences import text_before
+
+    if not choice:
+        return None
+    shown = shown or {}
+    if not isinstance(question, str) or shown.get("question") != question.strip():
+        raise ValueError("ask the model this question first: the sentences to correct come from its answer")
+    return text_before(shown.get("text", ""), int(choice) - 1)
 
 
 @user_errors
-def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=gr.Progress()):
+def edit(pool: WorkspacePool, token: str, question: str, target: str, choice=0, shown=None, end=False,
+         progress=gr.Progress()):
     """(summary, before/after, side effects, training plot)."""
     ed = pool.editor(token)
     progress(None, desc="waiting for the model")
@@ -65,7 +95,8 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, progress=g
         progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the answer is learnt)")
 
     try:
-        pending = ed.train(question, target, progress=report)     # nothing written yet
+        prefix = sentence_prefix(question, choice, shown)
+        pending = ed.train(question, target, progress=report, prefix=prefix, end=bool(end))   # nothing written yet
     except ValueError as err:
         # A form not filled in: one plain notice, and the panels keep what they showed.
         gr.Warning(str(err))
@@ -199,8 +230,8 @@ def settings_values(pool: WorkspacePool, token: str):
     try:
         c = pool.editor(token).config
     except ValueError:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    return c.key_source, c.init_radius, c.rank_per_block, c.lr, c.max_iters
+        return (gr.skip(),) * 6
+    return c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
 
 
 KEY_SOURCES = {   # (what the key is, why)
@@ -226,16 +257,34 @@ def key_info(pool: WorkspacePool, token: str) -> str:
             f"under Settings while the workspace has no edits.")
 
 
+def _reroute(ed, setting: str, value: str, setter):
+    """(message, radius, choice shown) after changing a setting that decides what keys mean:
+    a refusal leaves the choice as it truly is."""
+    try:
+        cfg = setter(value)
+    except ValueError as err:
+        return f"Not changed: {err}.", ed.config.init_radius, getattr(ed.config, setting)
+    return None, cfg.init_radius, getattr(cfg, setting)
+
+
 @user_errors
 def set_key_source(pool: WorkspacePool, token: str, source: str):
-    """(message, radius, key source shown): a refusal leaves the choice as it truly is."""
     ed = pool.editor(token)
-    try:
-        cfg = ed.set_key_source(source)
-    except ValueError as err:
-        return f"Not changed: {err}.", ed.config.init_radius, ed.config.key_source
-    return (f"Routing by the **{cfg.key_source}** key from now on; radius {cfg.init_radius:.3f} "
-            f"(calibrated for it)."), cfg.init_radius, cfg.key_source
+    msg, radius, shown = _reroute(ed, "key_source", source, ed.set_key_source)
+    return (msg or f"Routing by the **{shown}** key from now on; radius {radius:.3f} (calibrated for it).",
+            radius, shown)
+
+
+PROMPT_MODES = {"chat": "your text goes to the model as a chat turn, and the answer ends the turn",
+                "completion": "your text goes to the model as plain text, which it continues (no chat template)"}
+
+
+@user_errors
+def set_prompt_mode(pool: WorkspacePool, token: str, mode: str):
+    ed = pool.editor(token)
+    msg, radius, shown = _reroute(ed, "prompt_mode", mode, ed.set_prompt_mode)
+    return (msg or f"**{shown.capitalize()} mode:** {PROMPT_MODES[shown]}; radius {radius:.3f} (calibrated "
+                   f"for it).", radius, shown)
 
 
 @user_errors

@@ -15,7 +15,7 @@ from .sessions import WorkspacePool
 from .tokens import COOKIE, TokenCookie
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-API_NAMES = ("/ask", "/edit", "/probe", "/delete", "/edits")
+API_NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits")
 
 ABOUT = """
 **MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
@@ -40,10 +40,14 @@ HELP = {
               "halfway between how far rewordings of one question spread and how near questions about "
               "other subjects come. "
               "Larger: more paraphrases fixed, more risk of touching unrelated questions (the side-effect "
-              "check after each edit shows which).",
+              "check after each edit shows which). In completion mode it is calibrated on passages instead: "
+              "half the distance from one sentence of a text to the next.",
     "rank": "Size of each edit's LoRA block. Larger blocks learn harder edits but store more numbers.",
     "lr": "Step size of the optimiser that trains a block. Too high may overshoot; too low needs more steps.",
     "iters": "Most training steps per edit; training stops earlier once the answer is reproduced.",
+    "prompt_mode": "Chat: your text is a user's turn in the model's chat template and the answer ends the turn. "
+                   "Completion: your text is plain text the model continues (for base models, and for "
+                   "passages as in the paper's hallucination task). Can change only while the workspace has no edits.",
 }
 
 
@@ -56,6 +60,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
     with gr.Blocks(title="MELO Studio") as demo:
         token = gr.BrowserState("", storage_key="melo-studio-workspace")
         probes_state = gr.State([])
+        shown = gr.State(None)          # the question last answered and its answer (for a sentence correction)
         gr.Markdown("# MELO Studio\nFix a wrong answer of a language model, then check where the fix applies.")
 
         with gr.Tab("Edit", id="edit"):
@@ -65,8 +70,15 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                                           elem_id="question")
                     ask_btn = gr.Button("Ask the model", elem_id="ask-btn")
                     answer = gr.HTML(elem_id="answer")
+                    wrong = gr.Radio([("The whole answer", 0)], value=0, label="What to correct",
+                                     info="A long answer with one wrong sentence: pick that sentence, fix it "
+                                          "below; the sentences before it stay word for word.",
+                                     elem_id="wrong-sentence")
                     target = gr.Textbox(label="Correct answer", placeholder="What the model should say…", lines=2,
                                         elem_id="target")
+                    end_here = gr.Checkbox(label="End the answer after the corrected sentence (otherwise the model "
+                                                 "goes on in its own words, which may change)",
+                                           visible=False, elem_id="end-here")
                     edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-btn")
                 with gr.Column(scale=2):
                     edit_summary = gr.Markdown(elem_id="edit-summary")
@@ -120,6 +132,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                                    ("The model's own hidden state (the paper's key)", "model")],
                                   label="Key source", info=HELP["key_source"], elem_id="key-source")
             key_msg = gr.Markdown(elem_id="key-msg")
+            prompt_mode = gr.Radio([("Chat (a question, answered in a chat turn)", "chat"),
+                                    ("Completion (plain text the model continues)", "completion")],
+                                   label="Prompt mode", info=HELP["prompt_mode"], elem_id="prompt-mode")
+            mode_msg = gr.Markdown(elem_id="mode-msg")
             gr.Markdown("These apply to **new** edits; existing edits keep what they were trained with.")
             radius = gr.Number(label="Radius", info=HELP["radius"], precision=4, minimum=1e-4, elem_id="radius")
             rank = gr.Slider(1, 16, step=1, label="Rank per block", info=HELP["rank"])
@@ -166,7 +182,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             return event
 
         demo.load(bind(cb.visitor_token), token, token, **private).then(
-            bind(cb.settings_values), token, [key_source, radius, rank, lr, iters], **private).then(
+            bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private).then(
             bind(cb.key_info), token, key_about, **private).then(
             bind(cb.history), token, [table, selected], **private).then(
             bind(cb.index_map), [token, probes_state], map_plot, **private)
@@ -175,9 +191,11 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # request runs on one torch thread, app.py); edits and benchmarks queue one at a
         # time beside it. Measured in docs/BENCHMARKS.md, "many visitors at once".
         answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
-        ask_ev = ask_btn.click(bind(cb.ask), [token, question], answer, **answer_q, **private)
-        question.submit(bind(cb.ask), [token, question], answer, **answer_q, **private)
-        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target], [edit_summary, after, side_html, loss_plot],
+        ask_ev = ask_btn.click(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
+        question.submit(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
+        wrong.input(cb.pick_sentence, [wrong, shown], [target, end_here], **private)
+        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target, wrong, shown, end_here],
+                                 [edit_summary, after, side_html, loss_plot],
                                  concurrency_limit=1, concurrency_id="train", trigger_mode="once",
                                  show_progress_on=[edit_summary], **private)
         after_change(edit_ev.success(lambda: None, None, None, **private))
@@ -200,12 +218,15 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
+        prompt_mode.input(bind(cb.set_prompt_mode), [token, prompt_mode], [mode_msg, radius, prompt_mode], **private)
         # A reset empties every panel that showed the old edits and puts the settings back.
         cleared = [answer, edit_summary, after, side_html, loss_plot, probe_sum, probe_out, probe_copy,
-                   history_msg, side_history, export_link, key_msg, dist_plot]
+                   history_msg, side_history, export_link, key_msg, mode_msg, dist_plot, shown]
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
-            lambda: (False, []) + (None,) * len(cleared), None, [confirm, probes_state, *cleared], **private).then(
-            bind(cb.settings_values), token, [key_source, radius, rank, lr, iters], **private))
+            lambda: (False, [], gr.update(choices=[("The whole answer", 0)], value=0),
+                     gr.update(value=False, visible=False)) + (None,) * len(cleared),
+            None, [confirm, probes_state, wrong, end_here, *cleared], **private).then(
+            bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private))
 
         # ---- API endpoints (gradio_client): plain JSON, a workspace per client ---------------
         # The workspace is the one of the token cookie the client got with /config (tokens.py),
@@ -234,6 +255,25 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             yield cb.api_edit_result(ed.commit(pending))
 
         @cb.user_errors
+        def correct_api(question: str, number: int, sentence: str, request: gr.Request,
+                        end: bool = False) -> Iterator[dict]:
+            """Replace sentence `number` (1 for the first) of the answer `question` gets now by
+            `sentence`; the sentences before it stay word for word; with `end` the answer stops
+            after it. Returns the edit result."""
+            ed = api_editor(request)
+            if isinstance(number, float) and number.is_integer():
+                number = int(number)
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError("the sentence number must be a whole number from 1")
+            from melo_engine.sentences import text_before
+
+            if not isinstance(end, bool):
+                raise ValueError("end must be true or false")
+            pending = ed.train(question, sentence, prefix=text_before(ed.ask(question).text, number - 1), end=end)
+            yield None                  # not resumed if the client has gone (see cb.edit)
+            yield cb.api_edit_result(ed.commit(pending))
+
+        @cb.user_errors
         def probe_api(queries: str, request: gr.Request) -> list:
             """One query per line: each answered by the edited and the unedited model."""
             if not isinstance(queries, str):
@@ -258,6 +298,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
 
         gr.api(ask_api, api_name="ask", **answer_q)
         gr.api(edit_api, api_name="edit", concurrency_limit=1, concurrency_id="train")
+        gr.api(correct_api, api_name="correct", concurrency_limit=1, concurrency_id="train")
         gr.api(probe_api, api_name="probe", **answer_q)
         gr.api(delete_api, api_name="delete")
         gr.api(edits_api, api_name="edits")

@@ -8,6 +8,8 @@ import difflib
 import html
 import time
 
+from melo_engine.sentences import sentence_spans
+
 SIDE_EFFECT_ROWS = 10
 HISTORY_COLUMNS = ["id", "question", "answer", "status", "placed", "block", "made", "seconds"]
 
@@ -64,8 +66,34 @@ def with_ellipsis(ed, ans):
     return dataclasses.replace(ans, text=mark(ans.text), base_text=mark(ans.base_text))
 
 
+def numbered_html(text: str) -> str:
+    """The answer sentence by sentence, each with its number (what "Correct one sentence"
+    refers to); the text between sentences is kept as it is."""
+    spans = sentence_spans(text)
+    if len(spans) < 2:
+        return html.escape(text)
+    out, at = [], 0
+    for i, (a, b) in enumerate(spans, 1):
+        out.append(html.escape(text[at:a]))
+        out.append(f'<span class="melo-sentence"><span class="melo-num-badge">{i}</span>'
+                   f'{html.escape(text[a:b])}</span>')
+        at = b
+    out.append(html.escape(text[at:]))
+    return "".join(out)
+
+
+def sentence_choices(text: str, width: int = 90) -> list[tuple[str, int]]:
+    """The choices of "what to correct": the whole answer (0), or sentence 1, 2, ..."""
+    spans = sentence_spans(text)
+    out = [("The whole answer", 0)]
+    for i, (a, b) in enumerate(spans, 1):
+        s = text[a:b]
+        out.append((f"Sentence {i}: {s if len(s) <= width else s[:width - 1] + '…'}", i))
+    return out if len(spans) > 1 else out[:1]
+
+
 def answer_html(ans) -> str:
-    return (f'<div class="melo-answer"><div class="melo-text">{html.escape(ans.text)}</div>'
+    return (f'<div class="melo-answer"><div class="melo-text">{numbered_html(ans.text)}</div>'
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}'
             f' <span class="melo-time">answered in {ans.seconds:.2f} s</span></div></div>')
 
@@ -144,9 +172,10 @@ def probe_tsv(kinds: list[str], questions: list[str], answers) -> str:
 def history_rows(ed) -> list[list]:
     rows = []
     for e in reversed(ed.edits()):
+        answer = e["target"] if "prefix" not in e else f"{e['target']} (one sentence; the text before it kept)"
         status = e["status"] + (f" by {e['superseded_by']}" if e.get("superseded_by") else "")
         placed = e.get("action", "") + (f" ({e['cluster']})" if e.get("cluster") else "")
-        rows.append([e["id"], e["prompt"], e["target"], status, placed,
+        rows.append([e["id"], e["prompt"], answer, status, placed,
                      "" if e.get("block") is None else e["block"],
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created", 0))),
                      f"{e.get('seconds', 0.0):.1f}"])
@@ -175,9 +204,20 @@ def _quoted(text: str) -> str:
 
 def edit_summary(ed, r) -> str:
     """What the edit did, in words for a class: what is active now, and what it replaced."""
-    target = ed.entries[r.edit_id]["target"]
-    lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
-             f"(trained in {r.steps} steps, {r.seconds:.1f} s). {WHAT_HAPPENED[r.action]}".rstrip()]
+    entry = ed.entries[r.edit_id]
+    target = entry["target"]
+    if "prefix" in entry:
+        kept = len(sentence_spans(entry["prefix"]))
+        where = ("as the first sentence" if not kept else "after the first sentence, kept word for word"
+                 if kept == 1 else f"after the first {kept} sentences, kept word for word")
+        then = ("The answer ends there." if entry.get("ends_answer") else
+                "What follows the corrected sentence is the model's own continuation and may change.")
+        lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
+                 f"{where} (trained in {r.steps} steps, {r.seconds:.1f} s). {then} "
+                 f"{WHAT_HAPPENED[r.action]}".rstrip()]
+    else:
+        lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
+                 f"(trained in {r.steps} steps, {r.seconds:.1f} s). {WHAT_HAPPENED[r.action]}".rstrip()]
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
                      f"({_quoted(ed.entries[old]['target'])}): that one is kept as superseded and "
