@@ -458,7 +458,8 @@ class MeloEditor:
 
     def _check_prefix(self, prefix: str) -> str:
         """The kept text before a corrected sentence: any text (empty for the first
-        sentence), valid UTF-8, at most four times the text limit; kept as given."""
+        sentence), valid UTF-8, at most four times the text limit; kept as given but for
+        white space at its start (answers never begin with any)."""
         if not isinstance(prefix, str):
             raise ValueError(f"the text before the sentence must be text, not {type(prefix).__name__}")
         try:

@@ -29,6 +29,10 @@ a fix can carry over to paraphrases while unrelated answers stay the same: the *
 where each edit sits and which queries reached it. When you edit a question again with another
 answer, the newer edit wins for every phrasing and the older one waits, superseded, until the
 newer is undone.
+
+A long answer with one wrong sentence can be fixed in place (the paper's third task,
+hallucination correction): the block learns to say the answer's sentences before the wrong
+one exactly as they were, then the corrected sentence.
 """
 
 HELP = {
