@@ -431,11 +431,19 @@ class MeloEditor:
         answer given now, or `answer` as it was shown. The sentences before it stay exactly
         as they are (sentences.py splits the answer); with `end` the answer stops after the
         corrected sentence."""
+        self._check(sentence, "the corrected sentence")      # refused before anything is generated
+        return self.edit(question, sentence, progress, prefix=self.sentence_prefix(question, number, answer), end=end)
+
+    def sentence_prefix(self, question: str, number: int, answer: str | None = None) -> str:
+        """The text before sentence `number` (1 for the first) of the answer to `question`
+        (the answer given now, unless `answer` says what was shown): what a correction of
+        that sentence keeps."""
         if isinstance(number, bool) or not isinstance(number, int):
             raise ValueError("the sentence number must be a whole number")
+        question = self._check(question, "the question")
         if answer is None:
             answer = self.ask(question).text
-        return self.edit(question, sentence, progress, prefix=text_before(answer, number - 1), end=end)
+        return text_before(answer, number - 1)
 
     def train(self, prompt: str, target: str, progress: Callable[[int, float], None] | None = None,
               prefix: str | None = None, end: bool = False) -> TrainedEdit:

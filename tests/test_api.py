@@ -234,7 +234,9 @@ def test_fuzz_through_the_api_and_the_command_line(app_server):
     for value in values:
         for api, args in [("/ask", [value]), ("/edit", [value, "Jupiter."]),
                           ("/edit", ["What is the largest planet?", value]), ("/probe", [value]),
-                          ("/delete", [value])]:
+                          ("/delete", [value]), ("/correct", [value, 2, "A spider has eight legs."]),
+                          ("/correct", ["How many legs does a spider have?", value, "Eight."]),
+                          ("/correct", ["How many legs does a spider have?", 2, value])]:
             tried += 1
             with pytest.raises(Exception) as err:
                 client.predict(*args, api_name=api)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from melo_engine.editor import clean_text
+
 from . import callbacks as cb
 from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
@@ -269,11 +271,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 number = int(number)
             if isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError("the sentence number must be a whole number from 1")
-            from melo_engine.sentences import text_before
-
             if not isinstance(end, bool):
                 raise ValueError("end must be true or false")
-            pending = ed.train(question, sentence, prefix=text_before(ed.ask(question).text, number - 1), end=end)
+            clean_text(sentence, "the corrected sentence", ed.config.max_text_chars)   # before any generation
+            pending = ed.train(question, sentence, prefix=ed.sentence_prefix(question, number), end=end)
             yield None                  # not resumed if the client has gone (see cb.edit)
             yield cb.api_edit_result(ed.commit(pending))
 
