@@ -60,28 +60,37 @@ def ask(pool: WorkspacePool, token: str, question: str):
             gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
 
 
+def _sentence_number(choice) -> int:
+    """The chosen sentence (0: the whole answer; anything unreadable counts as that)."""
+    try:
+        return max(0, int(choice or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def pick_sentence(choice, shown):
     """The correction box for the chosen sentence (its text, to edit) and the "end the
     answer there" box; for the whole answer, an empty box."""
     from melo_engine.sentences import split_sentences
 
-    sentences = split_sentences((shown or {}).get("text", ""))
-    if not choice or not 1 <= int(choice) <= len(sentences):
+    number = _sentence_number(choice)
+    sentences = split_sentences(shown.get("text", "") if isinstance(shown, dict) else "")
+    if not 1 <= number <= len(sentences):
         return gr.update(label="Correct answer", value=""), gr.update(value=False, visible=False)
-    return (gr.update(label=f"Corrected sentence {int(choice)} (replaces it; the sentences before it stay)",
-                      value=sentences[int(choice) - 1]), gr.update(visible=True))
+    return (gr.update(label=f"Corrected sentence {number} (replaces it; the sentences before it stay)",
+                      value=sentences[number - 1]), gr.update(visible=True))
 
 
-def sentence_prefix(question: str, choice, shown) -> str | None:
-    """The text a sentence correction keeps (None: the whole answer is replaced)."""
-    from melo_engine.sentences import text_before
-
-    if not choice:
+def sentence_prefix(ed, question: str, choice, shown) -> str | None:
+    """The text a sentence correction keeps, from the answer the page showed (None: the
+    whole answer is replaced)."""
+    number = _sentence_number(choice)
+    if not number:
         return None
-    shown = shown or {}
+    shown = shown if isinstance(shown, dict) else {}
     if not isinstance(question, str) or shown.get("question") != question.strip():
         raise ValueError("ask the model this question first: the sentences to correct come from its answer")
-    return text_before(shown.get("text", ""), int(choice) - 1)
+    return ed.sentence_prefix(question, number, answer=str(shown.get("text", "")))
 
 
 @user_errors
@@ -95,7 +104,7 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, choice=0, 
         progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the answer is learnt)")
 
     try:
-        prefix = sentence_prefix(question, choice, shown)
+        prefix = sentence_prefix(ed, question, choice, shown)
         pending = ed.train(question, target, progress=report, prefix=prefix, end=bool(end))   # nothing written yet
     except ValueError as err:
         # A form not filled in: one plain notice, and the panels keep what they showed.
