@@ -44,6 +44,8 @@ def main(argv=None) -> int:
                    help="MELO's key source (default: the engine's default)")
     e.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
                    help="how MELO stores its blocks (default: the engine's, float16)")
+    e.add_argument("--model", default=None,
+                   help="hallucination: another model than the bundled default (hub id or folder)")
     e.add_argument("--radius", type=float, default=None,
                    help="MELO's init radius (default: calibrated for the key source and prompt mode)")
     e.add_argument("--json", default=None)
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
                 Path(args.json).write_text(json.dumps(partial, indent=1))
         try:
             res = hallucination_benchmark(args.n, [m.strip() for m in args.methods.split(",") if m.strip()],
-                                          data=args.data, melo_settings=settings, checkpoint=write)
+                                          data=args.data, melo_settings=settings, checkpoint=write,
+                                          model=args.model)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -103,8 +106,8 @@ def main(argv=None) -> int:
     elif args.what == "edits":
         from .edits import edits_benchmark, print_edits_table
 
-        if args.data:
-            print("error: --data is for --dataset hallucination", file=sys.stderr)
+        if args.data or args.model:
+            print("error: --data and --model are for --dataset hallucination", file=sys.stderr)
             return 2
         def write(partial):
             if args.json:

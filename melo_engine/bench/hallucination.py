@@ -212,12 +212,14 @@ def build_calibration_passages(backbone, n: int = 200, tokens: int = 40, batch: 
 
 # ---- the benchmark -------------------------------------------------------------------------
 def hallucination_benchmark(n: int | None, methods: list[str], data: str | None = None, backbone=None,
-                            melo_settings: dict | None = None, show_progress: bool = True, checkpoint=None) -> dict:
+                            melo_settings: dict | None = None, show_progress: bool = True, checkpoint=None,
+                            model: str | None = None) -> dict:
     """Sequential sentence corrections, MELO against GRACE and plain LoRA, in one run.
 
     Per method: edit PPL of each edit right after it, and of every edit at the end; ARR PPL
     on the accurate sentences and locality PPL on the unrelated passages at the end; the
-    unedited model's three under `base`. A PPL here is exp of the mean token NLL of one
+    unedited model's three under `base`. `model`: another model than the default (a hub id
+    or a folder; its LoRA modules must be linear layers named like the default's). A PPL here is exp of the mean token NLL of one
     example; a set's figure is the mean over its examples. Prompts are plain text the model
     continues: MELO runs a workspace in completion mode (whose radius is calibrated on
     continuation points of passages, melo_engine/calibrate.py), GRACE and LoRA the same prompts.
@@ -235,7 +237,7 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
     edits = task.edits[:n] if n else task.edits
     if not edits:
         raise ValueError("the data holds no inaccurate sentence to correct")
-    bb = backbone or Backbone.load(DEFAULT_MODEL)
+    bb = backbone or Backbone.load(model or DEFAULT_MODEL)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     prompts, targets = [e.prompt for e in edits], [e.target for e in edits]
     ap, at = [a.prompt for a in task.accurate], [a.target for a in task.accurate]
@@ -245,7 +247,7 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
                 "arr_ppl": mean(perplexities(bb, m, ap, at)),
                 "locality_ppl": mean(passage_perplexities(bb, m, task.locality))}
 
-    settings = dict(melo_settings or {})
+    settings = dict(melo_settings or {}, model=bb.name)
     out = {"dataset": "hallucination", "data": task.name, "n": len(edits), "model": bb.name,
            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "set": task.notes,
            "averaging": "mean over examples of exp(mean token NLL)", "base": measure(None),
