@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,8 +231,6 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
     from melo_engine.config import DEFAULT_MODEL
     from melo_engine.evaluate import passage_perplexities, perplexities
     from melo_engine.methods import build
-
-    import tempfile
 
     task = from_selfcheck(Path(data)) if data else standin()
     edits = task.edits[:n] if n else task.edits
