@@ -254,18 +254,24 @@ class Backbone:
         a row without a block runs the original model exactly. `max_new_tokens` may be one
         budget per row: every row then stops where it would have stopped alone."""
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(questions)
-        enc = self.encode(questions, chat=chat)
+        ids, mask = self.left_padded(self.encode(questions, chat=chat))
+        width = ids.shape[1]
+        with self.lora(active):
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row[width:width + n], skip_special_tokens=True).strip()
+                for row, n in zip(out, limits)]
+
+    def left_padded(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of a right-padded batch moved to the right edge, for generation: every
+        prompt then ends at the last column and new tokens follow all of them alike."""
         width = enc.ids.shape[1]
         ids = torch.full_like(enc.ids, self.tokenizer.pad_token_id)
         mask = torch.zeros_like(enc.mask)
         for i, n in enumerate(enc.mask.sum(1).tolist()):
             ids[i, width - n:] = enc.ids[i, :n]
             mask[i, width - n:] = 1
-        with self.lora(active):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[width:width + n], skip_special_tokens=True).strip()
-                for row, n in zip(out, limits)]
+        return ids, mask
 
     def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
         out = self.model.generate(

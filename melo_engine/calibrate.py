@@ -82,13 +82,19 @@ def calibration_questions() -> tuple[list[str], list[str]]:
     return qs, subjects
 
 
+def passage_header(name: str) -> str:
+    """How a passage about `name` begins (the paper's hallucination prompts; the calibration
+    passages begin the same way)."""
+    return f"This is a Wikipedia passage about {name}."
+
+
 def continuation_points() -> list[tuple[str, str]]:
     """Consecutive continuation points (a, b) of the reference passages: the header and the
     header with the first sentence, that and the header with both sentences."""
     data = json.loads((ASSETS / "calibration_passages.json").read_text())
     out = []
     for p in data["passages"]:
-        points = [f"This is a Wikipedia passage about {p['name']}."]
+        points = [passage_header(p["name"])]
         for sentence in p["sentences"]:
             points.append(f"{points[-1]} {sentence}")
         out += list(zip(points, points[1:]))

@@ -24,20 +24,25 @@ def _applied(backbone: Backbone, method, prompts: list[str], last: list[int]):
 
 
 @torch.no_grad()
-def token_accuracies(backbone: Backbone, method, prompts: list[str], targets: list[str]) -> list[float]:
-    out = []
+def _target_logits(backbone: Backbone, method, prompts: list[str], targets: list[str], chat: bool = True,
+                   ends: bool = True):
+    """For each example, in order: (the logits that predict its target tokens, those tokens),
+    teacher-forced, the method routed from the prompt and applied from its last token on."""
     for i in range(0, len(prompts), BATCH):
         ps, ts = prompts[i:i + BATCH], targets[i:i + BATCH]
-        enc = backbone.encode(ps, ts)          # right-padded: pads come after every real token
+        enc = backbone.encode(ps, ts, chat=chat, ends=ends)   # right-padded: pads after every real token
         n_prompt = enc.prompt_mask.sum(1).tolist()
         n_total = enc.mask.sum(1).tolist()
         with _applied(backbone, method, ps, [n - 1 for n in n_prompt]):
             logits = backbone.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False).logits
         for r, (a, b) in enumerate(zip(n_prompt, n_total)):
             # The logit at t predicts token t + 1.
-            pred = logits[r, a - 1:b - 1].argmax(-1)
-            out.append((pred == enc.ids[r, a:b]).float().mean().item())
-    return out
+            yield logits[r, a - 1:b - 1], enc.ids[r, a:b]
+
+
+def token_accuracies(backbone: Backbone, method, prompts: list[str], targets: list[str]) -> list[float]:
+    return [(logits.argmax(-1) == want).float().mean().item()
+            for logits, want in _target_logits(backbone, method, prompts, targets)]
 
 
 def token_accuracy(backbone: Backbone, method, prompt: str, target: str) -> float:
@@ -52,15 +57,8 @@ def greedy_batch(backbone: Backbone, method, prompts: list[str], n_tokens: int) 
     out = []
     for i in range(0, len(prompts), BATCH):
         ps = prompts[i:i + BATCH]
-        right = backbone.encode(ps)
-        lens = right.mask.sum(1)
-        width = right.ids.shape[1]
-        # Left-pad for generation, so every prompt ends at the same column.
-        ids = torch.full_like(right.ids, backbone.tokenizer.pad_token_id)
-        mask = torch.zeros_like(right.mask)
-        for r, n in enumerate(lens.tolist()):
-            ids[r, width - n:] = right.ids[r, :n]
-            mask[r, width - n:] = 1
+        ids, mask = backbone.left_padded(backbone.encode(ps))
+        width = ids.shape[1]
         with _applied(backbone, method, ps, [width - 1] * len(ps)):
             gen = backbone.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens,
                                           do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
@@ -92,22 +90,12 @@ def agreement(base: list[int], edited: list[int]) -> float:
 
 
 # ---- perplexity (the hallucination task) --------------------------------------------------
-@torch.no_grad()
 def perplexities(backbone: Backbone, method, prompts: list[str], targets: list[str], chat: bool = False) -> list[float]:
     """Per example: exp of the mean negative log-likelihood of the target's tokens given the
     prompt (prompt tokens masked, no end of turn after the target), with the method's edit
     routed from the prompt and applied from the prompt's last token on."""
-    out = []
-    for i in range(0, len(prompts), BATCH):
-        ps, ts = prompts[i:i + BATCH], targets[i:i + BATCH]
-        enc = backbone.encode(ps, ts, chat=chat, ends=False)
-        n_prompt, n_total = enc.prompt_mask.sum(1).tolist(), enc.mask.sum(1).tolist()
-        with _applied(backbone, method, ps, [n - 1 for n in n_prompt]):
-            logits = backbone.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False).logits
-        for r, (a, b) in enumerate(zip(n_prompt, n_total)):
-            nll = torch.nn.functional.cross_entropy(logits[r, a - 1:b - 1].float(), enc.ids[r, a:b])
-            out.append(float(torch.exp(nll)))
-    return out
+    return [float(torch.exp(torch.nn.functional.cross_entropy(logits.float(), want)))
+            for logits, want in _target_logits(backbone, method, prompts, targets, chat=chat, ends=False)]
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from melo_engine.calibrate import passage_header as header
 from melo_engine.sentences import split_sentences
 
 from .data import DATA, ROOT, counterfact_records
@@ -39,8 +40,6 @@ PAPER = {"model": "GPT2-XL", "edits": 1000,   # MELO paper, Table 2
          "lora": {"edit_ppl": 2187.6, "arr_ppl": 1817.3, "locality_ppl": 2578.5}}
 
 
-def header(name: str) -> str:
-    return f"This is a Wikipedia passage about {name}."
 
 
 @dataclass
@@ -133,6 +132,14 @@ def _first_sentence(text: str) -> str:
     return parts[0] if parts else text.strip()
 
 
+def _first_sentences(backbone, texts: list[str], tokens: int, batch: int) -> list[str]:
+    """The first sentence of the model's greedy plain continuation of each text."""
+    out = []
+    for i in range(0, len(texts), batch):
+        out += [_first_sentence(c) for c in backbone.generate_batch(texts[i:i + batch], None, tokens, chat=False)]
+    return out
+
+
 def _states(continuation: str, truth: str) -> bool:
     """Does a continuation of a fact's opening state the known answer in its first words?"""
     words = re.findall(r"\w+", continuation.lower())[:len(truth.split()) + 3]
@@ -154,21 +161,14 @@ def build_standin(backbone, tokens: int = 40, batch: int = 16) -> dict:
             seen.add(r["subject"])
             records.append(r)
 
-    def continue_all(texts):
-        out = []
-        for i in range(0, len(texts), batch):
-            out += backbone.generate_batch(texts[i:i + batch], None, tokens, chat=False)
-        return out
-
     heads = [header(r["subject"]) for r in records]
-    s1 = [_first_sentence(c) for c in continue_all(heads)]
+    s1 = _first_sentences(backbone, heads, tokens, batch)
     passages = [{"name": r["subject"], "sentences": [a], "annotation": ["unchecked"], "corrections": [None],
                  "truth": r["ground_truth"]} for r, a in zip(records, s1)]
     for field_name in ("prompt", "rephrase_prompt"):
         opens = [r[field_name].strip() for r in records]
         texts = [" ".join([h] + p["sentences"] + [o]) for h, p, o in zip(heads, passages, opens)]
-        for p, o, c, r in zip(passages, opens, continue_all(texts), records):
-            said = _first_sentence(c)
+        for p, o, said, r in zip(passages, opens, _first_sentences(backbone, texts, tokens, batch), records):
             right = _states(said, r["ground_truth"])
             p["sentences"].append(f"{o} {said}")
             p["annotation"].append("accurate" if right else "inaccurate")
@@ -197,9 +197,8 @@ def build_calibration_passages(backbone, n: int = 200, tokens: int = 40, batch: 
     texts = [header(x) for x in names]
     sentences = [[] for _ in names]
     for _ in range(2):
-        for i in range(0, len(texts), batch):
-            for j, c in enumerate(backbone.generate_batch(texts[i:i + batch], None, tokens, chat=False)):
-                sentences[i + j].append(_first_sentence(c))
+        for s, said in zip(sentences, _first_sentences(backbone, texts, tokens, batch)):
+            s.append(said)
         texts = [" ".join([header(x)] + s) for x, s in zip(names, sentences)]
     # A passage whose second sentence is empty (the model stopped) or repeats the first has
     # two continuation points with one text: no distance to learn from.
