@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from melo_engine.backbone import Backbone  # noqa: E402
 from melo_engine.config import DEFAULT_MODEL  # noqa: E402
+from melo_engine.keys import warm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -28,7 +29,7 @@ def load_backbone(name: str, out: dict) -> None:
     """The model and the sentence encoder of the default key, for a thread of its own."""
     try:
         out["backbone"] = Backbone.load(name)
-        out["backbone"].sentence_encoder()
+        warm(out["backbone"])
     except BaseException as err:  # noqa: BLE001 - re-raised by main
         out["error"] = err
 

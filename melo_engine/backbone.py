@@ -63,17 +63,15 @@ class Backbone:
         self.loras: dict[str, BlockLoRALinear] = {}
         self._upper_ok: dict[int, bool] = {}
         self._parts: dict[tuple, nn.Module] = {}
-        self._sentence = None
+        self._companions: dict[str, object] = {}
 
-    def sentence_encoder(self):
-        """The sentence encoder for the "sentence" key source: loaded on first use, then
-        shared by every editor that borrows this backbone (like the model itself)."""
+    def companion(self, name: str, load: Callable[[], object]):
+        """A model that works beside this one (a key source's encoder): loaded on first use,
+        then shared by every editor that borrows this backbone, like the model itself."""
         with self.lock:
-            if self._sentence is None:
-                from .keys import SentenceEncoder
-
-                self._sentence = SentenceEncoder.load()
-            return self._sentence
+            if name not in self._companions:
+                self._companions[name] = load()
+            return self._companions[name]
 
     @classmethod
     def load(cls, name: str) -> "Backbone":

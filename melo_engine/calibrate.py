@@ -1,125 +1,84 @@
-"""Radius calibration and the reference data behind keys: a radius in the units of *this*
-model's and key source's keys, from reference questions, never a hand-picked number.
+"""Radius calibration: a radius in the units of *this* model's and key source's keys, from
+reference questions (refdata.py), never a hand-picked number. The rules are pure functions
+of keys; `calibrated_radius` computes the keys once per model and key setting and caches
+the result.
 
-Both come from the bundled zsRE sample (596 facts, one subject each, several phrasings):
+The rules, by key (the figures behind each choice: docs/BENCHMARKS.md, "Key study"):
 
-- Unwhitened model keys (the paper's neuron index): questions of records 826-1125, each
-  one's distance to its nearest question about *another* subject, 5 % quantile. Measured on
-  200 zsRE edits: it put 64 % of paraphrases inside their edit's radius and kept 97 % of
-  held-out questions away from all 200 edits.
-- Sentence keys (and whitened keys of either source): the whitening is fitted on
-  paraphrase pairs of the *first* half of the facts; the radius is calibrated on every
-  phrasing of the *second* half, so that fit and calibration never share a fact (a
-  whitening fitted on a fact pushes its neighbours apart and would widen the radius). The
-  radius lies halfway between how far the phrasings of one fact spread (99th percentile of
-  each phrasing's farthest sibling: 0.73 for the default key) and how near a question about
-  another subject comes (1st percentile of the nearest one: 0.90). A low quantile of the
-  second alone was unstable: the 0.5 % quantile jumped from 0.68 to 0.87 between
-  neighbouring ranks, and at 0.87 3 % of CounterFact's same-relation questions fired.
+- Unwhitened model keys (the paper's neuron index): each reference question's distance to
+  its nearest question about *another* subject, a low quantile.
+- Sentence keys (and whitened keys of either source): the radius lies halfway between how
+  far the phrasings of one fact spread (a high quantile of each phrasing's farthest
+  sibling) and how near a question about another subject comes (a low quantile of the
+  nearest one). A low quantile of the second alone was unstable between neighbouring ranks.
+  Fit (whitening) and calibration never share a fact: a whitening fitted on a fact pushes
+  its neighbours apart and would widen the radius.
 - Completion mode, any key: a prompt is a point in a text the model continues, and the
   nearest other prompt is the same text a sentence earlier or later (a question's wording
-  spreads; a passage's continuation points do not). The radius is half the 1st percentile
-  of the distance between consecutive continuation points of one passage (the header, then
-  each of the model's first two sentences after it; assets/calibration_passages.json,
-  zsRE subjects of the calibration half): the paper's split rule (half the distance)
-  applied ahead of time, so one point's correction does not fire at the next.
+  spreads; a passage's continuation points do not). The radius is half a low quantile of
+  the distance between consecutive continuation points of one passage: the paper's split
+  rule (half the distance) applied ahead of time, so one point's correction does not fire
+  at the next.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from .config import MeloConfig
+from .keys import Keyer
 from .model import cache_dir
+from .refdata import calibration_questions, continuation_points, reference_questions
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RADIUS_QUANTILE = 0.05
-REFERENCE_SLICE = slice(826, 1126)
 SPREAD_QUANTILE, OTHER_QUANTILE = 0.99, 0.01
 POINTS_QUANTILE = 0.01
 
 
-def _zsre() -> list[dict]:
-    return json.loads((ASSETS / "data" / "zsre_mend_eval_head.json").read_text())
-
-
-def reference_questions() -> tuple[list[str], list[str]]:
-    """(questions, their subjects) for calibrating unwhitened model keys."""
-    records = _zsre()[REFERENCE_SLICE]
-    return [r["src"] for r in records], [r["subject"] for r in records]
-
-
-def _facts() -> dict[str, list[str]]:
-    """Every distinct phrasing of each zsRE fact, facts in the sample's order."""
-    out: dict[str, list[str]] = {}
-    for r in _zsre():
-        for q in (r["src"], r["rephrase"]):
-            if q not in out.setdefault(r["subject"], []):
-                out[r["subject"]].append(q)
-    return out
-
-
-def whitening_pairs() -> tuple[list[str], list[str]]:
-    """Paraphrase pairs (each phrasing with its fact's first) of the first half of the facts."""
-    facts = list(_facts().values())
-    a, b = [], []
-    for qs in facts[: len(facts) // 2]:
-        a += [qs[0]] * (len(qs) - 1)
-        b += qs[1:]
-    return a, b
-
-
-def calibration_questions() -> tuple[list[str], list[str]]:
-    """Every phrasing of the second half of the facts, with its subject."""
-    facts = list(_facts().items())
-    qs, subjects = [], []
-    for subject, phrasings in facts[len(facts) // 2:]:
-        qs += phrasings
-        subjects += [subject] * len(phrasings)
-    return qs, subjects
-
-
-def passage_header(name: str) -> str:
-    """How a passage about `name` begins (the paper's hallucination prompts; the calibration
-    passages begin the same way)."""
-    return f"This is a Wikipedia passage about {name}."
-
-
-def continuation_points() -> list[tuple[str, str]]:
-    """Consecutive continuation points (a, b) of the reference passages: the header and the
-    header with the first sentence, that and the header with both sentences."""
-    data = json.loads((ASSETS / "calibration_passages.json").read_text())
-    out = []
-    for p in data["passages"]:
-        points = [passage_header(p["name"])]
-        for sentence in p["sentences"]:
-            points.append(f"{points[-1]} {sentence}")
-        out += list(zip(points, points[1:]))
-    return out
+def _same(subjects: list[str]) -> torch.Tensor:
+    return torch.tensor([[a == b for b in subjects] for a in subjects])
 
 
 def nearest_other_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
     """Each key's distance to the nearest key of a question about another subject."""
     d = torch.cdist(keys, keys)
-    same = torch.tensor([[a == b for b in subjects] for a in subjects])
-    d[same] = float("inf")
+    d[_same(subjects)] = float("inf")
     return d.min(1).values
 
 
 def farthest_same_subject(keys: torch.Tensor, subjects: list[str]) -> torch.Tensor:
     """For each key with a sibling (another phrasing of its subject), the farthest one."""
     d = torch.cdist(keys, keys)
-    same = torch.tensor([[a == b for b in subjects] for a in subjects])
+    same = _same(subjects)
     same.fill_diagonal_(False)
     d[~same] = -1.0
     far = d.max(1).values
     return far[far >= 0]
 
 
-def calibrated_radius(backbone, cfg: MeloConfig, keyer=None) -> float:
+def gap_radius(keys: torch.Tensor, subjects: list[str]) -> float:
+    """Halfway between how far phrasings of one subject spread and how near another
+    subject's questions come (whitened keys, and the sentence key)."""
+    spread = float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
+    other = float(torch.quantile(nearest_other_subject(keys, subjects), OTHER_QUANTILE))
+    return 0.5 * (spread + other)
+
+
+def quantile_radius(keys: torch.Tensor, subjects: list[str]) -> float:
+    """A low quantile of the distance to another subject's nearest question (the paper's
+    unwhitened neuron index)."""
+    return float(torch.quantile(nearest_other_subject(keys, subjects), RADIUS_QUANTILE))
+
+
+def points_radius(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Half a low quantile of the distance between consecutive continuation points a[i], b[i]
+    (completion mode): the paper's split rule applied ahead of time."""
+    return 0.5 * float(torch.quantile((a - b).norm(dim=-1), POINTS_QUANTILE))
+
+
+def calibrated_radius(backbone, cfg: MeloConfig, keyer: Keyer | None = None) -> float:
     """The default init radius for this model and key setting (cached under MELO_CACHE)."""
     split = cfg.whitened or cfg.key_source != "model"
     passages = cfg.prompt_mode == "completion"
@@ -132,24 +91,13 @@ def calibrated_radius(backbone, cfg: MeloConfig, keyer=None) -> float:
     entry = known.get(name)
     if entry and entry.get("fingerprint") == backbone.fingerprint:
         return float(entry["radius"])
-    if keyer is None:
-        from .keys import Keyer
-
-        keyer = Keyer(backbone, cfg)
+    keyer = keyer or Keyer(backbone, cfg)
     if passages:
-        pairs = continuation_points()
-        a, b = keyer.keys([x for x, _ in pairs]), keyer.keys([y for _, y in pairs])
-        radius = 0.5 * float(torch.quantile((a - b).norm(dim=-1), POINTS_QUANTILE))
-        qs = pairs
-    elif split:
-        qs, subjects = calibration_questions()
-        keys = keyer.keys(qs)
-        spread = float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
-        other = float(torch.quantile(nearest_other_subject(keys, subjects), OTHER_QUANTILE))
-        radius = 0.5 * (spread + other)
+        qs = continuation_points()
+        radius = points_radius(keyer.keys([x for x, _ in qs]), keyer.keys([y for _, y in qs]))
     else:
-        qs, subjects = reference_questions()
-        radius = float(torch.quantile(nearest_other_subject(keyer.keys(qs), subjects), RADIUS_QUANTILE))
+        qs, subjects = calibration_questions() if split else reference_questions()
+        radius = (gap_radius if split else quantile_radius)(keyer.keys(qs), subjects)
     known[name] = {"radius": radius, "fingerprint": backbone.fingerprint, "prompts": len(qs)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".calibration-{os.getpid()}.json")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .registry import KEY_SOURCES
 from .store import atomic_write_json     # a crash mid-save must not leave half a file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -19,21 +20,18 @@ class MeloConfig:
 
     model: str = DEFAULT_MODEL
 
-    # Where keys come from (melo_engine/keys.py). "sentence": the bundled sentence encoder
-    # (all-MiniLM-L6-v2), whitened. "model": the paper's neuron index, a layer of the edited
-    # model (the settings below). Key study, routing only, at 0.99 routing locality, a held-out
-    # phrasing counted when its nearest edit asks the same fact (docs/BENCHMARKS.md): sentence
-    # whitened 0.997 on zsRE and 0.925 on CounterFact, whitening fitted on the *other* dataset;
-    # model layer 10 0.757 and 0.037. A workspace made before key sources existed is "model".
-    key_source: str = "sentence"         # "sentence" | "model"
-    key_whitening: bool | None = None    # None: on for "sentence", off for "model" (the paper's key)
+    # Where keys come from: a name in registry.KEY_SOURCES (keys.py). "sentence": the bundled
+    # sentence encoder, whitened, routes far more paraphrases to their edit than "model", the
+    # paper's neuron index, a layer of the edited model (the settings below); the key study
+    # in docs/BENCHMARKS.md has the figures. A workspace made before key sources existed is
+    # "model".
+    key_source: str = "sentence"
+    key_whitening: bool | None = None    # None: the source's default (on for "sentence", off for "model")
 
     # The model source. The key is the key layer's output reduced over the user's question only
-    # (not the chat template around it, which is the same for every query). Measured on
-    # 200 zsRE edits against 200 held-out zsRE questions (docs/BENCHMARKS.md, key study):
-    # at a radius that lets 1% of those questions fire, "mean_user" at layer 10 of 30 with
-    # cosine routed 44.5% of paraphrases to their own edit; "last_user" and "last" (the
-    # last prompt token, as in the reference code) routed at most 2% at every layer.
+    # (not the chat template around it, which is the same for every query): "mean_user" at a
+    # third of the depth with cosine routed far more paraphrases to their own edit than the
+    # last prompt token of the reference code (docs/BENCHMARKS.md, layer study).
     key_layer: int | None = None          # None: a third of the depth (10 of 30)
     key_reduction: str = "mean_user"     # "mean_user" | "last_user" | "last" | "mean"
     distance: str = "cosine"             # "cosine" | "l2"
@@ -52,8 +50,8 @@ class MeloConfig:
     rank_per_block: int = 4
     lora_alpha: float = 8.0
     # How blocks are stored (and held in memory; they are computed in float32). float16 halves
-    # the disk per edit (101 kB of 203 kB) with no measured loss in edit success or retention
-    # (docs/BENCHMARKS.md, "scale"). Workspaces made before keep float32.
+    # the disk per edit with no measured loss in edit success or retention (docs/BENCHMARKS.md,
+    # "scale"). Workspaces made before keep float32.
     block_dtype: str = "float16"         # "float16" | "float32"
 
     # Training one edit: Adam on the new block only, stop once the target is reproduced.
@@ -86,21 +84,17 @@ class MeloConfig:
 
     @property
     def whitened(self) -> bool:
-        return self.key_source == "sentence" if self.key_whitening is None else bool(self.key_whitening)
+        if self.key_whitening is None:
+            return KEY_SOURCES.get(self.key_source).default_whitened
+        return bool(self.key_whitening)
 
     def key_name(self) -> str:
         """Names the key space: two workspaces' keys compare only when these are equal."""
-        if self.key_source == "sentence":
-            base = "sentence-all-MiniLM-L6-v2-mean"
-        else:
-            base = f"model-L{self.key_layer}-{self.key_reduction}-{self.distance}"
-        base += "-whitened" if self.whitened else ""
-        # The model's own key sees the prompt as formatted: another mode, another key space.
-        return base + ("-completion" if self.key_source == "model" and self.prompt_mode == "completion" else "")
+        source = KEY_SOURCES.get(self.key_source)()
+        return source.space(self) + ("-whitened" if self.whitened else "") + source.mode_suffix(self)
 
     def validate(self) -> None:
-        if self.key_source not in ("sentence", "model"):
-            raise ValueError(f"unknown key_source {self.key_source!r} (sentence, model)")
+        KEY_SOURCES.check(self.key_source)
         if self.key_reduction not in ("mean_user", "last_user", "last", "mean"):
             raise ValueError(f"unknown key_reduction {self.key_reduction!r}")
         if self.on_conflict not in ("supersede", "keep", "forget"):

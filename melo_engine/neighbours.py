@@ -12,15 +12,12 @@ edit now fires for them.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .model import cache_dir, cached_tensors
-
-REFERENCE_FILE = Path(__file__).resolve().parent.parent / "assets" / "reference_questions.json"
+from .refdata import side_effect_questions
 
 
 @dataclass
@@ -32,13 +29,9 @@ class Neighbour:
     fired_edit: str | None  # the edit that fires for it (this one, another, or None)
 
 
-def reference_questions() -> list[str]:
-    return json.loads(REFERENCE_FILE.read_text())
-
-
 def reference_keys(keyer) -> tuple[list[str], torch.Tensor]:
     """The bank's questions and their keys under this workspace's key setting (cached)."""
-    questions = reference_questions()
+    questions = side_effect_questions()
     digest = hashlib.sha256("\n".join(questions).encode()).hexdigest()[:12]
     cfg = keyer.cfg
     path = cache_dir() / "reference" / f"{cfg.model}-{cfg.key_name()}-{digest}.safetensors"

@@ -267,11 +267,12 @@ def workspace_cost(visitors: int = 20, editors: int = 5) -> dict:
     for visitors who only ask and for visitors who made one edit (docs/RELIABILITY.md)."""
     from melo_engine.backbone import Backbone
     from melo_engine.config import DEFAULT_MODEL
+    from melo_engine.keys import warm
 
     from .sessions import WorkspacePool
 
     backbone = Backbone.load(DEFAULT_MODEL)
-    backbone.sentence_encoder()
+    warm(backbone)
     root = Path(tempfile.mkdtemp(prefix="melo-cost-"))
     pool = WorkspacePool(backbone, root=root)
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melo_engine.calibrate import passage_header as header
+from melo_engine.refdata import passage_header as header
 from melo_engine.sentences import split_sentences
 
 from .data import DATA, ROOT, counterfact_records
@@ -186,7 +186,7 @@ def build_calibration_passages(backbone, n: int = 200, tokens: int = 40, batch: 
     header and the model's own first two sentences about subjects of the second half of the
     zsRE sample's facts (the half the radius is calibrated on), none a CounterFact subject,
     so the stand-in's benchmark never calibrates on its own passages."""
-    from melo_engine.calibrate import calibration_questions
+    from melo_engine.refdata import calibration_questions
 
     taken = {r["subject"] for r in counterfact_records()}
     names = []

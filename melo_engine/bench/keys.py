@@ -46,9 +46,9 @@ def key_study(locality: float = LOCALITY) -> dict:
     import dataclasses
 
     from melo_engine.backbone import Backbone
-    from melo_engine.calibrate import (RADIUS_QUANTILE, SPREAD_QUANTILE, OTHER_QUANTILE, calibration_questions,
-                                       farthest_same_subject, nearest_other_subject, reference_questions,
-                                       whitening_pairs)
+    from melo_engine.calibrate import (RADIUS_QUANTILE, SPREAD_QUANTILE, OTHER_QUANTILE, farthest_same_subject,
+                                       nearest_other_subject)
+    from melo_engine.refdata import calibration_questions, reference_questions, whitening_pairs
     from melo_engine.config import DEFAULT_MODEL, MeloConfig
     from melo_engine.keys import WHITENING_SHRINK, Keyer, Whitening
 

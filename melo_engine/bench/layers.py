@@ -28,7 +28,7 @@ def layer_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: 
     import torch
 
     from melo_engine.backbone import Backbone, reduce_key
-    from melo_engine.calibrate import reference_questions
+    from melo_engine.refdata import reference_questions
     from melo_engine.config import DEFAULT_MODEL
 
     bb = Backbone.load(DEFAULT_MODEL)
