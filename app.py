@@ -40,7 +40,7 @@ def main() -> None:
     # start a team of threads that spin waiting for cores the other requests hold.
     # Measured in docs/BENCHMARKS.md ("many visitors at once").
     torch.set_num_threads(int(os.environ.get("MELO_THREADS", "1")))
-    # Start-up: the model loads while gradio is imported (each about 2 s); the page is built
+    # Start-up: the model loads while gradio is imported (both take seconds); the page is built
     # once both are there. Imports below on purpose.
     loaded: dict = {}
     loader = threading.Thread(target=load_backbone, args=(os.environ.get("MELO_MODEL", DEFAULT_MODEL), loaded),

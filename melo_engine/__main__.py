@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> object:
     from melo_engine import MeloConfig, MeloEditor, store
-    from melo_engine.editor import clean_text
+    from melo_engine.checks import clean_text
 
     for value in vars(args).values():       # before anything is opened
         if isinstance(value, str):

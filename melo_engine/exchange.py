@@ -1,4 +1,5 @@
-"""Export files: one safetensors file with every active edit (text, key, trained block).
+"""Export and import: one safetensors file with every active edit (text, key, trained
+block), read back into another workspace of the same model and key space without training.
 
 Reading one checks everything it brings before the workspace is touched: the marker and
 format, the model it came from, the key space, and for every edit a safe id (it becomes a
@@ -10,9 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
+
+from . import placement
+from .checks import clean_text, export_path
+from .config import MeloConfig
+from .editing import block_dtype, new_id
+from .records import EditRecord
 
 EXPORT_MAGIC = "melo-studio-edits"
 EXPORT_FORMAT = 1
@@ -99,3 +107,98 @@ def check_edits(name: str, edits: list[dict], tensors: dict[str, torch.Tensor], 
                                  f"(A {tuple(a.shape)}, B {tuple(b.shape)}; want A (r, {in_f}), B ({out_f}, r))")
             if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
                 raise ValueError(f"{name}: the block of edit {eid} holds NaN or infinite numbers")
+
+
+# ---- writing and reading an editor's edits --------------------------------------------
+def export_edits(ed, path) -> Path:
+    """Write every active edit (text, key, block matrices) of editor `ed` to one file."""
+    from safetensors.torch import save_file
+
+    path = export_path(path, ed.workspace)
+    ws = ed.ws
+    with ws.lock:
+        active = [e for e in ws.entries.values() if e.status == "active"]
+        tensors = {}
+        for e in active:
+            tensors[f"key.{e.id}"] = ws.state.points[e.id].key.contiguous()
+            for m, (a, b) in ws.bank.matrices(e.block).items():   # float32, as exports always were
+                tensors[f"edit.{e.id}.{m}.A"] = a.to(torch.float32).contiguous()
+                tensors[f"edit.{e.id}.{m}.B"] = b.to(torch.float32).contiguous()
+        meta = {"magic": EXPORT_MAGIC, "format": str(EXPORT_FORMAT), "model": ed.config.model,
+                "fingerprint": json.dumps(ed.backbone.fingerprint),
+                "settings": json.dumps(ed.config.to_json()),
+                "edits": json.dumps([_exported(ws, e) for e in active])}
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot write {path.name}: {err.strerror or type(err).__name__}") from None
+        return path
+
+
+def _exported(ws, e: EditRecord) -> dict:
+    """What an export keeps of an edit: its texts and history, and the radius of its
+    cluster now (what decides where it fires)."""
+    d = e.to_json()
+    out = {k: d[k] for k in ("id", "prompt", "target", "prefix", "ends_answer") if k in d}
+    out.update({k: d[k] for k, _, _ in KEPT_NUMBERS if k in d and k != "radius"})
+    out["radius"] = ws.state.clusters[ws.state.points[e.id].cluster].radius
+    return out
+
+
+def import_edits(ed, path) -> list[str]:
+    """Add the edits of an export file to editor `ed` (trained blocks included: nothing
+    retrains). Returns the new edit ids. A bad file raises ValueError and changes nothing."""
+    edits, tensors = _checked_export(ed, Path(path))
+    ws, c = ed.ws, ed.config
+    dtype = block_dtype(ed)
+    with ws.lock:
+        taken = set(ws.entries)
+        ids, blocks = [], {}
+        for e, free in zip(edits, ws.bank.allocate_many(len(edits))):
+            eid = e["id"] if e["id"] not in taken else new_id(taken)
+            taken.add(eid)
+            blocks[free] = {m: (tensors[f"edit.{e['id']}.{m}.A"].to(dtype),
+                                tensors[f"edit.{e['id']}.{m}.B"].to(dtype)) for m in ed.modules}
+            ids.append((eid, free))
+        file = ws.store.write_blocks(blocks, dtype) if blocks else None
+        with ws.change("import") as ch:
+            for e, (eid, block) in zip(edits, ids):
+                ch.add_block(block, file, blocks[block])
+                # The radius it had where it was exported: it fires for the same questions.
+                placed = placement.add(ws.state, eid, tensors[f"key.{e['id']}"], block, e["target"],
+                                       e.get("radius", c.init_radius), c.on_conflict)
+                ch.placed(placed, eid)
+                correction = "prefix" in e         # a sentence correction stays one
+                ch.set(eid, EditRecord(
+                    eid, e["prompt"], e["target"], block, placed.cluster, placed.action,
+                    e.get("created", time.time()), steps=e.get("steps", 0), seconds=e.get("seconds", 0.0),
+                    imported=True, prefix=e["prefix"] if correction else None,
+                    taught_tokens=e.get("taught_tokens", 0) if correction else 0,
+                    ends_answer=correction and e.get("ends_answer") is True))
+        return [eid for eid, _ in ids]
+
+
+def _checked_export(ed, path: Path):
+    """The edits of an export file, every part checked; nothing is written."""
+    meta, edits, tensors = read_export(path)
+    name = Path(path).name
+    if meta["fingerprint"] != ed.backbone.fingerprint:
+        raise ValueError(f"{name} was exported from another model ({str(meta.get('model'))[:80]})")
+    try:
+        theirs = MeloConfig.from_json(meta["settings"]).key_name()
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"{name} has unreadable settings") from None
+    mode = meta["settings"].get("prompt_mode", "chat") if isinstance(meta["settings"], dict) else "chat"
+    if mode != ed.config.prompt_mode:
+        raise ValueError(f"{name} was exported from a workspace in {mode} mode; this one is in "
+                         f"{ed.config.prompt_mode} mode, where its blocks would not fit the prompts")
+    if theirs != ed.config.key_name():
+        raise ValueError(f"{name} was exported with keys {theirs}; this workspace uses "
+                         f"{ed.config.key_name()}, so its keys would not compare")
+    shapes = {m: (ed.backbone.loras[m].out_features, ed.backbone.loras[m].in_features) for m in ed.modules}
+    limit = ed.config.max_text_chars
+    check_edits(name, edits, tensors, ed.keyer.dim, shapes, lambda text, what: clean_text(text, what, limit))
+    return edits, tensors

@@ -51,7 +51,8 @@ class MeloMethod:
     def applied(self, prompts: list[str], last: list[int]):
         ed = self.editor
         keys = ed.keyer.keys(prompts)
-        blocks = [ed.index.route(k).block for k in keys]
+        with ed.ws.state_lock:
+            blocks = [ed.state.route(k).block for k in keys]
         with self.backbone.lora(ed.bank.gather(blocks, ed.modules)):
             yield
 

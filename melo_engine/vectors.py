@@ -1,10 +1,11 @@
 """VectorTable: exact nearest and within-radius search over a growing set of named vectors.
 
 Routing must never miss (a miss silently drops an edit), and at 100,000 edits a plain
-float32 scan reads 150 MB per query (16 ms here). So a query runs in two passes:
+float32 scan reads every key for every query (docs/BENCHMARKS.md, "Scale", has the cost).
+So a query runs in two passes:
 
-1. a float16 scan of the unit directions (half the bytes, 5 ms at 100,000 rows, one thread)
-   gives every row an approximate squared distance;
+1. a float16 scan of the unit directions (half the bytes) gives every row an approximate
+   squared distance;
 2. every row whose approximate distance could, within the scan's error bound, meet the
    question (within a radius, or tie with the nearest) is recomputed exactly in float32.
 

@@ -1,4 +1,4 @@
-"""The MELO engine on the real default model and a real chromadb: edits, retention,
+"""The MELO engine on the real default model: edits, retention,
 locality, undo, persistence and isolation."""
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_delete_restores_the_base_answer(backbone, example_edits, base_answers, 
     ed.delete(r.edit_id)
     a = ed.ask(e["prompt"])
     assert a.block is None and a.text == base_answers[e["prompt"]]
-    assert ed.edits() == [] and len(ed.bank) == 0 and not ed.index.state.clusters
+    assert ed.edits() == [] and len(ed.bank) == 0 and not ed.state.clusters
     with pytest.raises(ValueError, match="unknown edit id"):
         ed.delete(r.edit_id)
 
@@ -109,8 +109,7 @@ def test_two_workspaces_in_one_process_are_isolated(backbone, example_edits, bas
     ans = b.ask(e["prompt"])
     assert ans.block is None and ans.text == base_answers[e["prompt"]]
     assert b.edits() == []
-    b.index.sync(b.store.seq)
-    assert b.index.centers.count() == 0 and a.index.centers.count() == 1
+    assert not b.state.clusters and len(a.state.clusters) == 1
 
 
 @pytest.mark.parametrize("on_conflict", ["keep", "forget"])
@@ -122,13 +121,14 @@ def test_paper_split_forgets_or_rehomes_members_left_outside(on_conflict):
     import torch
 
     from melo_engine.index import ClusterState
+    from melo_engine.placement import add
 
     s = ClusterState()
     r0 = 1.0
-    s.add("a", torch.tensor([0.0, 0.0]), 0, "Paris", r0, on_conflict)
-    joined = s.add("b", torch.tensor([0.8, 0.0]), 1, "paris.", r0, on_conflict)
+    add(s, "a", torch.tensor([0.0, 0.0]), 0, "Paris", r0, on_conflict)
+    joined = add(s, "b", torch.tensor([0.8, 0.0]), 1, "paris.", r0, on_conflict)
     assert joined.action == "joined" and s.clusters[joined.cluster].members == ["a", "b"]
-    placed = s.add("c", torch.tensor([0.4, 0.5]), 2, "Rome", r0, on_conflict)
+    placed = add(s, "c", torch.tensor([0.4, 0.5]), 2, "Rome", r0, on_conflict)
     assert placed.action == "conflict"
     new = s.clusters[placed.cluster]
     if on_conflict == "forget":
@@ -175,27 +175,6 @@ def test_index_snapshot_has_everything_to_plot(edited):
     assert all(c["radius"] > 0 and len(c["center"]) == dim for c in snap["clusters"])
 
 
-def test_index_searches_broadly_even_in_a_workspace_made_before(tmp_path):
-    """Chroma's mirror of an older workspace is widened when next written (routing itself is exact)."""
-    import warnings
-
-    from melo_engine.index import EF_SEARCH, ClusterIndex, _chroma_client
-
-    old = _chroma_client(tmp_path)
-    for name in ("centers", "points"):
-        old.get_or_create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "l2"}})
-    old.close()
-    index = ClusterIndex(tmp_path)
-    index.load(index.state, 0)
-    index.sync(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert index.centers.configuration["hnsw"]["ef_search"] == EF_SEARCH
-    names = {c.name if hasattr(c, "name") else c for c in index.client.list_collections()}
-    assert names == {"centers"}          # edit keys are no longer mirrored (they live in the files)
-    index.close()
-
-
 def test_probe_answers_together_what_ask_answers_one_at_a_time(edited, example_edits, unrelated_questions):
     ed, results = edited
     qs = [example_edits[0]["paraphrase"], example_edits[6]["prompt"]] + unrelated_questions[:4]
@@ -234,7 +213,7 @@ def test_export_import_keeps_times_and_radii_and_reset_restores_defaults(backbon
     (x,), (y,) = a.edits(), b.edits()
     for k in ("prompt", "target", "created", "seconds", "steps", "action"):
         assert x[k] == y[k], k
-    assert b.index.state.clusters[y["cluster"]].radius == 0.5 != b.config.init_radius
+    assert b.state.clusters[y["cluster"]].radius == 0.5 != b.config.init_radius
     defaults = a.default_settings()
     a.reset(default_settings=True)
     assert a.edits() == [] and a.config.init_radius == defaults["init_radius"] != 0.5

@@ -128,7 +128,7 @@ def test_process_killed_mid_edit_leaves_workspace_as_before(one_edit, backbone, 
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    assert tree_digest(ws) == before          # chroma's files too: they are opened only to commit
+    assert tree_digest(ws) == before
     ed = MeloEditor.open(ws, backbone=backbone)
     assert [e["prompt"] for e in ed.edits()] == [example_edits[0]["prompt"]]
     assert ed.ask(example_edits[0]["prompt"]).text == example_edits[0]["target"]
@@ -200,7 +200,7 @@ def test_an_import_that_fails_any_check_is_refused_before_anything_is_written(on
     with pytest.raises(ValueError, match=message) as err:
         one_edit.import_(bad)
     assert "\n" not in str(err.value) and str(tmp_path) not in str(err.value)
-    assert tree_digest(one_edit.workspace) == before and one_edit.edits() == listed   # chroma's files too
+    assert tree_digest(one_edit.workspace) == before and one_edit.edits() == listed
 
 
 def test_export_refuses_the_workspace_itself_folders_and_missing_folders(one_edit, tmp_path):

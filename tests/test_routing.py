@@ -1,6 +1,6 @@
 """Routing by meaning: fixes carry over to paraphrases, same-template questions about other
 subjects stay exactly as they were, a later edit of the same question wins and its undo
-brings the earlier one back. On the real model, the real sentence encoder and chromadb;
+brings the earlier one back. On the real model and the real sentence encoder;
 the rules alone on hand-placed keys."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from melo_engine import MeloConfig, MeloEditor
 from melo_engine.index import ClusterState
+from melo_engine.placement import add, remove
 
 # Our own cases (not from any benchmark): an edit, held-out paraphrases that were never
 # edited, and questions on the same template about other subjects.
@@ -119,25 +120,25 @@ def test_a_workspace_from_before_key_sources_opens_with_the_models_key(backbone,
 # ---- the rules alone, on hand-placed keys (init radius 1) ---------------------------
 def test_supersede_rule_on_hand_placed_keys():
     s = ClusterState()
-    s.add("a", torch.tensor([0.0, 0.0]), 0, "Jupiter", 1.0)
-    s.add("far", torch.tensor([5.0, 0.0]), 1, "Bern", 1.0)
-    b = s.add("b", torch.tensor([0.3, 0.0]), 2, "Saturn", 1.0)        # same question: supersedes a
+    add(s, "a", torch.tensor([0.0, 0.0]), 0, "Jupiter", 1.0)
+    add(s, "far", torch.tensor([5.0, 0.0]), 1, "Bern", 1.0)
+    b = add(s, "b", torch.tensor([0.3, 0.0]), 2, "Saturn", 1.0)        # same question: supersedes a
     assert b.action == "superseded" and b.superseded == ["a"] and set(s.dormant) == {"a"}
-    c = s.add("c", torch.tensor([1.5, 0.0]), 3, "Mars", 1.0)          # in reach, not the same question
+    c = add(s, "c", torch.tensor([1.5, 0.0]), 3, "Mars", 1.0)          # in reach, not the same question
     assert c.action == "beside" and s.clusters[s.points["b"].cluster].radius == 1.0   # nothing shrank
-    d = s.add("d", torch.tensor([0.2, 0.1]), 4, "Uranus", 1.0)        # supersedes b (a stays dormant)
+    d = add(s, "d", torch.tensor([0.2, 0.1]), 4, "Uranus", 1.0)        # supersedes b (a stays dormant)
     assert d.superseded == ["b"] and s.dormant["a"].superseded_by == "b"
-    assert s.remove("b", 1.0) == []                                   # a dormant edit just leaves...
+    assert remove(s, "b", 1.0) == []                                   # a dormant edit just leaves...
     assert s.dormant["a"].superseded_by == "d"                        # ...and a passes to its successor
-    assert s.remove("d", 1.0) == ["a"] and "a" in s.points
+    assert remove(s, "d", 1.0) == ["a"] and "a" in s.points
     restored = ClusterState.from_files(*s.to_files())
     assert set(restored.points) == set(s.points) and restored.dormant == {}
 
 
 def test_routing_picks_the_nearest_edit_among_covering_clusters():
     s = ClusterState()
-    s.add("a", torch.tensor([0.0, 0.0]), 0, "A", 1.0)
-    s.add("b", torch.tensor([1.6, 0.0]), 1, "B", 1.0)
+    add(s, "a", torch.tensor([0.0, 0.0]), 0, "A", 1.0)
+    add(s, "b", torch.tensor([1.6, 0.0]), 1, "B", 1.0)
     t = s
     assert t.route(torch.tensor([0.0, 0.0])).block == 0                # an edit's own key: its own block
     assert t.route(torch.tensor([0.9, 0.0])).block == 1                # in both balls, nearer b
@@ -150,7 +151,7 @@ def test_routing_agrees_with_brute_force_search_on_thousands_of_keys():
     keys = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=-1)
     s = ClusterState()
     for i, k in enumerate(keys):
-        s.add(f"e{i}", k, i, f"label {i % 1000}", 0.7)
+        add(s, f"e{i}", k, i, f"label {i % 1000}", 0.7)
     t = s
     near = keys[:250] + 0.05 * torch.randn(250, 64, generator=g)          # mostly fire
     queries = torch.nn.functional.normalize(torch.cat([near, torch.randn(250, 64, generator=g)]), dim=-1)

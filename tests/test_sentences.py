@@ -80,7 +80,7 @@ def test_a_sentence_correction_survives_export_and_import(backbone, base_spider,
     want = ed.ask(SPIDER).text
     other = MeloEditor.open(tmp_path / "b", backbone=backbone)
     [eid] = other.import_(ed.export(tmp_path / "spider.melo"))
-    assert other.entries[eid]["prefix"] == ed.edits()[0]["prefix"]
+    assert other.record(eid)["prefix"] == ed.edits()[0]["prefix"]
     assert other.ask(SPIDER).text == want
     # A workspace in the other prompt mode refuses it: the block was trained on chat prompts.
     plain = MeloEditor.open(tmp_path / "c", backbone=backbone, config=MeloConfig(prompt_mode="completion"))

@@ -195,7 +195,7 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
             page.wait_for_timeout(500)
         assert len(new) == 1, new
         ws = new[0] / "ws"
-        # Every file, chroma's included (it is opened only to commit a change).
+        # Every file.
         def committed():
             return tree_digest(ws)
         before = committed()

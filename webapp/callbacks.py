@@ -191,15 +191,14 @@ def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
     if not edit_id:
         raise ValueError("choose an edit to delete first")
     ed = pool.editor(token)
-    prompt = ed.entries.get(edit_id, {}).get("prompt")
+    prompt = ed.record(edit_id)["prompt"]
     back = ed.delete(edit_id)
     msg = f"Deleted edit `{edit_id}`: its block is freed."
     if back:
         msg += f" The earlier edit(s) it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again."
-    if prompt:      # say what its question gets now, from the routing (keys only)
-        r = ed.route(prompt)
-        msg += (f" Its question is now answered by edit `{r.edit_id}` (*{html.escape(ed.entries[r.edit_id]['target'])}*)."
-                if r.block is not None else " Its question gets the original model's answer again.")
+    now = ed.answered_by(prompt)      # what its question gets now, from the routing (keys only)
+    msg += (f" Its question is now answered by edit `{now['id']}` (*{html.escape(now['target'])}*)."
+            if now is not None else " Its question gets the original model's answer again.")
     return msg
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from melo_engine.editor import clean_text
+from melo_engine.checks import clean_text
 
 from . import callbacks as cb
 from .downloads import ROUTE, Downloads

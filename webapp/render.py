@@ -204,7 +204,7 @@ def _quoted(text: str) -> str:
 
 def edit_summary(ed, r) -> str:
     """What the edit did, in words for a class: what is active now, and what it replaced."""
-    entry = ed.entries[r.edit_id]
+    entry = ed.record(r.edit_id)
     target = entry["target"]
     if "prefix" in entry:
         kept = len(sentence_spans(entry["prefix"]))
@@ -220,7 +220,7 @@ def edit_summary(ed, r) -> str:
                  f"(trained in {r.steps} steps, {r.seconds:.1f} s). {WHAT_HAPPENED[r.action]}".rstrip()]
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
-                     f"({_quoted(ed.entries[old]['target'])}): that one is kept as superseded and "
+                     f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
                      f"comes back if you undo this one. **Active answer now:** {_quoted(target)}")
     if r.forgotten:
         lines.append(f"Earlier edits no longer reached: {', '.join(f'`{e}`' for e in r.forgotten)}.")

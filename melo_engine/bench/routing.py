@@ -6,9 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from .data import load_stream
 from .machine import machine
@@ -24,7 +22,8 @@ def routing_study(dataset: str, n: int, backbone=None, protocol: str | None = No
     from melo_engine.backbone import Backbone
     from melo_engine.calibrate import calibrated_radius
     from melo_engine.config import DEFAULT_MODEL, MeloConfig
-    from melo_engine.index import ClusterIndex
+    from melo_engine.index import ClusterState
+    from melo_engine.placement import add
     from melo_engine.keys import Keyer
 
     bb = backbone or Backbone.load(DEFAULT_MODEL)
@@ -37,39 +36,35 @@ def routing_study(dataset: str, n: int, backbone=None, protocol: str | None = No
     gen_keys = keyer.keys([g.prompt for g in stream.generality])
     loc_keys = keyer.keys(stream.locality)
     actions = collections.Counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        index = ClusterIndex(Path(tmp))
-        state = index.state
-        for i, (r, k) in enumerate(zip(stream.edits, edit_keys)):
-            actions[state.add(f"e{i}", k, i, r.target, radius, cfg.on_conflict).action] += 1
-        index.rebuild(1)
-        route_ms = []
+    state = ClusterState()
+    for i, (r, k) in enumerate(zip(stream.edits, edit_keys)):
+        actions[add(state, f"e{i}", k, i, r.target, radius, cfg.on_conflict).action] += 1
+    route_ms = []
 
-        def route(k):
-            t0 = time.perf_counter()
-            b = index.route(k).block
-            route_ms.append(1000 * (time.perf_counter() - t0))
-            return b
+    def route(k):
+        t0 = time.perf_counter()
+        b = state.route(k).block
+        route_ms.append(1000 * (time.perf_counter() - t0))
+        return b
 
-        fact_of = [r.fact for r in stream.edits]
-        own = [route(k) for k in edit_keys]
-        gen = [route(k) for k in gen_keys]
-        loc = [route(k) for k in loc_keys]
-        same_fact = [b is not None and fact_of[b] == g.fact for b, g in zip(gen, stream.generality)]
-        out = {
-            "dataset": dataset, "protocol": stream.protocol, "n": len(stream.edits), "model": DEFAULT_MODEL,
-            "key": cfg.key_name(), "on_conflict": cfg.on_conflict, "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"), "init_radius": radius, "clusters": len(index.state.clusters),
-            "actions": dict(actions), "superseded": len(index.state.dormant),
-            "prompts": {"own_block": sum(b == i for i, b in enumerate(own)) / len(own),
-                        "no_block": sum(b is None for b in own) / len(own)},
-            "generality": {"same_fact_block": sum(same_fact) / len(gen),
-                           "other_fact_block": sum(b is not None and not s for b, s in zip(gen, same_fact)) / len(gen),
-                           "no_block": sum(b is None for b in gen) / len(gen), "count": len(gen)},
-            "locality": {"fired": sum(b is not None for b in loc) / len(loc), "count": len(loc)},
-            "route_ms_median": statistics.median(route_ms),
-        }
-        index.close()
+    fact_of = [r.fact for r in stream.edits]
+    own = [route(k) for k in edit_keys]
+    gen = [route(k) for k in gen_keys]
+    loc = [route(k) for k in loc_keys]
+    same_fact = [b is not None and fact_of[b] == g.fact for b, g in zip(gen, stream.generality)]
+    out = {
+        "dataset": dataset, "protocol": stream.protocol, "n": len(stream.edits), "model": DEFAULT_MODEL,
+        "key": cfg.key_name(), "on_conflict": cfg.on_conflict, "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"), "init_radius": radius, "clusters": len(state.clusters),
+        "actions": dict(actions), "superseded": len(state.dormant),
+        "prompts": {"own_block": sum(b == i for i, b in enumerate(own)) / len(own),
+                    "no_block": sum(b is None for b in own) / len(own)},
+        "generality": {"same_fact_block": sum(same_fact) / len(gen),
+                       "other_fact_block": sum(b is not None and not s for b, s in zip(gen, same_fact)) / len(gen),
+                       "no_block": sum(b is None for b in gen) / len(gen), "count": len(gen)},
+        "locality": {"fired": sum(b is not None for b in loc) / len(loc), "count": len(loc)},
+        "route_ms_median": statistics.median(route_ms),
+    }
     return out
 
 

@@ -1,7 +1,7 @@
 """Scale: what one edit, ask, delete and reopen cost in a workspace that already holds N edits.
 
 For each N a fresh process builds a workspace of N synthetic edits through the bulk path
-(MeloEditor.bulk_add: random unit keys, random rank-r blocks of the real shapes, stored like
+(bulk.bulk_add: random unit keys, random rank-r blocks of the real shapes, stored like
 real ones), then measures, on the real model:
 - edit_seconds / ask_seconds / delete_seconds: medians of three real edits, asks, deletes;
 - route_ms: the routing lookup alone (key given), median over 300 queries, and how many of
@@ -31,6 +31,7 @@ from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
 
+from .bulk import bulk_add
 from .machine import machine
 
 REAL_EDITS = [
@@ -75,13 +76,13 @@ def measure_one(n: int, root: Path, model: str = DEFAULT_MODEL) -> dict:
     ed = MeloEditor.open(ws, backbone=bb)
     shapes = {m: (bb.loras[m].out_features, bb.loras[m].in_features) for m in ed.modules}
     t0 = time.perf_counter()
-    ed.bulk_add(synthetic_chunks(n, ed.keyer.dim, shapes, ed.config.rank_per_block))
+    bulk_add(ed, synthetic_chunks(n, ed.keyer.dim, shapes, ed.config.rank_per_block))
     build = time.perf_counter() - t0
     disk = ed.store.disk_bytes()
 
     # Routing alone: 100 queries near stored keys (mostly fire), 100 random, 100 real questions.
     g = torch.Generator().manual_seed(1)
-    state = ed.index.state
+    state = ed.state
     stored = list(state.points.values())[: 100]
     near = [torch.nn.functional.normalize(p.key + 0.02 * torch.randn(p.key.shape, generator=g), dim=0)
             for p in stored]
@@ -91,7 +92,7 @@ def measure_one(n: int, root: Path, model: str = DEFAULT_MODEL) -> dict:
     times, disagree, fired = [], 0, 0
     for q in queries:
         t = time.perf_counter()
-        r = ed.index.route(q)
+        r = ed.state.route(q)
         times.append(time.perf_counter() - t)
         disagree += r.edit_id != brute_force_route(state, q)
         fired += r.edit_id is not None

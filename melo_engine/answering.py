@@ -1,0 +1,131 @@
+"""Answering with the edited model: route a question once from its key, hold that block
+for every new token, and say how the decision was made (distance against radius).
+
+Functions over an editor (`ed`: its workspace, backbone, keyer and settings). Queries take
+the workspace's state lock only to route and gather their blocks, so they go on while an
+edit trains, and see the workspace before or after a commit, whole.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from .index import Route
+from .records import Answer
+from .sentences import text_before
+
+# An answer ending like this is whole, even when it reached the token budget.
+_ENDS = (".", "!", "?", "…", '"', "”", ")")
+
+
+def budget(ed, edit_id: str | None) -> int:
+    """New tokens to generate when edit `edit_id` fires (None: no edit). A sentence
+    correction taught the whole answer up to its sentence, which may be longer than the
+    usual limit: it gets room for that and a little of what follows."""
+    e = ed.ws.entries.get(edit_id) if edit_id is not None else None
+    if e is None or not e.is_correction:
+        return ed.config.max_new_tokens
+    return max(ed.config.max_new_tokens, int(e.taught_tokens) + 16)
+
+
+def cut(ed, text: str | None, limit: int) -> bool:
+    """Whether a generated answer ran to its token budget, so it stops mid-thought."""
+    if not text or text.endswith(_ENDS):
+        return False
+    return len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit - 2
+
+
+def route(ed, question: str) -> Route:
+    """Which block (if any) fires for this question, and why: distance versus radius."""
+    key = ed.keyer.keys([question])[0]
+    with ed.ws.state_lock:
+        return ed.ws.state.route(key)
+
+
+def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
+             timer: Callable[[float], None] | None = None) -> tuple[str, Route]:
+    """Greedy text from the edited model, routed once from the prompt: (text, route).
+    `timer(seconds)` gets what deciding the block cost (key, lookup, gathering it)."""
+    ws, c = ed.ws, ed.config
+
+    def choose(key, started):
+        with ws.state_lock:
+            r = ws.state.route(key)
+            active = ws.bank.gather([r.block], ed.modules)
+        if timer is not None:
+            timer(time.perf_counter() - started)
+        return active, r
+
+    if ed.keyer.in_prefill and not any(e.is_correction for e in ws.entries.values()):
+        # The model's own key, taken inside the prefill: no extra forward. (Not with
+        # sentence corrections: their length budget must be known before generating.)
+        return ed.backbone.generate_routed(
+            question, c.key_layer, c.key_reduction, c.distance,
+            lambda raw: choose(ed.keyer.finish(raw[None])[0], time.perf_counter()),
+            max_new_tokens, min_new_tokens, chat=ed.chat)
+    t0 = time.perf_counter()
+    active, r = choose(ed.keyer.keys([question])[0], t0)
+    limit = max(max_new_tokens, budget(ed, r.edit_id))
+    return ed.backbone.generate(question, active, limit, min_new_tokens, chat=ed.chat), r
+
+
+def ask(ed, question: str, compare_base: bool = False) -> Answer:
+    """Answer with the edited model: route once from the prompt, hold that block throughout."""
+    t0 = time.perf_counter()
+    text, r = generate(ed, question, ed.config.max_new_tokens)
+    limit = max(ed.config.max_new_tokens, budget(ed, r.edit_id))
+    base = None
+    if compare_base:
+        # With no block fired, the edited model *is* the base model: no second run needed.
+        base = text if r.block is None else ed.backbone.generate(question, None, limit, chat=ed.chat)
+    return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0,
+                  cut(ed, text, limit), cut(ed, base, limit))
+
+
+def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
+    """Ask many questions, each with the unedited answer beside it, answered together:
+    every question is routed once, then the rows (the edited answers, and the unedited
+    twins of those that fired a block) are generated as `workers` batches side by side,
+    one per core by default (each on the calling thread's torch threads: the app gives a
+    request one). docs/BENCHMARKS.md ("Probe") compares it with asking one at a time."""
+    ws = ed.ws
+    t0 = time.perf_counter()
+    keys = ed.keyer.keys(questions)
+    with ws.state_lock:
+        routes = [ws.state.route(k) for k in keys]
+    # (question, block, token budget); the unedited twin of a fired row gets its budget
+    rows = [(q, r.block, budget(ed, r.edit_id)) for q, r in zip(questions, routes)]
+    rows += [(q, None, budget(ed, r.edit_id)) for q, r in zip(questions, routes) if r.block is not None]
+    n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
+    parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
+
+    def generate_part(part):
+        with ws.state_lock:
+            active = ws.bank.gather([b for _, b, _ in part], ed.modules)
+        # Each thread holds its own blocks (the LoRA layers keep them per thread).
+        return ed.backbone.generate_batch([q for q, _, _ in part], active, [m for _, _, m in part], chat=ed.chat)
+
+    with ThreadPoolExecutor(n) as pool:
+        done = list(pool.map(generate_part, parts))
+    texts = [None] * len(rows)
+    for i, part_texts in enumerate(done):
+        texts[i::n] = part_texts
+    base = iter(texts[len(questions):])
+    seconds = (time.perf_counter() - t0) / len(questions)
+    out = []
+    for t, r, k, (_, _, limit) in zip(texts[:len(questions)], routes, keys, rows):
+        b = next(base) if r.block is not None else t
+        out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
+                          cut(ed, t, limit), cut(ed, b, limit), k.tolist()))
+    return out
+
+
+def sentence_prefix(ed, question: str, number: int, answer: str | None = None) -> str:
+    """The text before sentence `number` (1 for the first) of the answer to `question`
+    (the answer given now, unless `answer` says what was shown): what a correction of
+    that sentence keeps."""
+    if answer is None:
+        answer = ask(ed, question).text
+    return text_before(answer, number - 1)

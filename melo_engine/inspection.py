@@ -1,0 +1,64 @@
+"""Looking inside a workspace without changing it: the index as data for a map, the true
+distances of a question to its nearest clusters, counts and sizes, and an edit's side
+effects (which reference questions it now fires for, from keys alone).
+"""
+from __future__ import annotations
+
+from .neighbours import Neighbour, reference_keys, side_effects
+
+
+def index_snapshot(ed) -> dict:
+    """Everything needed to plot the index: keys, centers, radii, blocks and labels."""
+    ws = ed.ws
+    with ws.state_lock:
+        s = ws.state
+        entries = ws.entries
+        return {
+            "distance": ed.config.distance,
+            "points": [{"edit_id": p.edit_id, "key": p.key.tolist(), "block": p.block, "cluster": p.cluster,
+                        "label": entries[p.edit_id].target if p.edit_id in entries else p.label,
+                        "prompt": entries[p.edit_id].prompt if p.edit_id in entries else ""}
+                       for p in s.points.values()],
+            "clusters": [{"id": c.id, "center": c.center.tolist(), "radius": c.radius, "label": c.label,
+                          "members": list(c.members)} for c in s.clusters.values()],
+        }
+
+
+def distances(ed, question: str, n: int = 8) -> list[dict]:
+    """The `n` clusters nearest a question, with the true distance of its key to each
+    center against that cluster's radius: what a 2-D map cannot show exactly."""
+    key = ed.keyer.keys([question])[0]
+    ws = ed.ws
+    with ws.state_lock:
+        s = ws.state
+        r = s.route(key)
+        fired = r.cluster if r.block is not None else None
+        out = []
+        for cid, d in s.centers.k_nearest(key, n):
+            c = s.clusters[cid]
+            targets = [ws.entries[m].target for m in c.members if m in ws.entries]
+            out.append({"cluster": cid, "distance": d, "radius": c.radius, "fires": cid == fired,
+                        "edits": list(c.members), "answer": targets[0] if targets else c.label})
+        return out
+
+
+def stats(ed) -> dict:
+    ws = ed.ws
+    n = len(ws.entries)
+    params = ed.config.rank_per_block * sum(ed.backbone.loras[m].in_features + ed.backbone.loras[m].out_features
+                                            for m in ed.modules)
+    disk = ws.store.disk_bytes()
+    return {"edits": n, "blocks": len(ws.bank), "clusters": len(ws.state.clusters),
+            "trainable_params_per_edit": params, "disk_bytes": disk, "bytes_per_edit": disk // n if n else 0}
+
+
+def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour]:
+    """The reference questions nearest an active edit, and every one that now fires it,
+    with distance against radius (neighbours.py): keys only, nothing generated.
+    `reference`: (questions, keys) of the bank, or None to compute them."""
+    entry = ed.ws.entry(str(edit_id))
+    questions, keys = reference or reference_keys(ed.keyer)
+    with ed.ws.state_lock:
+        if entry.id not in ed.ws.state.points:
+            raise ValueError(f"edit {entry.id} is {entry.status}: it fires for no question")
+        return side_effects(ed.ws.state, entry.id, questions, keys, n=n)
