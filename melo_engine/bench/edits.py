@@ -79,8 +79,7 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
                 "params_per_edit": int(round(mean(params))), "retention_curve": curve,
                 "actions": dict(actions), **m.summary(),
             }
-            if hasattr(m, "editor"):
-                m.editor.close()
+            m.close()
     return out
 
 

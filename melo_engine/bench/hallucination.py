@@ -261,8 +261,7 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
             res = {**measure(m), "edit_ppl_right_after": mean(right_after), "seconds_per_edit": mean(seconds),
                    **m.summary()}
             out["methods"][name] = res
-            if hasattr(m, "editor"):
-                m.editor.close()
+            m.close()
             if checkpoint is not None:
                 checkpoint(out)
     return out
