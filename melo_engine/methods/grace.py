@@ -57,7 +57,7 @@ class GraceMethod(EditingMethod):
             c.init_radius = calibrated_radius(backbone, probe)
         self.config = c
         self.entries: list[GraceEntry] = []
-        self.mlp = backbone.layers[c.layer].mlp
+        self.mlp = backbone.layers[c.layer].get_submodule(backbone.architecture.grace)
 
     @classmethod
     def create(cls, backbone, workspace, settings=None, chat=True, ends=True) -> "GraceMethod":
