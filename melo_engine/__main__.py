@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from melo_engine.registry import KEY_SOURCES
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m melo_engine", description="MELO model editing from the shell.")
     p.add_argument("--workspace", "-w", required=True, help="workspace directory (created if missing)")
     p.add_argument("--model", default=None, help="model for a new workspace: short name, hub id or directory")
-    p.add_argument("--key-source", choices=["sentence", "model"], default=None,
+    p.add_argument("--key-source", choices=KEY_SOURCES.names(), default=None,
                    help="for a new workspace: route by the sentence encoder (default) or the model's own layer")
     p.add_argument("--prompt-mode", choices=["chat", "completion"], default=None,
                    help="for a new workspace: prompts as a chat turn (default) or plain text the model continues")

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .architectures import Architecture, architecture_for
 from .lora import ActiveBlocks, BlockLoRALinear, inject_block_lora
 from .model import load_model, model_fingerprint
 
@@ -52,14 +53,16 @@ def reduce_key(hidden: torch.Tensor, enc: Encoded, how: str) -> torch.Tensor:
 class Backbone:
     """A frozen causal LM with dynamic-LoRA layers injected and helpers to run parts of it."""
 
-    def __init__(self, model: nn.Module, tokenizer, name: str):
+    def __init__(self, model: nn.Module, tokenizer, name: str, layers_path: str | None = None,
+                 lora_modules: tuple[str, ...] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.fingerprint = model_fingerprint(model)
         self.num_layers = int(model.config.num_hidden_layers)
         self.lock = threading.RLock()
-        self._inner, self._layers_attr = self._find_layers(model)
+        self.architecture: Architecture = architecture_for(model, layers_path, lora_modules)
+        self._inner, self._layers_attr = self._find_layers(model, self.architecture.layers)
         self.loras: dict[str, BlockLoRALinear] = {}
         self._upper_ok: dict[int, bool] = {}
         self._parts: dict[tuple, nn.Module] = {}
@@ -74,19 +77,26 @@ class Backbone:
             return self._companions[name]
 
     @classmethod
-    def load(cls, name: str) -> "Backbone":
+    def load(cls, name: str, layers_path: str | None = None,
+             lora_modules: tuple[str, ...] | None = None) -> "Backbone":
+        """`layers_path` / `lora_modules`: where the parts sit in a model whose type
+        architectures.py does not know (or to override its row)."""
         model, tokenizer = load_model(name)
-        return cls(model, tokenizer, name)
+        return cls(model, tokenizer, name, layers_path, lora_modules)
 
     # ---- structure ---------------------------------------------------------------------
     @staticmethod
-    def _find_layers(model: nn.Module):
-        """The inner decoder (the module holding the list of layers) and the list's name."""
-        inner = getattr(model, "model", None) or getattr(model, "base_model", None)
-        for attr in ("layers", "h", "blocks"):
-            if isinstance(getattr(inner, attr, None), nn.ModuleList):
-                return inner, attr
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    def _find_layers(model: nn.Module, path: str):
+        """The inner decoder (the module holding the list of layers) and the list's name,
+        from the architecture's dotted path to the list."""
+        parent, _, attr = path.rpartition(".")
+        try:
+            inner = model.get_submodule(parent)
+        except AttributeError:
+            inner = None
+        if not isinstance(getattr(inner, attr, None), nn.ModuleList):
+            raise ValueError(f"{type(model).__name__} has no list of decoder layers at {path} (see --layers-path)")
+        return inner, attr
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -1,4 +1,4 @@
-"""The editing literature's measures (MELO_SPEC section 4), for any method of methods.py.
+"""The editing literature's measures (MELO_SPEC section 4), for any method of methods/.
 
 - token accuracy: teacher-forced, the share of target tokens that are the argmax;
 - exact match: greedy decoding reproduces every target token (and the end of the turn);

@@ -15,6 +15,8 @@ import time
 
 import gradio as gr
 
+from melo_engine.registry import METHODS
+
 from . import plots, render
 from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
@@ -303,7 +305,7 @@ def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
     return "The workspace is empty again (the model is the original) and the settings are back to their defaults."
 
 
-BENCH_METHODS = ("melo", "grace", "lora")
+BENCH_METHODS = tuple(METHODS.names())
 BENCH_MAX_EDITS = 50
 BENCH_COLUMNS = ["method", "edit success", "retention", "generality", "locality", "s / edit", "params / edit"]
 # All four scores are teacher-forced token accuracy: the share of answer tokens the model

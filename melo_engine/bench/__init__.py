@@ -1,5 +1,6 @@
 """Benchmarks, one module a part:
 
+- `base`: what a benchmark is to the command line (a name, its arguments, a run);
 - `data`: the streams (which prompts are edited toward what, and what measures them);
 - `edits`: sequential editing, MELO against GRACE and plain LoRA;
 - `hallucination`: the paper's third task, wrong sentences of passages corrected in place,
@@ -8,7 +9,8 @@
 - `routing`: where the index of N edits sends prompts and held-out phrasings, no training;
 - `speed`: cost of editing and routing on this machine.
 
-`python -m melo_engine.bench {speed,keys,edits,routing,scale,layers,standin}` runs them (see __main__.py).
+`python -m melo_engine.bench {speed,keys,edits,routing,scale,layers,standin}` runs them (see __main__.py),
+as registered in registry.BENCHMARKS.
 Numbers are measured, never asserted: docs/BENCHMARKS.md records them with machine and date.
 """
 from .data import Stream, load_stream

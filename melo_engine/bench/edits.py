@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import collections
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .data import load_stream
+from .base import Benchmark, default_methods, json_checkpoint, key_source_choices, melo_settings, method_names
+from .data import PROTOCOLS, load_stream
 from .machine import machine
 
 
@@ -79,8 +81,7 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
                 "params_per_edit": int(round(mean(params))), "retention_curve": curve,
                 "actions": dict(actions), **m.summary(),
             }
-            if hasattr(m, "editor"):
-                m.editor.close()
+            m.close()
     return out
 
 
@@ -91,3 +92,46 @@ def print_edits_table(res: dict) -> None:
     print(f"{'method':8}" + "".join(f"{c.replace('_exact_match', ' EM'):>18}" for c in cols))
     for name, r in res["methods"].items():
         print(f"{name:8}" + "".join(f"{r[c]:18.3f}" if isinstance(r[c], float) else f"{r[c]:18d}" for c in cols))
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--dataset", choices=list(PROTOCOLS) + ["hallucination"], default="zsre")
+    p.add_argument("--data", default=None,
+                   help="hallucination: the WikiBio hallucination set as a file (JSON or JSON lines with "
+                        "gpt3_sentences, annotation, wiki_bio_text); default: the bundled stand-in")
+    p.add_argument("--protocol", choices=sorted({p for ps in PROTOCOLS.values() for p in ps}), default=None,
+                   help="zsre: paper (default) or counterfactual; see melo_engine/bench/data.py")
+    p.add_argument("--n", type=int, default=None, help="edits (default 20; hallucination: every edit of the set)")
+    p.add_argument("--methods", default=default_methods())
+    p.add_argument("--key-source", choices=key_source_choices(), default=None,
+                   help="MELO's key source (default: the engine's default)")
+    p.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
+                   help="how MELO stores its blocks (default: the engine's, float16)")
+    p.add_argument("--model", default=None,
+                   help="hallucination: another model than the bundled default (hub id or folder)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="MELO's init radius (default: calibrated for the key source and prompt mode)")
+    p.add_argument("--json", default=None)
+
+
+def _run(args) -> dict | int:
+    """`--dataset hallucination` is the paper's third task (hallucination.py), under the
+    same command as the other two."""
+    if args.dataset == "hallucination":
+        from .hallucination import run_hallucination
+
+        return run_hallucination(args)
+    if args.data or args.model:
+        print("error: --data and --model are for --dataset hallucination", file=sys.stderr)
+        return 2
+    try:
+        res = edits_benchmark(args.dataset, args.n or 20, method_names(args.methods), protocol=args.protocol,
+                              melo_settings=melo_settings(args), checkpoint=json_checkpoint(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_edits_table(res)
+    return res
+
+
+BENCH = Benchmark("edits", "sequential editing: MELO against GRACE and plain LoRA", _add_arguments, _run)

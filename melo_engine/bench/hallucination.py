@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pathlib import Path
 from melo_engine.refdata import passage_header as header
 from melo_engine.sentences import split_sentences
 
+from .base import Benchmark, json_checkpoint, melo_settings, method_names
 from .data import DATA, ROOT, counterfact_records
 from .machine import machine
 
@@ -261,8 +263,7 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
             res = {**measure(m), "edit_ppl_right_after": mean(right_after), "seconds_per_edit": mean(seconds),
                    **m.summary()}
             out["methods"][name] = res
-            if hasattr(m, "editor"):
-                m.editor.close()
+            m.close()
             if checkpoint is not None:
                 checkpoint(out)
     return out
@@ -276,3 +277,40 @@ def print_hallucination_table(res: dict) -> None:
     rows = {"base": res["base"], **res["methods"]}
     for name, r in rows.items():
         print(f"{name:8}" + "".join(f"{r[c]:22.3f}" if c in r else f"{'-':>22}" for c in cols))
+
+
+def run_hallucination(args) -> dict | int:
+    """`bench edits --dataset hallucination` (edits.py's arguments)."""
+    try:
+        res = hallucination_benchmark(args.n, method_names(args.methods), data=args.data,
+                                      melo_settings=melo_settings(args), checkpoint=json_checkpoint(args),
+                                      model=args.model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_hallucination_table(res)
+    return res
+
+
+def _add_standin_arguments(p) -> None:
+    p.add_argument("--out", default=None, help="the stand-in only, to this file (default: both, into assets/)")
+
+
+def _run_standin(args) -> int:
+    from melo_engine.backbone import Backbone
+    from melo_engine.config import DEFAULT_MODEL
+
+    bb = Backbone.load(DEFAULT_MODEL)
+    res = build_standin(bb)
+    Path(args.out or STANDIN).write_text(json.dumps(res, indent=1) + "\n")
+    if args.out is None:
+        CALIBRATION.write_text(json.dumps(build_calibration_passages(bb), indent=1) + "\n")
+    marks = [m for p in res["passages"] for m in p["annotation"]]
+    print(f"{len(res['passages'])} passages: {marks.count('inaccurate')} inaccurate sentences (edits), "
+          f"{marks.count('accurate')} accurate")
+    return 0
+
+
+STANDIN_BENCH = Benchmark("standin", "write the hallucination stand-in and the completion-mode calibration "
+                                     "passages: passages the default model writes",
+                          _add_standin_arguments, _run_standin)

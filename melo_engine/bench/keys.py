@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .base import Benchmark
 from .data import counterfact_records, load_stream, zsre_phrasings
 from .machine import machine
 
@@ -107,3 +108,16 @@ def print_keys(res: dict) -> None:
         print(f"{r['source']:9} {r['whitening']:12} {r['dataset']:12} {str(r['disjoint']):8} {r['generality']:6.3f} "
               f"{r['radius']:7.3f} {r['calibrated_radius']:6.3f} {r['generality_at_calibrated']:7.3f} "
               f"{r['locality_at_calibrated']:7.3f}")
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--json", default=None)
+
+
+def _run(args) -> dict:
+    res = key_study()
+    print_keys(res)
+    return res
+
+
+BENCH = Benchmark("keys", "key study: generality at fixed routing locality per key source", _add_arguments, _run)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+from .base import Benchmark
 from .data import DATA
 from .machine import machine
 
@@ -78,3 +79,23 @@ def layer_study(n_edits: int = 200, layers=(3, 5, 8, 10, 12, 15, 18), locality: 
             "rows": rows, "frontier": frontier}
 
 
+def print_layers(res: dict) -> None:
+    print(f"{'layer':>5} {'reduction':10} {'distance':12} {'radius':>8} {'generality':>10} {'nearest=own':>11}")
+    for r in res["rows"]:
+        print(f"{r['layer']:>5} {r['reduction']:10} {r['distance']:12} {r['radius']:8.3f} {r['generality']:10.3f}"
+              f" {r['nearest_is_own']:11.3f}")
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--edits", type=int, default=200)
+    p.add_argument("--json", default=None)
+
+
+def _run(args) -> dict:
+    res = layer_study(args.edits)
+    print_layers(res)
+    return res
+
+
+BENCH = Benchmark("layers", "layer study for the model's own key: generality per layer, reduction, distance",
+                  _add_arguments, _run)

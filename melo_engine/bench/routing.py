@@ -8,7 +8,8 @@ import dataclasses
 import statistics
 import time
 
-from .data import load_stream
+from .base import Benchmark, key_source_choices, melo_settings
+from .data import PROTOCOLS, load_stream
 from .machine import machine
 
 
@@ -77,3 +78,21 @@ def print_routing(res: dict) -> None:
     print(f"held-out phrasings same-fact block {g['same_fact_block']:.3f}  other fact {g['other_fact_block']:.3f}  "
           f"none {g['no_block']:.3f}  ({g['count']})")
     print(f"locality prompts  fired {lo['fired']:.3f}  ({lo['count']})")
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--dataset", choices=list(PROTOCOLS), default="zsre")
+    p.add_argument("--protocol", default=None)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--key-source", choices=key_source_choices(), default=None)
+    p.add_argument("--json", default=None)
+
+
+def _run(args) -> dict:
+    res = routing_study(args.dataset, args.n, protocol=args.protocol, settings=melo_settings(args))
+    print_routing(res)
+    return res
+
+
+BENCH = Benchmark("routing", "where the index of N edits routes their prompts and held-out phrasings",
+                  _add_arguments, _run)

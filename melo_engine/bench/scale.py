@@ -31,6 +31,7 @@ from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
 
+from .base import Benchmark
 from .bulk import bulk_add
 from .machine import machine
 
@@ -168,6 +169,21 @@ def format_run(r: dict) -> str:
     return (f"{r['edits']:>7} {r['edit_seconds']:7.2f} {r['ask_seconds']:6.2f} {r['route_ms']:8.2f} "
             f"{r['route_disagreements']:>8} {r['delete_seconds']:8.3f} {r['reopen_seconds']:8.2f} "
             f"{r['bytes_per_edit'] / 1000:8.1f} {r['peak_rss_mb']:8.0f} {r['compact_seconds']:9.2f}")
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--edits", default="0,1000,10000,100000", help="comma-separated workspace sizes")
+    p.add_argument("--root", default=None, help="where to build the workspaces (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the workspaces")
+    p.add_argument("--json", default=None)
+
+
+def _run(args) -> dict:
+    print(HEADER, flush=True)
+    return scale_benchmark([int(x) for x in args.edits.split(",") if x.strip()], args.root, args.keep)
+
+
+BENCH = Benchmark("scale", "edit, ask, delete, reopen and disk in workspaces of N edits", _add_arguments, _run)
 
 
 if __name__ == "__main__":       # the per-size and reopen processes

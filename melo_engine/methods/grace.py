@@ -1,99 +1,24 @@
-"""Editing methods under one interface, so one benchmark loop measures them all alike.
-
-A method makes edits and, for a batch of prompts, makes the shared Backbone behave as the
-edited model, each prompt routed on its own (`applied(prompts, last)`, a context manager;
-`last[i]` is where prompt i's last token sits in the batch). Three methods:
-
-- MELO: a MeloEditor (one LoRA block per edit, routed by the cluster index).
-- LoRA: the paper's "LoRA" row: one adapter of the same size as one MELO block, trained on
-  each edit in turn and always on, with no routing.
-- GRACE (Hartvigsen et al., 2023): a codebook at one layer. Each entry holds a key (that
-  layer's input at the prompt's last token), a deferral radius and a trained value that
-  replaces the layer's MLP output from the last prompt token on. Entry rules as in GRACE:
-  a key farther than any entry's radius + the initial radius opens an entry; a nearby entry
-  with the same answer widens to cover it; a nearby entry with another answer splits (both
-  radii become half the distance).
+"""GRACE (Hartvigsen et al., 2023) as a benchmarked method: a codebook at one layer. Each
+entry holds a key (that layer's input at the prompt's last token), a deferral radius and a
+trained value that replaces the layer's MLP output from the last prompt token on. Entry
+rules as in GRACE: a key farther than any entry's radius + the initial radius opens an
+entry; a nearby entry with the same answer widens to cover it; a nearby entry with another
+answer splits (both radii become half the distance).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .backbone import Backbone
-from .config import MeloConfig
-from .editor import MeloEditor
-from .index import normalize_label
-from .lora import ActiveBlocks
-from .train import target_positions, train_block
-
-
-class MeloMethod:
-    name = "melo"
-
-    def __init__(self, backbone: Backbone, workspace: Path, config: MeloConfig | None = None, ends: bool = True):
-        self.editor = MeloEditor.open(workspace, config=config, backbone=backbone)
-        self.backbone = backbone
-        self.ends = ends
-
-    def edit(self, prompt: str, target: str) -> dict:
-        # ends=False: the target is a sentence of a passage that goes on (prefix "": the
-        # prompt already holds the passage so far).
-        r = self.editor.edit(prompt, target, prefix=None if self.ends else "")
-        return {"seconds": r.seconds, "params": r.params, "action": r.action, "forgotten": len(r.forgotten),
-                "superseded": len(r.superseded)}
-
-    @contextlib.contextmanager
-    def applied(self, prompts: list[str], last: list[int]):
-        ed = self.editor
-        keys = ed.keyer.keys(prompts)
-        with ed.ws.state_lock:
-            blocks = [ed.state.route(k).block for k in keys]
-        with self.backbone.lora(ed.bank.gather(blocks, ed.modules)):
-            yield
-
-    def summary(self) -> dict:
-        s = self.editor.stats()
-        edits = self.editor.edits()
-        return {"clusters": s["clusters"], "conflicts": sum(e.get("action") == "conflict" for e in edits),
-                "forgotten": sum(e["status"] == "forgotten" for e in edits),
-                "superseded": sum(e["status"] == "superseded" for e in edits),
-                "settings": self.editor.config.to_json()}
-
-
-class LoRAMethod:
-    name = "lora"
-
-    def __init__(self, backbone: Backbone, config: MeloConfig | None = None, chat: bool = True, ends: bool = True):
-        self.backbone = backbone
-        self.config = (config or MeloConfig()).resolved(backbone.num_layers)
-        self.modules = backbone.ensure_lora(self.config.lora_layers, self.config.lora_modules)
-        self.block: dict | None = None
-        self.chat, self.ends = chat, ends
-
-    def edit(self, prompt: str, target: str) -> dict:
-        t0 = time.perf_counter()
-        enc = self.backbone.encode([prompt], [target], chat=self.chat, ends=self.ends)
-        trained = train_block(self.backbone, enc, self.modules, self.config, start_from=self.block)
-        self.block = trained.matrices
-        return {"seconds": time.perf_counter() - t0, "params": trained.params}
-
-    @contextlib.contextmanager
-    def applied(self, prompts: list[str], last: list[int]):
-        active, n = None, len(prompts)
-        if self.block is not None:
-            keep = torch.ones(n, dtype=torch.bool)
-            active = {m: ActiveBlocks(a=a[None].expand(n, -1, -1), b=b[None].expand(n, -1, -1), keep=keep)
-                      for m, (a, b) in self.block.items()}
-        with self.backbone.lora(active):
-            yield
-
-    def summary(self) -> dict:
-        return {"settings": self.config.to_json()}
+from ..backbone import Backbone
+from ..config import MeloConfig
+from ..index import normalize_label
+from ..train import target_positions
+from .base import EditingMethod
 
 
 @dataclasses.dataclass
@@ -114,11 +39,11 @@ class GraceConfig:
     stop_loss: float = 0.05
 
 
-class GraceMethod:
+class GraceMethod(EditingMethod):
     name = "grace"
 
     def __init__(self, backbone: Backbone, config: GraceConfig | None = None, chat: bool = True, ends: bool = True):
-        from .calibrate import calibrated_radius
+        from ..calibrate import calibrated_radius
 
         self.backbone = backbone
         self.chat, self.ends = chat, ends
@@ -132,7 +57,12 @@ class GraceMethod:
             c.init_radius = calibrated_radius(backbone, probe)
         self.config = c
         self.entries: list[GraceEntry] = []
-        self.mlp = backbone.layers[c.layer].mlp
+        self.mlp = backbone.layers[c.layer].get_submodule(backbone.architecture.grace)
+
+    @classmethod
+    def create(cls, backbone, workspace, settings=None, chat=True, ends=True) -> "GraceMethod":
+        # Nothing goes to disk; `settings` are GraceConfig fields.
+        return cls(backbone, GraceConfig(**settings) if settings else None, chat=chat, ends=ends)
 
     def keys(self, prompts: list[str]) -> torch.Tensor:
         # The input of the edited layer = the output of the layer below it.
@@ -228,19 +158,3 @@ class GraceMethod:
 
     def summary(self) -> dict:
         return {"entries": len(self.entries), "settings": dataclasses.asdict(self.config)}
-
-
-def build(name: str, backbone: Backbone, workspace: Path, settings: dict | None = None, chat: bool = True,
-          ends: bool = True):
-    """A method by name; `settings` are MeloConfig fields for MELO (e.g. key_source).
-    `chat=False`: prompts are plain text the model continues; `ends=False`: a target is a
-    sentence the text goes on from (the hallucination task)."""
-    if name == "melo":
-        settings = dict(settings or {}, **({} if chat else {"prompt_mode": "completion"}))
-        return MeloMethod(backbone, workspace, MeloConfig(**settings), ends)
-    if name == "lora":
-        return LoRAMethod(backbone, chat=chat, ends=ends)
-    if name == "grace":
-        return GraceMethod(backbone, chat=chat, ends=ends)
-    raise ValueError(f"unknown method {name!r} (melo, grace, lora)")
-

@@ -1,0 +1,65 @@
+"""Where MELO's parts sit inside a model, by the model's `config.model_type`.
+
+Models name their decoder layers and feed-forward modules differently; one row per
+model_type says where, instead of probing attribute names (which could pick the wrong list
+silently). A model_type missing here is refused in one line that names the overrides,
+`--layers-path` and `--lora-modules`, with which such a model still runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: str                        # dotted path from the model to the decoder's ModuleList, e.g. "model.layers"
+    ffn_out: str                       # module inside a layer that carries the LoRA blocks, e.g. "mlp.down_proj"
+    grace: str                         # module inside a layer whose output GRACE replaces, e.g. "mlp"
+    key_layer_fraction: float = 1 / 3  # the model's own key: this share of the depth (10 of 30 measured best)
+    prompt: str = "chat"               # "chat", or "completion" for base models without a chat template
+
+
+# Llama-style decoders: a ModuleList `model.layers`, each with an MLP ending in `down_proj`.
+_LLAMA_LIKE = Architecture(layers="model.layers", ffn_out="mlp.down_proj", grace="mlp")
+
+# Each row checked on a tiny model of its type (tests/test_registries.py).
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,              # SmolLM2 (the bundled default) reports "llama"
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    # Gemma 3 with its vision tower: the text decoder sits one level down.
+    "gemma3": replace(_LLAMA_LIKE, layers="model.language_model.layers"),
+    "phi3": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    # GPT-2's c_proj is a Conv1D, not an nn.Linear: the LoRA layers refuse it until they
+    # learn Conv1D (its weight is stored transposed). A base model: plain-text prompts.
+    "gpt2": Architecture(layers="transformer.h", ffn_out="mlp.c_proj", grace="mlp", prompt="completion"),
+}
+
+
+def architecture_for(model, layers_path: str | None = None, lora_modules=None) -> Architecture:
+    """The row for `model`'s model_type, with the overrides given: `layers_path` (the dotted
+    path to the decoder's ModuleList) and `lora_modules` (module names inside a layer that
+    carry the blocks; the first is `ffn_out`, and its parent module is what GRACE wraps when
+    the type has no row). An unknown type needs both."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(lora_modules, str):
+        lora_modules = (lora_modules,)
+    arch = ARCHITECTURES.get(kind)
+    if arch is None:
+        if not layers_path or not lora_modules:
+            raise ValueError(f"no architecture known for model_type {kind!r}: give --layers-path (the decoder's "
+                             f"layer list, e.g. model.layers) and --lora-modules (e.g. mlp.down_proj)")
+        first = lora_modules[0]
+        return Architecture(layers=layers_path, ffn_out=first, grace=first.rpartition(".")[0] or first)
+    if layers_path:
+        arch = replace(arch, layers=layers_path)
+    if lora_modules:
+        arch = replace(arch, ffn_out=lora_modules[0])
+    return arch

@@ -1,0 +1,157 @@
+"""What grows is registered by name: methods and benchmarks added at run time reach the
+benchmark command line, unknown names fail in one line, and every architecture row points
+at real modules of a model of its type."""
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+from melo_engine.architectures import ARCHITECTURES, architecture_for
+from melo_engine.backbone import Backbone
+from melo_engine.bench.__main__ import build_parser, main
+from melo_engine.bench.base import Benchmark
+from melo_engine.methods import EditingMethod
+from melo_engine.registry import BENCHMARKS, METHODS
+
+
+class TinyUnknown(nn.Module):
+    """A two-layer model of a type no row knows, its layers where no probing would look."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(model_type="tinything", hidden_size=8, num_hidden_layers=2, vocab_size=16)
+        self.embed = nn.Embedding(16, 8)
+        self.body = nn.Module()
+        self.body.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.ff = nn.Module()
+            block.ff.out = nn.Linear(8, 8)
+            self.body.blocks.append(block)
+        self.requires_grad_(False)        # frozen, as load_model leaves a model
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_an_unknown_model_type_is_refused_in_one_line_naming_both_overrides():
+    for make in (lambda: architecture_for(TinyUnknown()), lambda: Backbone(TinyUnknown(), None, "tiny")):
+        with pytest.raises(ValueError) as err:
+            make()
+        msg = str(err.value)
+        assert "\n" not in msg and "'tinything'" in msg and "--layers-path" in msg and "--lora-modules" in msg
+
+
+def test_the_overrides_place_an_unknown_model():
+    model = TinyUnknown()
+    bb = Backbone(model, None, "tiny", layers_path="body.blocks", lora_modules=("ff.out",))
+    assert bb.layers is model.body.blocks and bb.architecture.grace == "ff"
+    assert bb.ensure_lora((1,), ("ff.out",)) == ["body.blocks.1.ff.out"]
+    with pytest.raises(ValueError, match="body.layers") as err:
+        Backbone(TinyUnknown(), None, "tiny", layers_path="body.layers", lora_modules=("ff.out",))
+    assert "\n" not in str(err.value)
+
+
+def _tiny_config(kind: str):
+    from transformers import AutoConfig
+
+    if kind == "gpt2":
+        return AutoConfig.for_model(kind, vocab_size=128, n_embd=16, n_layer=2, n_head=2)
+    text = dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, pad_token_id=0)
+    if kind == "gemma3":
+        return AutoConfig.for_model(kind, text_config=text, vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=16))
+    return AutoConfig.for_model(kind, **text)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_each_architecture_row_names_real_modules(kind):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind))
+    arch = architecture_for(model)
+    assert arch is ARCHITECTURES[kind]
+    layers = model.get_submodule(arch.layers)
+    assert isinstance(layers, nn.ModuleList) and len(layers) == 2
+    out = layers[0].get_submodule(arch.ffn_out)
+    # GPT-2's Conv1D is the one the LoRA layers cannot wrap yet (architectures.py).
+    assert type(out).__name__ == ("Conv1D" if kind == "gpt2" else "Linear")
+    assert out in set(layers[0].get_submodule(arch.grace).modules())
+
+
+def test_the_bundled_model_is_a_llama(backbone):
+    assert backbone.model.config.model_type == "llama"
+    assert backbone.architecture == ARCHITECTURES["llama"]
+
+
+class DoNothing(EditingMethod):
+    """A method that edits nothing: the unedited model, under the shared interface."""
+
+    name = "nothing"
+
+    @classmethod
+    def create(cls, backbone, workspace, settings=None, chat=True, ends=True):
+        return cls()
+
+    def edit(self, prompt, target):
+        return {"seconds": 0.0, "params": 1}
+
+    @contextlib.contextmanager
+    def applied(self, prompts, last):
+        yield
+
+    def summary(self):
+        return {"settings": {}}
+
+
+@pytest.fixture
+def registered():
+    """Register (name, entry) pairs for one test; removed again after it."""
+    added = []
+
+    def add(table, name, entry):
+        table.register(name, entry)
+        added.append((table, name))
+    yield add
+    for table, name in added:
+        table.unregister(name)
+
+
+def test_a_method_registered_at_run_time_runs_in_the_edits_benchmark(backbone, monkeypatch, registered,
+                                                                     tmp_path, capsys):
+    monkeypatch.setattr(Backbone, "load", classmethod(lambda cls, name, *a, **k: backbone))
+    assert main(["edits", "--n", "1", "--methods", "nothing"]) == 2       # not registered yet
+    assert capsys.readouterr().err == "error: unknown method 'nothing' (melo, grace, lora)\n"
+    registered(METHODS, "nothing", DoNothing)
+    assert build_parser().parse_args(["edits"]).methods == "melo,grace,lora,nothing"
+    out = tmp_path / "res.json"
+    assert main(["edits", "--n", "1", "--methods", "nothing", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["methods"]) == ["nothing"] and res["methods"]["nothing"]["params_per_edit"] == 1
+
+
+def test_a_benchmark_registered_at_run_time_is_a_subcommand(registered, tmp_path, capsys):
+    def add_arguments(p):
+        p.add_argument("--times", type=int, default=2)
+        p.add_argument("--json", default=None)
+
+    registered(BENCHMARKS, "twice", Benchmark("twice", "doubles a number", add_arguments,
+                                              lambda args: {"result": 2 * args.times}))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "doubles a number" in capsys.readouterr().out
+    out = tmp_path / "twice.json"
+    assert main(["twice", "--times", "21", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"result": 42}
+
+
+def test_an_unknown_name_fails_in_one_line_listing_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        METHODS.get("nope")
+    assert str(err.value) == "unknown method 'nope' (melo, grace, lora)"
