@@ -94,7 +94,7 @@ def read_questions_file(path) -> list[str]:
     except OSError as err:
         raise ValueError(f"{name}: cannot be read ({err.strerror or type(err).__name__})") from None
     if ext == ".txt":
-        items = [(f"{name}: line {i + 1}", line) for i, line in enumerate(text.splitlines())]
+        items = [(f"{name}: line {i + 1}", line) for i, line in enumerate(re.split(r"\r\n|\r|\n", text))]
     elif ext == ".json":
         try:
             data = json.loads(text)

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..probebank import clean_question
 from .data import ROOT, counterfact_records, zsre_records
 
 ASSETS = ROOT / "assets"
@@ -57,7 +58,8 @@ def _question(text: str) -> str:
 def bundled_questions(n: int | None = None) -> list[str]:
     """The bundled probe bank: every distinct question and prompt of the bundled data (zsRE
     src, rephrase, loc; CounterFact prompt, rephrase, locality; the reference and unrelated
-    questions), then TEMPLATES over every subject in those samples (shuffled, seed 0), cut
+    questions), cleaned as the bank keeps them (clean_question: some CounterFact prompts
+    hold line breaks), then TEMPLATES over every subject in those samples (shuffled, seed 0), cut
     at `n`. ValueError when fewer than `n` can be made."""
     zs, cf = zsre_records(), counterfact_records()
     real = []
@@ -70,7 +72,7 @@ def bundled_questions(n: int | None = None) -> list[str]:
     subjects = list(dict.fromkeys([r["subject"] for r in zs] + [r["subject"] for r in cf]))
     made = [t.format(s) for t in TEMPLATES for s in subjects]
     random.Random(0).shuffle(made)
-    out = list(dict.fromkeys(q.strip() for q in real + made if q.strip()))
+    out = list(dict.fromkeys(clean_question(q) for q in real + made if q.strip()))
     if n is not None:
         if len(out) < n:
             raise ValueError(f"the bundled data makes {len(out)} questions, fewer than {n}")
