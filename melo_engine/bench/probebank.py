@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -23,6 +24,7 @@ from ..probebank import clean_question
 from .data import ROOT, counterfact_records, zsre_records
 
 ASSETS = ROOT / "assets"
+REPEATS = 3          # each edit's check is timed this many times (first and best reported)
 
 # Questions about a subject that fit people, places, works and organisations alike: with
 # the 757 subjects of the bundled zsRE and CounterFact samples they bring the bundled bank
@@ -140,6 +142,7 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
     t0 = time.perf_counter()
     bank = ProbeBank.open(keyer, root)
     count = bank.count()
+    bank.within(keyer.keys(["warm up"])[0], 0.0, at_least=1)    # chroma loads its index on the first query
     reopen_s = time.perf_counter() - t0
 
     # 20 edits' worth of clusters from real zsRE keys (no blocks trained).
@@ -155,12 +158,17 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
     fired = [state.route(k).edit_id for k in all_k]
     brute_route_s = time.perf_counter() - t0
 
-    check_ms, memory_ms, rows, exact_side, exact_within = [], [], [], 0, 0
+    check_ms, best_ms, memory_ms, rows, exact_side, exact_within = [], [], [], [], 0, 0
     within_checks = 0
+    load_avg = [round(x, 2) for x in os.getloadavg()]
     for eid in state.points:
-        t0 = time.perf_counter()
-        got = bank_side_effects(state, eid, bank, n)
-        check_ms.append(1000 * (time.perf_counter() - t0))
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            got = bank_side_effects(state, eid, bank, n)
+            times.append(1000 * (time.perf_counter() - t0))
+        check_ms.append(times[0])
+        best_ms.append(min(times))
         want, d = _brute_force(state, eid, all_q, all_k, fired, n)
         ok = _same([(r.question, r.distance, r.fires, r.fired_edit) for r in got], want, n)
         exact_side += ok
@@ -174,7 +182,7 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
             truth = {all_q[i] for i in (d <= r).nonzero().flatten().tolist()}
             within_checks += 1
             exact_within += found == truth
-        rows.append({"edit": eid, "prompt": stream.edits[int(eid[1:])].prompt, "ms": round(check_ms[-1], 2),
+        rows.append({"edit": eid, "prompt": stream.edits[int(eid[1:])].prompt, "ms": round(check_ms[-1], 2), "best_ms": round(best_ms[-1], 2),
                      "rows": len(got), "fires": sum(r.fires for r in got),
                      "within_radius": int((d <= c.radius).sum()), "exact": ok})
         if not ok:
@@ -193,7 +201,12 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
                  "readd_same_file": {"added": again[0], "skipped": again[1], "seconds": round(readd_s, 2)},
                  "reopen_s": round(reopen_s, 3)},
         "side_effect_check_ms": {"median": round(statistics.median(check_ms), 2), "p90": round(q[-1], 2),
-                                 "max": round(max(check_ms), 2)},
+                                 "max": round(max(check_ms), 2),
+                                 "best_of_3_median": round(statistics.median(best_ms), 2),
+                                 "best_of_3_max": round(max(best_ms), 2),
+                                 "note": "first check of each edit; best of 3 runs shows the cost without the other "
+                                         "processes on the machine (load average in load_average)"},
+        "load_average": {"before_checks": load_avg, "after_checks": [round(x, 2) for x in os.getloadavg()]},
         "in_memory_brute_force_ms": {"median": round(statistics.median(memory_ms), 2),
                                      "note": "neighbours.side_effects over all bank keys held in memory"},
         "brute_force_route_all_s": round(brute_route_s, 2),
@@ -209,7 +222,8 @@ def print_probebank(res: dict) -> None:
     print(f"load: {lo['added']} added in {lo['seconds']:.1f} s ({lo['questions_per_s']:.0f}/s); same file again: "
           f"{lo['readd_same_file']['added']} added, {lo['readd_same_file']['seconds']:.2f} s; reopen {lo['reopen_s']:.3f} s")
     print(f"side-effect check per edit ({res['edits']} edits): median {s['median']:.1f} ms, p90 {s['p90']:.1f} ms, "
-          f"max {s['max']:.1f} ms; in-memory brute force {res['in_memory_brute_force_ms']['median']:.1f} ms")
+          f"max {s['max']:.1f} ms (best of 3: median {s['best_of_3_median']:.1f}, max {s['best_of_3_max']:.1f}); "
+          f"load average {res['load_average']['before_checks'][0]}; in-memory brute force {res['in_memory_brute_force_ms']['median']:.1f} ms")
     print(f"equal to brute force: side effects {res['exact']['side_effects']}, within {res['exact']['within']}")
 
 
