@@ -1,0 +1,342 @@
+"""The probe bank: the user's own questions, kept with their keys in chromadb, against which
+every edit's side effects are checked.
+
+An edit fires for every question whose key falls inside its cluster, and the questions
+that matter are the user's own: the eval set a lab measures on, the question list a class
+works through. The bundled reference bank (neighbours.py, 178 questions) cannot know them.
+So the user loads them, thousands at a time, once per model and key setting: their keys are
+computed once and kept in one chroma collection per key space, shared by every workspace
+on that model and key setting (under the cache directory, or on a chroma server named by
+MELO_CHROMA_URL when several machines share one bank).
+
+This is the job chroma is for: a large, persisted set of vectors with text and metadata,
+searched by nearness. Its HNSW search is approximate, and a missed question would be a
+side effect nobody is told about, so chroma only proposes: `within` takes its nearest k
+with their stored embeddings, re-ranks them by the exact L2 distance, and doubles k while
+the farthest one returned still lies inside the radius. Each side-effect candidate is then
+routed exactly (ClusterState.route), as neighbours.side_effects does over the small bank.
+The benchmark (bench/probebank.py) checks the result against brute force.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from .model import cache_dir
+from .neighbours import Neighbour
+
+MAX_CHARS = 500          # one question; a passage is not a probe
+EF_SEARCH = 1000         # HNSW candidates per query: far above the k a side-effect check asks for
+EF_CONSTRUCTION = 400
+START_K = 64             # the first query's n_results; doubled while it all lies inside the radius
+KEY_BATCH = 256          # questions keyed per call (bounded memory, progress per batch)
+URL_ENV = "MELO_CHROMA_URL"
+
+
+# ---- questions from a file ------------------------------------------------------------------
+def clean_question(text, where: str = "") -> str:
+    """A question as the bank keeps it: whitespace runs made one space, ends stripped.
+    ValueError (one line, naming `where`) unless it is visible text of at most MAX_CHARS."""
+    at = f"{where}: " if where else ""
+    if not isinstance(text, str):
+        raise ValueError(f"{at}a question must be text, not {type(text).__name__}")
+    q = re.sub(r"\s+", " ", text).strip()
+    bad = [c for c in q if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn")]
+    if bad:
+        raise ValueError(f"{at}a question holds a control or unassigned character ({ascii(bad[0])})")
+    if not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in q):
+        raise ValueError(f"{at}a question holds no visible text")
+    if len(q) > MAX_CHARS:
+        raise ValueError(f"{at}a question is {len(q)} characters long (at most {MAX_CHARS})")
+    return q
+
+
+def _json_items(data, name: str) -> list[tuple[str, object]]:
+    if not isinstance(data, list):
+        raise ValueError(f"{name}: a JSON file must hold a list of questions")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{name}: item {i + 1}"
+        if isinstance(item, dict):
+            field = next((f for f in ("question", "src", "prompt") if f in item), None)
+            if field is None:
+                raise ValueError(f"{where}: an object needs a \"question\", \"src\" or \"prompt\" field")
+            item = item[field]
+        out.append((where, item))
+    return out
+
+
+def read_questions_file(path) -> list[str]:
+    """The questions in a .txt (one a line), .json (a list of strings, or of objects with a
+    "question", "src" or "prompt" field) or .csv (a "question" column, else the first column)
+    file: cleaned, blank ones dropped, duplicates dropped (first kept). ValueError in one line
+    on anything else, so nothing of a bad file reaches the bank."""
+    path = Path(path)
+    name = path.name
+    ext = path.suffix.lower()
+    if ext not in (".txt", ".json", ".csv"):
+        raise ValueError(f"{name}: questions come as .txt (one a line), .json or .csv, not {ext or 'no extension'}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not UTF-8 text") from None
+    except OSError as err:
+        raise ValueError(f"{name}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if ext == ".txt":
+        items = [(f"{name}: line {i + 1}", line) for i, line in enumerate(re.split(r"\r\n|\r|\n", text))]
+    elif ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        items = _json_items(data, name)
+    else:
+        try:
+            rows = list(csv.reader(io.StringIO(text)))
+        except csv.Error as err:
+            raise ValueError(f"{name}: not valid CSV ({err})") from None
+        rows = [r for r in rows if any(c.strip() for c in r)]
+        header = [c.strip().lower() for c in rows[0]] if rows else []
+        col, start = (header.index("question"), 1) if "question" in header else (0, 0)
+        items = [(f"{name}: row {i + 1}", r[col] if col < len(r) else "") for i, r in enumerate(rows) if i >= start]
+    out, seen = [], set()
+    for where, item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        q = clean_question(item, where)
+        if q not in seen:
+            seen.add(q)
+            out.append(q)
+    if not out:
+        raise ValueError(f"{name}: no questions in it")
+    return out
+
+
+# ---- where the bank lives ----------------------------------------------------------------
+def question_id(question: str) -> str:
+    """A question's id: re-adding the same text finds it there."""
+    return hashlib.sha256(question.encode()).hexdigest()[:32]
+
+
+def space_digest(keyer) -> str:
+    """Names one key space: the model, the key setting and the exact weights behind them."""
+    fp = json.dumps(keyer.backbone.fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(f"{keyer.cfg.model}\n{keyer.cfg.key_name()}\n{fp}".encode()).hexdigest()[:10]
+
+
+def collection_name(keyer) -> str:
+    """`probes-<model>-<key>-<digest>`, within chroma's rule for names (3-63 characters of
+    [a-zA-Z0-9._-], alphanumeric at both ends). Model and key are shortened; the digest
+    tells the spaces apart."""
+    def slug(s: str, n: int) -> str:
+        return re.sub(r"[^a-zA-Z0-9]+", "-", s).strip("-")[:n].strip("-") or "x"
+    return f"probes-{slug(keyer.cfg.model, 18)}-{slug(keyer.cfg.key_name(), 24)}-{space_digest(keyer)}"
+
+
+def default_root() -> Path:
+    return cache_dir() / "probes"
+
+
+def _settings():
+    from chromadb.config import Settings
+
+    return Settings(anonymized_telemetry=False)
+
+
+def client_for(root=None):
+    """A chroma server when MELO_CHROMA_URL is set (http[s]://host[:port]), else a persistent
+    client under `root` (default: the cache directory's `probes`)."""
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    import chromadb
+
+    url = os.environ.get(URL_ENV, "").strip()
+    if url:
+        u = urlparse(url if "://" in url else f"http://{url}")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"{URL_ENV}={url!r} is not an http(s)://host[:port] address")
+        ssl = u.scheme == "https"
+        try:
+            port = u.port or (443 if ssl else 8000)
+        except ValueError:
+            raise ValueError(f"{URL_ENV}={url!r} has a bad port") from None
+        return chromadb.HttpClient(host=u.hostname, port=port, ssl=ssl, settings=_settings())
+    path = Path(root) if root is not None else default_root()
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=_settings())
+
+
+# ---- the bank ------------------------------------------------------------------------------
+class ProbeBank:
+    """The user's probe questions in one key space: one chroma collection (L2, embeddings
+    always passed in), ids from the question text, metadata {source, question}."""
+
+    def __init__(self, client, collection, keyer):
+        self.client = client
+        self.collection = collection
+        self.keyer = keyer
+        self.name = collection.name
+
+    @classmethod
+    def open(cls, keyer, root=None) -> "ProbeBank":
+        client = client_for(root)
+        cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH, "ef_construction": EF_CONSTRUCTION}}
+        meta = {"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(), "space": space_digest(keyer)}
+        col = client.get_or_create_collection(collection_name(keyer), embedding_function=None,
+                                              configuration=cfg, metadata=meta)
+        with warnings.catch_warnings():       # chroma calls "no embedding function" legacy
+            warnings.simplefilter("ignore", DeprecationWarning)
+            hnsw = (col.configuration or {}).get("hnsw") or {}
+        if hnsw.get("space", "l2") != "l2":
+            raise ValueError(f"probe collection {col.name} is not in L2 space")
+        if hnsw.get("ef_search") != EF_SEARCH:
+            col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
+        return cls(client, col, keyer)
+
+    # ---- contents ------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.collection.count()
+
+    def _batch(self) -> int:
+        try:
+            return max(1, min(4096, int(self.client.get_max_batch_size())))
+        except Exception:  # noqa: BLE001 - older servers do not say
+            return 1024
+
+    def add(self, questions: list[str], source: str = "user", progress=None) -> tuple[int, int]:
+        """Add questions (keys computed here, in batches) from `source` (a file name, "user").
+        Returns (added, skipped): a question already in the bank, from any source, or twice
+        in the list, is skipped and keeps its first source. All are checked before any is
+        added."""
+        source = clean_question(source, "source")
+        qs = [clean_question(q, f"question {i + 1}") for i, q in enumerate(questions)]
+        fresh, seen = [], set()
+        ids = [question_id(q) for q in qs]
+        step = self._batch()
+        present = set()
+        for i in range(0, len(ids), step):
+            present.update(self.collection.get(ids=ids[i:i + step], include=[])["ids"])
+        for q, qid in zip(qs, ids):
+            if qid not in present and qid not in seen:
+                seen.add(qid)
+                fresh.append((q, qid))
+        step = min(step, KEY_BATCH)
+        for i in range(0, len(fresh), step):
+            chunk = fresh[i:i + step]
+            keys = self.keyer.keys([q for q, _ in chunk]).detach().to(torch.float32).numpy()
+            self.collection.add(ids=[qid for _, qid in chunk], embeddings=keys, documents=[q for q, _ in chunk],
+                                metadatas=[{"source": source, "question": q} for q, _ in chunk])
+            if progress is not None:
+                progress(min(i + step, len(fresh)), len(fresh))
+        return len(fresh), len(qs) - len(fresh)
+
+    def add_file(self, path, source: str | None = None, progress=None) -> tuple[int, int]:
+        """read_questions_file, then add with the file's name as the source."""
+        return self.add(read_questions_file(path), source or Path(path).name, progress)
+
+    def _all(self, include: list[str], where: dict | None = None) -> dict:
+        out = {"ids": []}
+        for f in include:
+            out[f] = []
+        step, offset = self._batch(), 0
+        while True:
+            got = self.collection.get(where=where, include=include, limit=step, offset=offset)
+            out["ids"] += got["ids"]
+            for f in include:
+                out[f] += list(got[f])
+            if len(got["ids"]) < step:
+                return out
+            offset += step
+
+    def sources(self) -> dict[str, int]:
+        """How many questions each source brought."""
+        out: dict[str, int] = {}
+        for m in self._all(["metadatas"])["metadatas"]:
+            s = (m or {}).get("source", "")
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    def remove_source(self, source: str) -> int:
+        """Remove every question a source brought; returns how many."""
+        ids = self._all([], where={"source": source})["ids"]
+        step = self._batch()
+        for i in range(0, len(ids), step):
+            self.collection.delete(ids=ids[i:i + step])
+        return len(ids)
+
+    def everything(self) -> tuple[list[str], torch.Tensor]:
+        """Every question with its key (for brute-force checks and exports)."""
+        got = self._all(["documents", "embeddings"])
+        if not got["ids"]:
+            return [], torch.zeros(0, self.keyer.dim)
+        return list(got["documents"]), torch.from_numpy(np.asarray(got["embeddings"], dtype=np.float32))
+
+    # ---- search --------------------------------------------------------------------------
+    def search(self, center: torch.Tensor, radius: float, at_least: int = 0):
+        """The questions within `radius` of `center`, and at least the `at_least` nearest,
+        nearest first: (questions, keys [m, dim], exact distances [m]). chroma proposes its
+        k nearest (HNSW, squared L2); they are re-ranked by the exact distance from their
+        stored keys, and k doubles while the farthest of them is still inside the radius."""
+        total = self.count()
+        c = center.detach().to(torch.float32).reshape(-1)
+        if total == 0:
+            return [], torch.zeros(0, c.shape[0]), torch.zeros(0)
+        k = min(total, max(START_K, 2 * int(at_least)))
+        while True:
+            got = self.collection.query(query_embeddings=c.numpy()[None], n_results=k,
+                                        include=["embeddings", "documents"])
+            keys = torch.from_numpy(np.asarray(got["embeddings"][0], dtype=np.float32)).reshape(-1, c.shape[0])
+            dist = (keys - c).norm(dim=-1)
+            if k >= total or len(dist) < k or float(dist.max()) > radius:
+                break
+            k = min(total, 2 * k)
+        order = torch.argsort(dist, stable=True)
+        keep = [int(i) for n, i in enumerate(order) if n < at_least or float(dist[i]) <= radius]
+        docs = got["documents"][0]
+        idx = torch.tensor(keep, dtype=torch.long)
+        return [docs[i] for i in keep], keys[idx], dist[idx]
+
+    def within(self, center: torch.Tensor, radius: float, at_least: int = 0) -> list[tuple[str, float]]:
+        """Every bank question whose key lies within `radius` of `center` (and at least the
+        `at_least` nearest), with its exact distance, nearest first."""
+        qs, _, d = self.search(center, radius, at_least)
+        return list(zip(qs, d.tolist()))
+
+    def close(self) -> None:
+        """Let go of chroma's handles (a persistent client's files, a server's connection)."""
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - older clients have no close
+            pass
+
+
+# Margin on the radius for side-effect candidates: routing computes the same distance, but a
+# candidate set that is a hair too wide costs one route, a hair too narrow a missed side effect.
+CANDIDATE_MARGIN = 1e-5
+
+
+def bank_side_effects(state, edit_id: str, bank: ProbeBank, n: int = 8) -> list[Neighbour]:
+    """neighbours.side_effects over the probe bank: the `n` bank questions nearest the center
+    of `edit_id`'s cluster, and every one that fires the edit, nearest first. Candidates are
+    the bank's questions within the cluster's radius (a question fires an edit only from
+    inside its cluster) plus the n nearest; each is routed exactly."""
+    cluster = state.clusters[state.points[edit_id].cluster]
+    radius = float(cluster.radius)
+    qs, keys, dist = bank.search(cluster.center, radius * (1 + CANDIDATE_MARGIN) + CANDIDATE_MARGIN, at_least=n)
+    out = []
+    for i, q in enumerate(qs):
+        route = state.route(keys[i])
+        fires = route.edit_id == edit_id
+        if i < n or fires:
+            out.append(Neighbour(q, float(dist[i]), radius, fires, route.edit_id))
+    return out

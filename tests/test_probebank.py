@@ -1,0 +1,184 @@
+"""The probe bank: the user's questions in chroma, searched exactly. On the real model's key
+setting (the whitened sentence encoder) and a real persistent chroma; brute force over the
+bank's own keys is the answer every search must give."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from melo_engine.bench.probebank import bundled_questions
+from melo_engine.index import ClusterState
+from melo_engine.neighbours import side_effects
+from melo_engine.probebank import (MAX_CHARS, START_K, ProbeBank, bank_side_effects, client_for,
+                                   collection_name, read_questions_file)
+
+QUESTIONS = 300
+
+
+@pytest.fixture(scope="module")
+def keyer(backbone):
+    from melo_engine.config import MeloConfig
+    from melo_engine.keys import Keyer
+
+    return Keyer(backbone, MeloConfig().resolved(backbone.num_layers))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, keyer):
+    """A bank of the first 300 bundled questions (zsRE questions and their paraphrases, so
+    some lie close together), loaded from a .txt file; with brute force's view of it."""
+    root = tmp_path_factory.mktemp("bank")
+    qfile = root / "questions.txt"
+    qfile.write_text("\n".join(bundled_questions(QUESTIONS)) + "\n")
+    bank = ProbeBank.open(keyer, root / "probes")
+    added, skipped = bank.add_file(qfile)
+    assert (added, skipped) == (QUESTIONS, 0)
+    questions, keys = bank.everything()
+    yield bank, qfile, questions, keys
+    bank.close()
+
+
+def _brute(keys, questions, center, radius):
+    d = torch.cdist(center.float()[None], keys, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return {questions[i] for i in (d <= radius).nonzero().flatten().tolist()}, d
+
+
+def test_within_finds_exactly_what_brute_force_finds(loaded, keyer):
+    bank, _, questions, keys = loaded
+    centers = torch.cat([keys[[0, 7, 150]], keyer.keys(["Which river flows through Vienna?"])])
+    grew = False
+    for center in centers:
+        for radius in (0.3, 0.8, 1.0, 1.2, 1.4):
+            truth, d = _brute(keys, questions, center, radius)
+            got = bank.within(center, radius)
+            assert {q for q, _ in got} == truth, (radius, len(got), len(truth))
+            assert [x for _, x in got] == sorted(x for _, x in got)
+            for q, x in got:
+                assert abs(x - float(d[questions.index(q)])) < 1e-5
+            grew |= len(truth) > START_K
+    assert grew, "no search needed more than chroma's first batch: the doubling went untested"
+    # at_least: the nearest ones come with it even outside the radius.
+    near = bank.within(centers[3], 0.0, at_least=5)
+    _, d = _brute(keys, questions, centers[3], 0.0)
+    assert [round(x, 5) for _, x in near] == [round(float(x), 5) for x in torch.sort(d).values[:5]]
+
+
+def test_adding_the_same_file_twice_adds_nothing(loaded):
+    bank, qfile, _, _ = loaded
+    before = bank.count()
+    assert bank.add_file(qfile) == (0, QUESTIONS)
+    assert bank.count() == before
+    assert bank.sources() == {"questions.txt": QUESTIONS}
+
+
+@pytest.mark.parametrize("name,body,says", [
+    ("long.txt", "What is the capital of France?\n" + "x" * (MAX_CHARS + 1) + "?\n", "line 2"),
+    ("control.txt", "Fine question?\nBad \x07 bell?\n", "line 2"),
+    ("invisible.txt", "Fine question?\n\u200b\u200b\n", "no visible text"),
+    ("dict.json", json.dumps({"question": "Not a list?"}), "list"),
+    ("noquestion.json", json.dumps([{"answer": "Paris"}]), "item 1"),
+    ("numbers.json", json.dumps(["Fine?", 3]), "item 2"),
+    ("broken.json", '["Fine?", ', "not valid JSON"),
+    ("empty.txt", "\n\n  \n", "no questions"),
+    ("questions.pdf", "What?", ".txt"),
+])
+def test_a_bad_file_is_refused_in_one_line_and_adds_nothing(loaded, tmp_path, name, body, says):
+    bank, _, _, _ = loaded
+    before = bank.count()
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(ValueError) as err:
+        bank.add_file(path)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and says in msg, msg
+    assert bank.count() == before
+
+
+def test_files_in_each_format(tmp_path):
+    (tmp_path / "a.txt").write_text("  Who  wrote Hamlet?\n\nWho wrote Hamlet?\nWhat is 2+2?\n")
+    assert read_questions_file(tmp_path / "a.txt") == ["Who wrote Hamlet?", "What is 2+2?"]
+    (tmp_path / "b.json").write_text(json.dumps(["A?", {"question": "B?"}, {"src": "C?"}, {"prompt": "D is"}, ""]))
+    assert read_questions_file(tmp_path / "b.json") == ["A?", "B?", "C?", "D is"]
+    (tmp_path / "c.csv").write_text("id,question\n1,\"Where is Lyon, exactly?\"\n2,Why?\n")
+    assert read_questions_file(tmp_path / "c.csv") == ["Where is Lyon, exactly?", "Why?"]
+    (tmp_path / "d.csv").write_text("Who painted Guernica?,x\nWho painted the Mona Lisa?,y\n")
+    assert read_questions_file(tmp_path / "d.csv") == ["Who painted Guernica?", "Who painted the Mona Lisa?"]
+
+
+def test_bank_side_effects_agree_with_brute_force_routing(loaded, keyer):
+    bank, _, questions, keys = loaded
+    state = ClusterState()
+    radius = 0.8
+    # Edits on bank questions (their paraphrases are in the bank too) and one outside it.
+    prompts = [questions[i] for i in (0, 3, 9, 30, 60)] + ["Who composed the Moonlight Sonata?"]
+    for i, k in enumerate(keyer.keys(prompts)):
+        state.add(f"e{i}", k, i, f"answer {i}", radius)
+    fired_any = 0
+    for eid in state.points:
+        got = bank_side_effects(state, eid, bank, n=8)
+        want = side_effects(state, eid, questions, keys, n=8)       # brute force over every key
+        assert sorted(r.question for r in got if r.fires) == sorted(r.question for r in want if r.fires)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert abs(a.distance - b.distance) < 1e-5 and a.radius == b.radius
+        for r in got:          # each row routed as brute force routes it
+            assert r.fired_edit == state.route(keys[questions.index(r.question)]).edit_id
+        fired_any += sum(r.fires for r in got)
+    assert fired_any >= 5
+
+
+def test_sources_can_be_removed(keyer, tmp_path):
+    bank = ProbeBank.open(keyer, tmp_path)
+    assert bank.add(["Who wrote Hamlet?", "Who wrote Macbeth?"], "plays") == (2, 0)
+    assert bank.add(["Who wrote Macbeth?", "What is the capital of Peru?"], "mixed") == (1, 1)
+    assert bank.sources() == {"plays": 2, "mixed": 1}
+    assert bank.remove_source("plays") == 2
+    assert bank.sources() == {"mixed": 1} and bank.count() == 1
+    assert bank.within(keyer.keys(["Who wrote Hamlet?"])[0], 0.5) == []
+    bank.close()
+
+
+def test_without_a_server_the_bank_is_a_persistent_client_under_root(keyer, tmp_path, monkeypatch):
+    monkeypatch.delenv("MELO_CHROMA_URL", raising=False)
+    bank = ProbeBank.open(keyer, tmp_path / "here")
+    bank.add(["Who wrote Hamlet?"])
+    name = bank.name
+    assert (tmp_path / "here" / "chroma.sqlite3").is_file()
+    bank.close()
+    again = ProbeBank.open(keyer, tmp_path / "here")      # the same bank, reopened
+    assert again.name == name and again.count() == 1
+    again.close()
+    # One collection per key space, named within chroma's limits.
+    assert 3 <= len(name) <= 63 and name.startswith("probes-") and keyer.cfg.key_name()[:8] in name
+
+
+def test_a_server_url_picks_the_http_client(monkeypatch):
+    import chromadb
+
+    seen = {}
+    monkeypatch.setattr(chromadb, "HttpClient", lambda **kw: seen.update(kw) or "client")
+    monkeypatch.setenv("MELO_CHROMA_URL", "https://chroma.lab.example:9443")
+    assert client_for() == "client" and (seen["host"], seen["port"], seen["ssl"]) == ("chroma.lab.example", 9443, True)
+    monkeypatch.setenv("MELO_CHROMA_URL", "chroma:8000")
+    client_for()
+    assert (seen["host"], seen["port"], seen["ssl"]) == ("chroma", 8000, False)
+    monkeypatch.setenv("MELO_CHROMA_URL", "ftp://chroma")
+    with pytest.raises(ValueError, match="MELO_CHROMA_URL"):
+        client_for()
+
+
+def test_collection_names_stay_within_chromas_rules():
+    from types import SimpleNamespace
+
+    class Cfg:
+        model = "some-org/a-very-long-model-name-that-goes-on-and-on-v2.5"
+
+        def key_name(self):
+            return "model-L12-mean_user-euclidean-whitened-completion"
+
+    keyer = SimpleNamespace(cfg=Cfg(), backbone=SimpleNamespace(fingerprint={"hidden_size": 576}))
+    name = collection_name(keyer)
+    assert 3 <= len(name) <= 63 and name[0].isalnum() and name[-1].isalnum()
+    assert all(c.isalnum() or c in "._-" for c in name) and ".." not in name
