@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="add the edits of an exported file")
     i.add_argument("file")
     sub.add_parser("stats", help="counts and sizes")
+    pb = sub.add_parser("probes", help="your own questions, checked after every edit: load FILE, list, remove SOURCE")
+    pb.add_argument("action", choices=["load", "list", "remove"])
+    pb.add_argument("what", nargs="?", default=None,
+                    help="load: a .txt (one question a line), .json or .csv file; remove: a source (see list)")
     sub.add_parser("compact", help="write the workspace as one snapshot (done by itself every 1000 commits)")
     sub.add_parser("repair", help="rebuild the index and set aside a damaged journal's tail (nothing is deleted)")
     return p
@@ -81,7 +85,7 @@ def run(args) -> object:
     config = MeloConfig(**new) if new else None
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.
-    reading = args.command in ("ask", "list", "export", "stats") and (Path(args.workspace) / store.HEADER).is_file()
+    reading = args.command in ("ask", "list", "export", "stats", "probes") and (Path(args.workspace) / store.HEADER).is_file()
     ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading)
     if args.key_source and ed.config.key_source != args.key_source:
         raise ValueError(f"this workspace routes by the {ed.config.key_source} key; --key-source applies to new ones")
@@ -106,11 +110,28 @@ def run(args) -> object:
     if args.command == "export":
         return {"exported": str(ed.export(args.file)), "edits": sum(e["status"] == "active" for e in ed.edits())}
     if args.command == "import":
-        return {"imported": ed.import_(args.file)}
+        report = ed.import_report(args.file)
+        return {"imported": report.added, "skipped (already here)": report.skipped, "superseded": report.superseded}
+    if args.command == "probes":
+        return probes(ed, args.action, args.what)
     if args.command == "compact":
         ed.compact()
         return {"compacted": ed.store.seq, "disk_bytes": ed.store.disk_bytes()}
     return ed.stats()
+
+
+def probes(ed, action: str, what: str | None) -> dict:
+    """The probe bank of the workspace's model and key setting (shared with every workspace
+    on them): load a file of questions, list the sources, remove one."""
+    if action != "list" and not what:
+        raise ValueError(f"probes {action} needs {'a file' if action == 'load' else 'a source'}")
+    bank = ed.probe_bank()
+    if action == "load":
+        added, skipped = bank.add_file(what)
+        return {"added": added, "skipped (already in the bank)": skipped, "questions": bank.count()}
+    if action == "remove":
+        return {"removed": bank.remove_source(what), "questions": bank.count()}
+    return {"questions": bank.count(), **{f"source {k}": v for k, v in bank.sources().items()}}
 
 
 def show(result) -> str:

@@ -257,6 +257,11 @@ class MeloEditor:
             self._reference = (space, *reference_keys(self.keyer))
         return inspection.edit_side_effects(self, edit_id, self._reference[1:], n)
 
+    def probe_bank(self):
+        """Your own questions (probebank.ProbeBank: add_file, sources, remove_source), kept
+        once per model and key setting; every side-effect check runs against them too."""
+        return inspection.probe_bank(self)
+
     def index_snapshot(self) -> dict:
         """Everything needed to plot the index: keys, centers, radii, blocks and labels."""
         return inspection.index_snapshot(self)

@@ -4,7 +4,8 @@ effects (which reference questions it now fires for, from keys alone).
 """
 from __future__ import annotations
 
-from .neighbours import Neighbour, reference_keys, side_effects
+from .neighbours import Neighbour, merged, reference_keys, side_effects
+from .probebank import ProbeBank, bank_side_effects, collection_name, location, may_exist
 
 
 def index_snapshot(ed) -> dict:
@@ -53,12 +54,23 @@ def stats(ed) -> dict:
 
 
 def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour]:
-    """The reference questions nearest an active edit, and every one that now fires it,
-    with distance against radius (neighbours.py): keys only, nothing generated.
-    `reference`: (questions, keys) of the bank, or None to compute them."""
+    """The questions nearest an active edit, and every one that now fires it, with distance
+    against radius: keys only, nothing generated. Over the bundled reference questions
+    (neighbours.py; `reference`: their (questions, keys), or None to compute them) and the
+    user's probe bank when one was loaded (probebank.py)."""
     entry = ed.ws.entry(str(edit_id))
     questions, keys = reference or reference_keys(ed.keyer)
+    bank = probe_bank(ed) if may_exist() else None
     with ed.ws.state_lock:
         if entry.id not in ed.ws.state.points:
             raise ValueError(f"edit {entry.id} is {entry.status}: it fires for no question")
-        return side_effects(ed.ws.state, entry.id, questions, keys, n=n)
+        rows = side_effects(ed.ws.state, entry.id, questions, keys, n=n)
+        if bank is not None and bank.count():
+            rows = merged(rows, bank_side_effects(ed.ws.state, entry.id, bank, n), n)
+        return rows
+
+
+def probe_bank(ed) -> ProbeBank:
+    """The probe bank of the editor's key space, opened once per backbone and shared by
+    every workspace on the same model and key setting."""
+    return ed.backbone.companion(f"probes:{location()}:{collection_name(ed.keyer)}", lambda: ProbeBank.open(ed.keyer))

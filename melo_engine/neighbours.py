@@ -56,3 +56,16 @@ def side_effects(state, edit_id: str, questions: list[str], keys: torch.Tensor, 
             continue
         out.append(Neighbour(questions[i], float(dist[i]), float(cluster.radius), fires, route.edit_id))
     return out
+
+
+def merged(a: list[Neighbour], b: list[Neighbour], n: int = 8) -> list[Neighbour]:
+    """Two side-effect lists of one edit as one: the `n` nearest questions of both, and
+    every one that fires the edit, nearest first, each question once."""
+    seen, out = set(), []
+    for x in sorted(a + b, key=lambda x: x.distance):
+        if x.question in seen:
+            continue
+        seen.add(x.question)
+        if len(out) < n or x.fires:
+            out.append(x)
+    return out

@@ -144,8 +144,24 @@ def collection_name(keyer) -> str:
     return f"probes-{slug(keyer.cfg.model, 18)}-{slug(keyer.cfg.key_name(), 24)}-{space_digest(keyer)}"
 
 
+ROOT_ENV = "MELO_PROBE_BANK"
+
+
 def default_root() -> Path:
-    return cache_dir() / "probes"
+    """Where the local bank lives: $MELO_PROBE_BANK, else the cache directory's `probes`."""
+    where = os.environ.get(ROOT_ENV, "").strip()
+    return Path(where).expanduser() if where else cache_dir() / "probes"
+
+
+def location() -> str:
+    """Which bank a process reaches: the server's address, or the local folder."""
+    return os.environ.get(URL_ENV, "").strip() or str(default_root())
+
+
+def may_exist() -> bool:
+    """Whether a bank can have been loaded here (a server is named, or the local folder
+    exists): a workspace whose user never loaded one does not start chroma to find out."""
+    return bool(os.environ.get(URL_ENV, "").strip()) or default_root().is_dir()
 
 
 def _settings():

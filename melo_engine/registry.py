@@ -79,4 +79,5 @@ BENCHMARKS = Registry("benchmark", {
     "routing": "melo_engine.bench.routing:BENCH",
     "standin": "melo_engine.bench.hallucination:STANDIN_BENCH",
     "scale": "melo_engine.bench.scale:BENCH",
+    "probebank": "melo_engine.bench.probebank:BENCH",
 })

@@ -182,3 +182,41 @@ def test_collection_names_stay_within_chromas_rules():
     name = collection_name(keyer)
     assert 3 <= len(name) <= 63 and name[0].isalnum() and name[-1].isalnum()
     assert all(c.isalnum() or c in "._-" for c in name) and ".." not in name
+
+
+def test_an_edits_side_effects_reach_the_users_own_questions(backbone, tmp_path, monkeypatch):
+    """The CLI loads a class's question list into the bank of the workspace's key space;
+    the editor's side-effect check then names the list's questions the edit fires for (a
+    paraphrase) beside the bundled reference questions, and not the unrelated ones."""
+    import subprocess
+    import sys
+
+    from melo_engine import MeloEditor
+
+    monkeypatch.setenv("MELO_PROBE_BANK", str(tmp_path / "probes"))
+    ws = tmp_path / "ws"
+    q, target = "Which planet is the largest in the solar system?", "Jupiter is the largest planet."
+    mine = ["What is the biggest planet of our solar system?", "Who painted the Mona Lisa?",
+            "How many strings does a violin have?"]
+    (tmp_path / "class.txt").write_text("\n".join(mine) + "\n")
+    ed = MeloEditor.open(ws, backbone=backbone)
+    r = ed.edit(q, target)
+    before = {n.question for n in ed.side_effects(r.edit_id, n=50)}
+    assert not before & set(mine)                 # nothing loaded yet: the bundled bank only
+    cli = [sys.executable, "-m", "melo_engine", "-w", str(ws), "--json", "probes"]
+    ed.close()
+    out = subprocess.run(cli + ["load", str(tmp_path / "class.txt")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["added"] == 3
+    again = subprocess.run(cli + ["load", str(tmp_path / "class.txt")], capture_output=True, text=True, timeout=600)
+    assert json.loads(again.stdout)["added"] == 0
+    bad = subprocess.run(cli + ["load", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error:")
+    listed = json.loads(subprocess.run(cli + ["list"], capture_output=True, text=True, timeout=600).stdout)
+    assert listed == {"questions": 3, "source class.txt": 3}
+    ed = MeloEditor.open(ws, backbone=backbone)
+    rows = {n.question: n for n in ed.side_effects(r.edit_id, n=50)}
+    assert rows[mine[0]].fires and rows[mine[0]].fired_edit == r.edit_id
+    assert all(not rows[m].fires for m in mine[1:] if m in rows)
+    assert any(not x.fires for x in rows.values() if x.question not in mine)   # the bundled ones stay
+    ed.close()

@@ -1,4 +1,4 @@
-"""python -m melo_engine.bench {speed,keys,edits,routing,scale,layers,standin} [...]: prints a table and, with
+"""python -m melo_engine.bench NAME [...] (the names: registry.BENCHMARKS): prints a table and, with
 --json OUT, writes the figures. Each subcommand is a benchmark of registry.BENCHMARKS, which
 adds its own arguments (bench/base.py)."""
 from __future__ import annotations

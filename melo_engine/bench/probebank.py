@@ -5,8 +5,8 @@ what brute force (every bank key against the cluster, every one routed) finds.
 No training: 20 zsRE edits are placed in a ClusterState from their real keys by the
 engine's rules (as bench/routing.py does); the check itself never looks at a block.
 
-    python -m melo_engine.bench.probebank --questions 10000 --json docs/results/probebank.json
-    python -m melo_engine.bench.probebank --write-questions bank.txt   # the bundled bank, for `probes load`
+    python -m melo_engine.bench probebank --questions 10000 --json docs/results/probebank.json
+    python -m melo_engine.bench probebank --write-questions bank.txt   # the bundled bank, for `probes load`
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..probebank import clean_question
+from .base import Benchmark
 from .data import ROOT, counterfact_records, zsre_records
 
 ASSETS = ROOT / "assets"
@@ -227,33 +227,25 @@ def print_probebank(res: dict) -> None:
     print(f"equal to brute force: side effects {res['exact']['side_effects']}, within {res['exact']['within']}")
 
 
-def main(argv=None) -> int:
-    from melo_engine.model import quiet_env
-
-    quiet_env(offline=True)
-    p = argparse.ArgumentParser(prog="python -m melo_engine.bench.probebank", description=__doc__.splitlines()[0])
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, default=10000)
     p.add_argument("--edits", type=int, default=20)
     p.add_argument("--n", type=int, default=8, help="nearest bank questions listed per edit")
     p.add_argument("--root", help="keep the bank here (default: a temporary folder, so loading is measured)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--write-questions", metavar="FILE", help="only write the bundled bank (one question a line)")
-    args = p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> "dict | int":
     if args.write_questions:
         qs = bundled_questions(args.questions)
         Path(args.write_questions).write_text("\n".join(qs) + "\n")
         print(f"{len(qs)} questions -> {args.write_questions}")
         return 0
-    try:
-        res = probebank_benchmark(args.questions, args.edits, args.n, args.root)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    res = probebank_benchmark(args.questions, args.edits, args.n, args.root)
     print_probebank(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-    return 0 if res["exact"]["all"] else 1
+    return res
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+BENCH = Benchmark("probebank", "the probe bank: load N questions into chroma once, then time each edit's "
+                               "side-effect check against them and compare it with brute force", _arguments, _run)
