@@ -301,7 +301,13 @@ class MeloEditor:
         return exchange.export_edits(self, path)
 
     def import_(self, path) -> list[str]:
-        """Add the edits of an export file (trained blocks included: nothing retrains).
-        Returns the new edit ids. A bad file raises ValueError and changes nothing."""
+        """Add the edits of an export file (trained blocks included: nothing retrains);
+        those already here are skipped. Returns the new edit ids. A bad file raises
+        ValueError and changes nothing."""
+        return self.import_report(path).added
+
+    def import_report(self, path) -> exchange.ImportReport:
+        """`import_`, saying also which edits of the file were already here (skipped) and
+        which earlier edits the new ones replaced (superseded)."""
         self.ws.writable()
         return exchange.import_edits(self, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from . import placement
 from .checks import clean_text, export_path
 from .config import MeloConfig
 from .editing import block_dtype, new_id
+from .index import normalize_label
 from .records import EditRecord
 
 EXPORT_MAGIC = "melo-studio-edits"
@@ -148,29 +150,63 @@ def _exported(ws, e: EditRecord) -> dict:
     return out
 
 
-def import_edits(ed, path) -> list[str]:
+@dataclass
+class ImportReport:
+    """What an import did: the new edits' ids, the file's edits already in the workspace
+    (skipped), and the earlier edits the new ones replaced (superseded)."""
+
+    added: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)      # their ids in the file
+    superseded: list[str] = field(default_factory=list)
+
+
+def _already_there(ws, e: dict) -> bool:
+    """The same edit: its id with the same question and answer, or an active edit of the
+    same question with the same answer (re-importing a file adds nothing twice)."""
+    same = ws.entries.get(e["id"])
+    if same is not None and same.prompt == e["prompt"] and same.target == e["target"]:
+        return True
+    label = normalize_label(e["target"])
+    return any(x.status == "active" and x.prompt == e["prompt"] and normalize_label(x.target) == label
+               and x.prefix == e.get("prefix") for x in ws.entries.values())
+
+
+def import_edits(ed, path) -> ImportReport:
     """Add the edits of an export file to editor `ed` (trained blocks included: nothing
-    retrains). Returns the new edit ids. A bad file raises ValueError and changes nothing."""
+    retrains); edits already in the workspace are skipped. A bad file raises ValueError and
+    changes nothing."""
     edits, tensors = _checked_export(ed, Path(path))
     ws, c = ed.ws, ed.config
     dtype = block_dtype(ed)
+    report = ImportReport()
     with ws.lock:
+        fresh, seen = [], set()
+        for e in edits:
+            same = (e["prompt"], normalize_label(e["target"]), e.get("prefix"))
+            if same in seen or _already_there(ws, e):
+                report.skipped.append(e["id"])
+            else:
+                seen.add(same)
+                fresh.append(e)
         taken = set(ws.entries)
         ids, blocks = [], {}
-        for e, free in zip(edits, ws.bank.allocate_many(len(edits))):
+        for e, free in zip(fresh, ws.bank.allocate_many(len(fresh))):
             eid = e["id"] if e["id"] not in taken else new_id(taken)
             taken.add(eid)
             blocks[free] = {m: (tensors[f"edit.{e['id']}.{m}.A"].to(dtype),
                                 tensors[f"edit.{e['id']}.{m}.B"].to(dtype)) for m in ed.modules}
             ids.append((eid, free))
-        file = ws.store.write_blocks(blocks, dtype) if blocks else None
+        if not fresh:
+            return report
+        file = ws.store.write_blocks(blocks, dtype)
         with ws.change("import") as ch:
-            for e, (eid, block) in zip(edits, ids):
+            for e, (eid, block) in zip(fresh, ids):
                 ch.add_block(block, file, blocks[block])
                 # The radius it had where it was exported: it fires for the same questions.
                 placed = placement.add(ws.state, eid, tensors[f"key.{e['id']}"], block, e["target"],
                                        e.get("radius", c.init_radius), c.on_conflict)
                 ch.placed(placed, eid)
+                report.superseded += [x for x in placed.superseded if x in ws.entries]
                 correction = "prefix" in e         # a sentence correction stays one
                 ch.set(eid, EditRecord(
                     eid, e["prompt"], e["target"], block, placed.cluster, placed.action,
@@ -178,7 +214,8 @@ def import_edits(ed, path) -> list[str]:
                     imported=True, prefix=e["prefix"] if correction else None,
                     taught_tokens=e.get("taught_tokens", 0) if correction else 0,
                     ends_answer=correction and e.get("ends_answer") is True))
-        return [eid for eid, _ in ids]
+        report.added = [eid for eid, _ in ids]
+        return report
 
 
 def _checked_export(ed, path: Path):

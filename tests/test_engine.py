@@ -214,6 +214,9 @@ def test_export_import_keeps_times_and_radii_and_reset_restores_defaults(backbon
     for k in ("prompt", "target", "created", "seconds", "steps", "action"):
         assert x[k] == y[k], k
     assert b.state.clusters[y["cluster"]].radius == 0.5 != b.config.init_radius
+    again = b.import_report(path)                  # the same file twice: nothing added twice
+    assert again.added == [] and again.skipped == [x["id"]] and len(b.edits()) == 1
+    assert a.import_report(path).skipped == [x["id"]] and len(a.edits()) == 1   # back where it came from
     defaults = a.default_settings()
     a.reset(default_settings=True)
     assert a.edits() == [] and a.config.init_radius == defaults["init_radius"] != 0.5
