@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -34,6 +33,7 @@ from .index import ClusterIndex, ClusterState, Route
 from .keys import Keyer
 from .neighbours import Neighbour, reference_keys, side_effects
 from .sentences import joined, text_before
+from .text import shows_nothing
 from .train import Trained, train_block
 from .upgrade import upgrade_format1
 
@@ -134,16 +134,12 @@ class _Change:
                 "state": state_delta, "blocks": {str(b): f for b, f in self.blocks.items()}}
 
 
-# Characters that show nothing: controls (NUL among them), zero-width spaces and joiners, BOM.
-_INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2060\ufeff\s]+")
-
-
 def clean_text(text: str, what: str, limit: int) -> str:
     """A text the user typed, stripped; refused when it shows nothing, is not valid text or
     is too long."""
     if not isinstance(text, str):
         raise ValueError(f"{what} must be text, not {type(text).__name__}")
-    if not _INVISIBLE.sub("", text):
+    if shows_nothing(text):
         raise ValueError(f"{what} is empty")
     try:
         text.encode("utf-8")
