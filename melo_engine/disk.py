@@ -22,8 +22,9 @@ _REASONS = {
     errno.EPERM: "no permission to write",
     errno.EFBIG: "the file would be too large for the disk",
 }
-# safetensors (Rust) reports an I/O failure as text: "... Os { code: 28, kind: StorageFull ..."
-_RUST_CODE = re.compile(r"code: (\d+)")
+# safetensors (Rust) reports an I/O failure only as text: "I/O error: No space left on
+# device (os error 28)" (0.8), "IoError(Os { code: 28, ... })" (older releases).
+_RUST_CODE = re.compile(r"os error (\d+)|code: (\d+)")
 
 
 class StorageError(OSError, ValueError):
@@ -37,7 +38,7 @@ def reason(err: BaseException) -> str:
     code = getattr(err, "errno", None)
     if code is None and isinstance(err, SafetensorError):
         m = _RUST_CODE.search(str(err))
-        code = int(m.group(1)) if m else None
+        code = int(m.group(1) or m.group(2)) if m else None
     if code in _REASONS:
         return _REASONS[code]
     if isinstance(err, OSError) and err.strerror:
