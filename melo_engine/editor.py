@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from . import store
+from . import disk, store
 from .backbone import Backbone
 from .bank import BlockBank
 from .calibrate import calibrated_radius
@@ -164,7 +164,7 @@ class MeloEditor:
         self._reference = None                # the side-effect bank's keys, loaded when first needed
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._lock = threading.RLock()        # one change to this workspace at a time
-        self.store = store.Store(self.workspace)
+        self.store = store.Store(self.workspace, writable=not read_only)   # a writer holds the lock until close
         self.entries: dict[str, dict] = {}    # edit id -> its record, oldest first
         self.bank = BlockBank(reader=self.store.read_block)
         self._file_users: Counter = Counter()   # block file -> live blocks in it
@@ -229,8 +229,12 @@ class MeloEditor:
         ws = Path(workspace).expanduser()
         if store.read_header(ws) is None:
             raise ValueError(f"there is no workspace at {ws.name or ws}")
-        kept, aside = store.Store(ws).set_aside_damage()
-        shutil.rmtree(ws / store.INDEX_DIR, ignore_errors=True)
+        held = store.Store(ws, writable=True)        # repair writes: no other writer meanwhile
+        try:
+            kept, aside = held.set_aside_damage()
+            shutil.rmtree(ws / store.INDEX_DIR, ignore_errors=True)
+        finally:
+            held.close()
         ed = cls.open(ws, backbone=backbone)
         ed.index.sync(ed.store.seq)
         out = {"journal_records_kept": kept, "set_aside": aside, "edits": len(ed.entries),
@@ -240,11 +244,8 @@ class MeloEditor:
 
     @classmethod
     def _create(cls, ws: Path, backbone: Backbone, cfg: MeloConfig, keyer: Keyer) -> "MeloEditor":
-        ws.mkdir(parents=True, exist_ok=True)
-        if any(p for p in ws.iterdir() if not p.name.startswith(".")):
-            raise ValueError(f"{ws.name} is not empty and is not a MELO workspace")
-        cfg.save(ws / store.CONFIG)
-        store.Store.create(ws, {"model": cfg.model, "fingerprint": backbone.fingerprint, "created": time.time()})
+        store.Store.create(ws, {"model": cfg.model, "fingerprint": backbone.fingerprint, "created": time.time()},
+                           cfg.to_json())
         return cls(ws, backbone, cfg, keyer)
 
     def _load(self) -> None:
@@ -288,9 +289,10 @@ class MeloEditor:
                 self.bank.put(int(b), file=f)
 
     def close(self) -> None:
-        """Release the chroma index (waits for an edit in progress to finish)."""
+        """Release the chroma index and the workspace's lock (waits for an edit in progress to finish)."""
         with self._lock:
             self.index.close()
+            self.store.close()
 
     # ---- asking --------------------------------------------------------------------------
     def _check(self, text: str, what: str) -> str:
@@ -721,6 +723,7 @@ class MeloEditor:
     # ---- export / import -----------------------------------------------------------------
     def export(self, path) -> Path:
         """Write every active edit (text, key, block matrices) to one safetensors file."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path).expanduser()
@@ -746,9 +749,9 @@ class MeloEditor:
             try:
                 save_file(tensors, str(tmp), metadata=meta)
                 tmp.replace(path)
-            except OSError as err:
+            except (OSError, SafetensorError) as err:     # a full disk, a read-only folder: one line
                 tmp.unlink(missing_ok=True)
-                raise ValueError(f"cannot write {path.name}: {err.strerror or type(err).__name__}") from None
+                raise disk.StorageError(disk.message(err, f"the export {path.name}")) from None
             return path
 
     def _exported(self, e: dict) -> dict:
