@@ -126,6 +126,8 @@ def test_the_command_line_on_a_full_or_read_only_disk_says_one_line(on_small_dis
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(ValueError, match="cannot lock the workspace for writing: Read-only file system"):
         MeloEditor.open(ed.workspace, backbone=ed.backbone)
+    with pytest.raises(ValueError, match="^the disk is read-only while writing the new workspace: "):
+        MeloEditor.open(small_disk / "new", backbone=ed.backbone)
     ro = MeloEditor.open(ed.workspace, backbone=ed.backbone, read_only=True)    # reading needs no write
     assert [e["id"] for e in ro.edits()] == ids
     ro.close()

@@ -66,9 +66,11 @@ def test_the_engine_and_the_cli_refuse_every_invisible_kind_and_change_nothing(b
     ed.edit("What is the capital of Switzerland?", "Bern.")
     before, listed = tree_digest(ed.workspace), ed.edits()
     for text in list(KINDS.values()) + COMMITTED:
-        for call in (lambda: ed.edit(text, "Jupiter."), lambda: ed.edit("What is the largest planet?", text),
-                     lambda: ed.ask(text), lambda: ed.probe([text]), lambda: ed.delete(text)):
-            with pytest.raises(ValueError, match="is empty") as err:
+        for call, refusal in ((lambda: ed.edit(text, "Jupiter."), "is empty"),
+                              (lambda: ed.edit("What is the largest planet?", text), "is empty"),
+                              (lambda: ed.ask(text), "is empty"), (lambda: ed.probe([text]), "is empty"),
+                              (lambda: ed.delete(text), "unknown edit id")):   # the engine looks ids up as given
+            with pytest.raises(ValueError, match=refusal) as err:
                 call()
             assert "\n" not in str(err.value)
     assert tree_digest(ed.workspace) == before and ed.edits() == listed
