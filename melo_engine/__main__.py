@@ -5,10 +5,10 @@ Bad input prints one line on stderr and exits with status 2; the workspace is un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -86,7 +86,24 @@ def run(args) -> object:
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.
     reading = args.command in ("ask", "list", "export", "stats", "probes") and (Path(args.workspace) / store.HEADER).is_file()
+    new_workspace = not os.path.lexists(args.workspace)
     ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading)
+    try:
+        return command(ed, args)
+    except BaseException:
+        # A refused command leaves no workspace behind, but removes only one it made itself
+        # and still holds the lock of: one without a single commit (store.discard), never
+        # one another process has filled meanwhile.
+        if new_workspace:
+            with contextlib.suppress(OSError):
+                ed.store.discard()
+        raise
+    finally:
+        ed.close()
+
+
+def command(ed, args) -> object:
+    """Run the command on the open editor `ed`."""
     if args.key_source and ed.config.key_source != args.key_source:
         raise ValueError(f"this workspace routes by the {ed.config.key_source} key; --key-source applies to new ones")
     if args.prompt_mode and ed.config.prompt_mode != args.prompt_mode:
@@ -161,15 +178,12 @@ def main(argv=None) -> int:
 
     quiet_env()
     args = build_parser().parse_args(argv)
-    new_workspace = not os.path.lexists(args.workspace)
     try:
         result = run(args)
     except (ValueError, OSError) as err:
-        if isinstance(err, OSError):     # a folder that cannot be written, a full disk, ...
+        if not isinstance(err, ValueError):     # (a StorageError is both, and already one line)
             where = f" ({Path(err.filename).name})" if getattr(err, "filename", None) else ""
             err = f"{err.strerror or type(err).__name__}{where}"
-        if new_workspace and os.path.isdir(args.workspace):
-            shutil.rmtree(args.workspace, ignore_errors=True)   # a refused command leaves no workspace behind
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

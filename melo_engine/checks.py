@@ -4,11 +4,9 @@ or generated.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-# Characters that show nothing: controls (NUL among them), zero-width spaces and joiners, BOM.
-_INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2060\ufeff\s]+")
+from .text import shows_nothing
 
 
 def clean_text(text: str, what: str, limit: int) -> str:
@@ -16,7 +14,7 @@ def clean_text(text: str, what: str, limit: int) -> str:
     is too long."""
     if not isinstance(text, str):
         raise ValueError(f"{what} must be text, not {type(text).__name__}")
-    if not _INVISIBLE.sub("", text):
+    if shows_nothing(text):
         raise ValueError(f"{what} is empty")
     try:
         text.encode("utf-8")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .disk import writing
 from .registry import KEY_SOURCES
 from .store import atomic_write_json     # a crash mid-save must not leave half a file
 
@@ -133,7 +134,8 @@ class MeloConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        atomic_write_json(Path(path), self.to_json())
+        with writing("the settings (config.json)"):     # a full disk: one line, the old file kept
+            atomic_write_json(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "MeloConfig":

@@ -100,7 +100,7 @@ class MeloEditor:
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))
         if header is None:
             room = Workspace.create(ws, {"model": cfg.model, "fingerprint": backbone.fingerprint,
-                                         "created": time.time()}, cfg.save)
+                                         "created": time.time()}, cfg.to_json())
         else:
             room = Workspace(ws, read_only)
         ed = cls(room, backbone, cfg, keyer)
@@ -131,9 +131,8 @@ class MeloEditor:
         return Workspace.has_edits(workspace)
 
     def close(self) -> None:
-        """Let go of the workspace (waits for an edit in progress to finish)."""
-        with self.ws.lock:
-            pass
+        """Let go of the workspace and its lock (waits for an edit in progress to finish)."""
+        self.ws.close()
 
     # ---- asking --------------------------------------------------------------------------
     def _check(self, text: str, what: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import placement
+from . import disk, placement
 from .checks import clean_text, export_path
 from .config import MeloConfig
 from .editing import block_dtype, new_id
@@ -114,6 +114,7 @@ def check_edits(name: str, edits: list[dict], tensors: dict[str, torch.Tensor], 
 # ---- writing and reading an editor's edits --------------------------------------------
 def export_edits(ed, path) -> Path:
     """Write every active edit (text, key, block matrices) of editor `ed` to one file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = export_path(path, ed.workspace)
@@ -134,9 +135,9 @@ def export_edits(ed, path) -> Path:
         try:
             save_file(tensors, str(tmp), metadata=meta)
             tmp.replace(path)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:     # a full disk, a read-only folder: one line
             tmp.unlink(missing_ok=True)
-            raise ValueError(f"cannot write {path.name}: {err.strerror or type(err).__name__}") from None
+            raise disk.StorageError(disk.message(err, f"the export {path.name}")) from None
         return path
 
 

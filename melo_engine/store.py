@@ -20,12 +20,21 @@ Replaying records costs time at opening, so every COMPACT_EVERY records the whol
 written once as a new snapshot (flushed before the rename that commits it) and a new, empty
 journal starts; that costs O(edits) once per COMPACT_EVERY commits. Nothing else ever
 rewrites what earlier commits wrote.
+
+A writing Store holds the workspace's lock (lock.py) until `close`: one writer at a time.
+Every part of a workspace is its own file or folder: a part that is a symbolic link is
+refused when the workspace is opened (`check_own_files`), so no read, write or clean-up
+ever reaches outside it. A write the disk refuses is a StorageError in one line (disk.py),
+and the files are as before it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import time
 import zlib
@@ -35,6 +44,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .disk import writing
+from .lock import WorkspaceLock
 
 FORMAT = 2
 HEADER = "workspace.json"
@@ -91,8 +103,25 @@ def snapshot_bytes(seq: int, edits: list[dict], state: dict, blocks: dict) -> by
                       separators=(",", ":")).encode()
 
 
+def check_own_files(ws: Path) -> None:
+    """Refuse, in one line, a workspace any part of which is a symbolic link: a linked
+    blocks/ or journal would make a sweep, a repair or a commit read, write or delete files
+    elsewhere. The workspace folder itself may be reached through a link."""
+    ws = Path(ws)
+    if not ws.is_dir():
+        return
+    for root, dirs, names in os.walk(ws):     # never follows links
+        for name in dirs + names:
+            if os.path.islink(os.path.join(root, name)):
+                part = os.path.relpath(os.path.join(root, name), ws)
+                raise ValueError(f"the workspace's {part} is a link to elsewhere; a workspace's parts must "
+                                 f"be its own files, so it is not opened")
+
+
 def read_header(ws: Path) -> dict | None:
-    """The workspace header, None when there is none; ValueError when it is damaged."""
+    """The workspace header, None when there is none; ValueError when it is damaged or any
+    of its parts is a link (read first by every open, so nothing outside is read)."""
+    check_own_files(ws)
     p = Path(ws) / HEADER
     if not p.is_file():
         return None
@@ -103,6 +132,11 @@ def read_header(ws: Path) -> dict | None:
     if not isinstance(header, dict) or "format" not in header:
         raise ValueError(f"the workspace's {HEADER} is damaged (not a workspace header)")
     return header
+
+
+def _plain_file(p: Path) -> bool:
+    """A regular file, not a link to one: a clean-up may remove it."""
+    return p.is_file() and not p.is_symlink()
 
 
 def _line(record: dict) -> bytes:
@@ -133,12 +167,21 @@ class Loaded:
 class Store:
     """One workspace's files: load them, append commits, compact, read blocks."""
 
-    def __init__(self, ws: Path):
+    def __init__(self, ws: Path, writable: bool = False, wait: float | None = None):
+        """`writable`: take the workspace's lock first (waiting at most `wait` seconds,
+        lock.py), so that this is its only writer until `close`."""
         self.ws = Path(ws)
         self.base = 0        # the snapshot the journal continues
         self.seq = 0         # the last committed record
         self.tail = 0        # records in the journal
         self._journal_size = 0
+        self.lock = WorkspaceLock(self.ws, wait)
+        if writable:
+            self.lock.acquire()
+
+    def close(self) -> None:
+        """Let another writer in."""
+        self.lock.release()
 
     # ---- paths -------------------------------------------------------------------------
     def snapshot_json(self, seq: int) -> Path:
@@ -152,17 +195,51 @@ class Store:
 
     # ---- creating and opening ----------------------------------------------------------
     @classmethod
-    def create(cls, ws: Path, header: dict) -> "Store":
-        """The files of an empty workspace; the header goes last (its presence is the workspace)."""
-        st = cls(ws)
-        (st.ws / BLOCKS_DIR).mkdir(exist_ok=True)
-        st.write_snapshot(0, snapshot_bytes(0, [], {}, {}), {})
-        atomic_write_json(st.ws / HEADER, dict(header, format=FORMAT))
-        return st
+    def create(cls, ws: Path, header: dict, config: dict) -> None:
+        """A new, empty workspace at `ws`, which appears complete or not at all: its files
+        are written in a folder beside it, then renamed to `ws` (an empty folder there is
+        replaced). A half-made workspace under its final name would be taken for a damaged
+        one; a refused command could not tell it from one another process had filled."""
+        ws = Path(ws)
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        if ws.is_dir() and any(ws.iterdir()):
+            raise ValueError(f"{ws.name} is not empty and is not a MELO workspace")
+        tmp = ws.with_name(f".{ws.name}.new-{secrets.token_hex(4)}")
+        try:
+            with writing("the new workspace"):
+                tmp.mkdir()
+                atomic_write_json(tmp / CONFIG, config)
+                (tmp / BLOCKS_DIR).mkdir()
+                cls(tmp).write_snapshot(0, snapshot_bytes(0, [], {}, {}), {})
+                atomic_write_json(tmp / HEADER, dict(header, format=FORMAT))
+                try:
+                    os.rename(tmp, ws)
+                except OSError as err:
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    made = read_header(ws) is not None      # another process was quicker
+                    raise ValueError(f"{ws.name} was just created by another process; run the command again"
+                                     if made else f"{ws.name} is not empty and is not a MELO workspace") from None
+                fsync_dir(ws.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def discard(self) -> bool:
+        """Remove this workspace if this store holds its lock and it has never committed a
+        record: what a refused command created, and nothing anyone else wrote. It is renamed
+        away first, so no one opens it half removed. Returns whether it was removed."""
+        if not self.lock.held or self.seq != 0 or read_header(self.ws) is None:
+            return False
+        gone = self.ws.with_name(f".{self.ws.name}.gone-{secrets.token_hex(4)}")
+        os.rename(self.ws, gone)
+        self.close()
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     def load(self, writable: bool = True) -> Loaded:
         """The newest snapshot and the records after it. Opened for writing, a torn last
         journal line is cut off (it was never committed)."""
+        check_own_files(self.ws)
         seqs = [int(m.group(1)) for p in self.ws.iterdir() if (m := _SNAPSHOT.match(p.name))]
         if not seqs:
             raise ValueError("the workspace has no snapshot file")
@@ -222,25 +299,29 @@ class Store:
         if good == len(data):
             return kept, None
         aside = self.ws / f"damaged-{journal.stem}-{int(time.time())}.jsonl"
-        atomic_write_bytes(aside, data[good:])
-        atomic_write_bytes(journal, data[:good])
+        with writing(f"the set-aside {aside.name}"):
+            atomic_write_bytes(aside, data[good:])
+        with writing(f"the journal {journal.name}"):
+            atomic_write_bytes(journal, data[:good])
         return kept, aside.name
 
     def sweep(self, live_block_files: set[str]) -> None:
         """Remove what no commit refers to: older snapshots and journals, block files of
-        uncommitted edits, temporaries of interrupted writes."""
+        uncommitted edits, temporaries of interrupted writes. Only plain files are removed,
+        and blocks/ is read only when it is a folder of this workspace, not a link."""
+        check_own_files(self.ws)
         for p in self.ws.iterdir():
             m = _SEQ_FILE.match(p.name)
             # Older snapshots and journals are superseded by the current snapshot; a newer
             # snapshot's tensors without its JSON are a compaction that did not finish.
             stale = m is not None and (int(m.group(2)) < self.base or
                                        (int(m.group(2)) > self.base and m.group(3) == "safetensors"))
-            if p.is_file() and (stale or p.name.startswith(".") or p.name.startswith("state-")):
+            if _plain_file(p) and (stale or p.name.startswith(".") or p.name.startswith("state-")):
                 p.unlink(missing_ok=True)
         blocks = self.ws / BLOCKS_DIR
         blocks.mkdir(exist_ok=True)
         for p in blocks.iterdir():
-            if f"{BLOCKS_DIR}/{p.name}" not in live_block_files:
+            if _plain_file(p) and f"{BLOCKS_DIR}/{p.name}" not in live_block_files:
                 p.unlink(missing_ok=True)
 
     # ---- committing --------------------------------------------------------------------
@@ -256,7 +337,8 @@ class Store:
                 if m in mats:
                     tensors[f"{b}.{i}.A"] = mats[m][0].detach().to(dtype)
                     tensors[f"{b}.{i}.B"] = mats[m][1].detach().to(dtype)
-        atomic_save_tensors(self.ws / name, tensors, {"modules": json.dumps(modules)})
+        with writing(f"the block file {name}"):
+            atomic_save_tensors(self.ws / name, tensors, {"modules": json.dumps(modules)})
         return name
 
     def append(self, record: dict) -> int:
@@ -265,18 +347,26 @@ class Store:
         line = _line(record)
         path = self.journal(self.base)
         new = not path.exists()
-        with open(path, "ab") as f:
+        with writing(f"the journal {path.name}"):
+            # Unbuffered: a buffered file that failed to flush would try again on close,
+            # after the cut below.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+                done = 0
+                while done < len(line):
+                    done += os.write(fd, line[done:])
+                os.fsync(fd)
             except BaseException:
                 # Not committed: cut what may have reached the file, so the next record does
                 # not follow a torn line.
-                f.truncate(self._journal_size)
+                os.ftruncate(fd, self._journal_size)
+                if new:
+                    path.unlink(missing_ok=True)
                 raise
-        if new:
-            fsync_dir(self.ws)
+            finally:
+                os.close(fd)
+            if new:
+                fsync_dir(self.ws)
         self.seq, self.tail = record["seq"], self.tail + 1
         self._journal_size += len(line)
         return self.seq
@@ -284,8 +374,14 @@ class Store:
     def write_snapshot(self, seq: int, snapshot: bytes, tensors: dict[str, torch.Tensor]) -> None:
         """Commit the whole state as of record `seq` (= self.seq; `snapshot` is its JSON) and
         start an empty journal after it; the older snapshot and journal go."""
-        atomic_save_tensors(self.snapshot_tensors(seq), tensors)
-        atomic_write_bytes(self.snapshot_json(seq), snapshot)
+        with writing(f"the snapshot {self.snapshot_json(seq).stem}"):
+            atomic_save_tensors(self.snapshot_tensors(seq), tensors)
+            try:
+                atomic_write_bytes(self.snapshot_json(seq), snapshot)
+            except BaseException:
+                if seq != self.base:        # tensors without their JSON: not a snapshot yet
+                    self.snapshot_tensors(seq).unlink(missing_ok=True)
+                raise
         old = self.base
         self.base, self.tail, self._journal_size = seq, 0, 0
         if old != seq:

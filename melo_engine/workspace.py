@@ -87,7 +87,7 @@ class Workspace:
     def __init__(self, folder: Path, read_only: bool = False):
         self.folder = Path(folder)
         self.read_only = read_only
-        self.store = store.Store(self.folder)
+        self.store = store.Store(self.folder, writable=not read_only)   # a writer holds the lock until close
         self.entries: dict[str, EditRecord] = {}    # edit id -> its record, oldest first
         self.bank = BlockBank(reader=self.store.read_block)
         self.state = ClusterState()
@@ -96,14 +96,16 @@ class Workspace:
         self._file_users: Counter = Counter()  # block file -> live blocks in it
 
     @classmethod
-    def create(cls, folder: Path, header: dict, save_config) -> "Workspace":
-        """A new workspace in an empty (or new) folder: `save_config(path)` writes its settings."""
-        folder.mkdir(parents=True, exist_ok=True)
-        if any(p for p in folder.iterdir() if not p.name.startswith(".")):
-            raise ValueError(f"{folder.name} is not empty and is not a MELO workspace")
-        save_config(folder / store.CONFIG)
-        store.Store.create(folder, header)
+    def create(cls, folder: Path, header: dict, config: dict) -> "Workspace":
+        """A new workspace in an empty (or new) folder, with these settings: it appears
+        complete or not at all (store.Store.create)."""
+        store.Store.create(folder, header, config)
         return cls(folder)
+
+    def close(self) -> None:
+        """Let go of the workspace's lock (waits for a change in progress to finish)."""
+        with self.lock:
+            self.store.close()
 
     # ---- reading it back -----------------------------------------------------------------
     def load(self) -> None:
@@ -234,8 +236,13 @@ class Workspace:
     def set_aside_damage(folder: Path) -> tuple[int, str | None]:
         """Journal records after damage moved aside (kept in a file of their own); what a
         format-2 workspace before 2026-11-30 mirrored into chroma (index/) is dropped."""
-        kept, aside = store.Store(folder).set_aside_damage()
-        shutil.rmtree(folder / store.INDEX_DIR, ignore_errors=True)
+        held = store.Store(folder, writable=True)        # repair writes: no other writer meanwhile
+        try:
+            kept, aside = held.set_aside_damage()
+            if (folder / store.INDEX_DIR).is_dir() and not (folder / store.INDEX_DIR).is_symlink():
+                shutil.rmtree(folder / store.INDEX_DIR, ignore_errors=True)
+        finally:
+            held.close()
         return kept, aside
 
     @staticmethod
