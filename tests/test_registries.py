@@ -155,3 +155,51 @@ def test_an_unknown_name_fails_in_one_line_listing_the_known_ones():
     with pytest.raises(ValueError) as err:
         METHODS.get("nope")
     assert str(err.value) == "unknown method 'nope' (melo, grace, lora)"
+
+
+class CharacterKey:
+    """A key source as a new file would hold it: letters counted, no model at all."""
+
+    name = "characters"
+    title = "Letter counts (a test's key source)"
+    summary = "how often each letter occurs"
+    why = "A key source registered at run time, to show what adding one touches."
+    in_prefill = False
+    default_whitened = False
+
+    def dim(self, backbone) -> int:
+        return 26
+
+    def raw(self, backbone, cfg, questions):
+        import torch
+
+        counts = torch.tensor([[q.lower().count(chr(97 + i)) for i in range(26)] for q in questions], dtype=torch.float32)
+        return torch.nn.functional.normalize(counts + 1e-6, dim=-1)
+
+    def space(self, cfg) -> str:
+        return "characters"
+
+    def mode_suffix(self, cfg) -> str:
+        return ""
+
+
+def test_a_key_source_registered_at_run_time_reaches_the_cli_the_settings_and_the_keys(backbone):
+    """One class (a new file's worth) and one registry line: the command line offers it, a
+    workspace's settings accept it and name its key space, and a Keyer computes its keys."""
+    from melo_engine.__main__ import build_parser as cli
+    from melo_engine.config import MeloConfig
+    from melo_engine.keys import Keyer
+    from melo_engine.registry import KEY_SOURCES
+
+    KEY_SOURCES.register("characters", CharacterKey)
+    try:
+        assert "characters" in cli()._actions[[a.dest for a in cli()._actions].index("key_source")].choices
+        cfg = MeloConfig(key_source="characters").resolved(backbone.num_layers)
+        cfg.validate()
+        assert cfg.key_name() == "characters" and not cfg.whitened
+        keys = Keyer(backbone, cfg).keys(["Which element has atomic number 6?", "abc"])
+        assert keys.shape == (2, 26) and abs(float(keys[1].norm()) - 1) < 1e-5
+    finally:
+        KEY_SOURCES.unregister("characters")
+    with pytest.raises(ValueError, match="unknown key source 'characters'"):
+        MeloConfig(key_source="characters").validate()
