@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import placement
-from .records import EditRecord, EditResult, TrainedEdit
+from .records import EditRecord, EditResult, TrainedEdit, answer_text
 from .sentences import joined
 from .train import train_block
 
@@ -57,8 +57,8 @@ def commit(ed, pending: TrainedEdit) -> EditResult:
         matrices = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in trained.matrices.items()}
         file = ws.store.write_blocks({block: matrices}, dtype)
         with ws.change("edit") as ch:
-            placed = placement.add(ws.state, edit_id, pending.key, block, pending.target, c.init_radius,
-                                   c.on_conflict)
+            answer = answer_text(pending.target, pending.prefix, pending.ends_answer)
+            placed = placement.add(ws.state, edit_id, pending.key, block, answer, c.init_radius, c.on_conflict)
             ch.add_block(block, file, matrices)
             ch.placed(placed, edit_id)
             seconds = time.perf_counter() - pending.started

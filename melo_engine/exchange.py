@@ -22,7 +22,7 @@ from .checks import clean_text, export_path
 from .config import MeloConfig
 from .editing import block_dtype, new_id
 from .index import normalize_label
-from .records import EditRecord
+from .records import EditRecord, answer_text
 
 EXPORT_MAGIC = "melo-studio-edits"
 EXPORT_FORMAT = 1
@@ -204,7 +204,8 @@ def import_edits(ed, path) -> ImportReport:
             for e, (eid, block) in zip(fresh, ids):
                 ch.add_block(block, file, blocks[block])
                 # The radius it had where it was exported: it fires for the same questions.
-                placed = placement.add(ws.state, eid, tensors[f"key.{e['id']}"], block, e["target"],
+                answer = answer_text(e["target"], e.get("prefix"), e.get("ends_answer") is True)
+                placed = placement.add(ws.state, eid, tensors[f"key.{e['id']}"], block, answer,
                                        e.get("radius", c.init_radius), c.on_conflict)
                 ch.placed(placed, eid)
                 report.superseded += [x for x in placed.superseded if x in ws.entries]

@@ -68,6 +68,17 @@ class EditRecord:
         return dataclasses.replace(self, **changes)
 
 
+def answer_text(target: str, prefix: str | None = None, ends: bool = False) -> str:
+    """What an edit makes the model say, as the index compares answers: the target, or for
+    a sentence correction the kept text, the corrected sentence and whether the answer ends
+    there. Two corrections of one question that teach different texts (one ends the answer,
+    one goes on) are different answers: the newer supersedes the older instead of joining it
+    and leaving the older block to fire."""
+    if prefix is None:
+        return target
+    return f"{prefix} {target}" + (" [end]" if ends else " [continues]")
+
+
 def _kept(name: str, value, record: EditRecord) -> bool:
     if name == "taught_tokens":            # a correction keeps its count, even 0
         return record.prefix is not None

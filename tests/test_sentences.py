@@ -55,7 +55,7 @@ def test_correcting_the_second_sentence_keeps_the_first_byte_for_byte(backbone, 
     assert after.text.startswith(kept + FIX), after.text       # before it: identical; then the fix
     assert split_sentences(after.text)[1] == FIX
     assert base_spider not in after.text                       # the wrong sentence is gone
-    entry = ed.entries[r.edit_id]
+    entry = ed.record(r.edit_id)
     assert entry["prefix"] == kept and entry["target"] == FIX and entry["taught_tokens"] > 0
     # Unrelated questions keep their exact answers.
     for q, a in zip(unrelated_questions, ed.probe(unrelated_questions)):
@@ -72,6 +72,19 @@ def test_a_correction_can_end_the_answer_after_its_sentence(backbone, base_spide
     ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
     ed.correct(SPIDER, 2, FIX, answer=base_spider, end=True)
     assert ed.ask(SPIDER).text == text_before(base_spider, 1) + FIX
+
+
+def test_ending_the_answer_on_a_sentence_corrected_before_ends_it(backbone, base_spider, tmp_path):
+    """The same sentence corrected again, now ending the answer there: the newer edit
+    teaches another text, so it replaces the older one (which had joined it and kept firing)."""
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    first = ed.correct(SPIDER, 2, FIX, answer=base_spider)
+    second = ed.correct(SPIDER, 2, FIX, answer=base_spider, end=True)
+    assert second.action == "superseded" and second.superseded == [first.edit_id]
+    assert [e["status"] for e in ed.edits()] == ["superseded", "active"]
+    assert ed.ask(SPIDER).text == text_before(base_spider, 1) + FIX
+    ed.delete(second.edit_id)                                  # undo: the first correction is back
+    assert ed.ask(SPIDER).block == first.block
 
 
 def test_a_sentence_correction_survives_export_and_import(backbone, base_spider, tmp_path):
