@@ -76,3 +76,19 @@ def test_edit_words_are_computed_once_and_reused(same):
         for e in words * 3:
             same.check(w, e)
     assert (time.perf_counter() - t0) / 20 < 0.05     # generous: ~1 ms on a quiet core
+
+
+def test_sibling_yardstick_loaders():
+    """The bank has its halves and enough of the hard kinds; zsRE and CounterFact siblings
+    keep the template and change the subject."""
+    from melo_engine.bench.siblings import counterfact_templates, hard_bank, template_siblings, zsre_templates
+
+    bank = hard_bank()
+    assert len(bank) >= 40 and {b.half for b in bank} == {"fit", "eval", "holdout"}
+    assert all(len(b.siblings) == 3 and 2 <= len(b.paraphrases) <= 3 and b.answer.endswith(".") for b in bank)
+    sibs = template_siblings("In which state is Qaleh Lan located?", "Qaleh Lan", zsre_templates())
+    assert len(sibs) == 3 and all(s.startswith("In which state is ") and "Qaleh Lan" not in s for s in sibs)
+    assert sibs == template_siblings("In which state is Qaleh Lan located?", "Qaleh Lan",
+                                     zsre_templates())     # the same ones on every run
+    cf = template_siblings("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", counterfact_templates())
+    assert cf and all(s.startswith("The mother tongue of ") and "Darrieux" not in s for s in cf)
