@@ -109,7 +109,7 @@ def counterfact_templates() -> dict[str, set[str]]:
 
 # ---- routing with a second stage ----------------------------------------------------------------
 def _state_class():
-    from melo_engine.index import ClusterState, Placement  # noqa: F401
+    from melo_engine.index import ClusterState
 
     class VerifiedState(ClusterState):
         """ClusterState whose supersede rule asks the verifier first: an earlier edit with
@@ -428,28 +428,36 @@ def _worst_by_kind(v, q, e) -> tuple[float, float]:
 
 
 GRID_ALIGN = [round(0.05 * i, 2) for i in range(13)]               # 0 .. 0.60
-GRID_NOUN = [round(0.4 + 0.05 * i, 2) for i in range(12)]          # 0.40 .. 0.95
+GRID_NOUN = [round(0.05 * i, 2) for i in range(20)]                # 0 .. 0.95
 
 
-def fit_thresholds(feats: dict, with_lexical: bool = True, min_zsre: float = 0.99, min_bank: float = 0.9) -> dict:
+def fit_thresholds(feats: dict, with_lexical: bool = True, keep_zsre: float = 0.98, min_bank: float = 0.9) -> dict:
     """The pair (align, align_noun) that rejects the most sibling pairs of the fit data while
-    keeping at least `min_zsre` of its zsRE paraphrase pairs and `min_bank` of the bank's;
-    among equals, the most lenient."""
+    the alignment keeps at least `keep_zsre` of the zsRE paraphrase pairs that pass without
+    it (the lexical part alone, or everything) and at least `min_bank` of the bank's fit
+    paraphrases; among equals, the most lenient. (0.99 leaves the alignment no room at all:
+    any positive bar for non-nouns costs zsRE rewordings more than 1 %. Pairs understate
+    routing generality: a held-out phrasing needs only one of its fact's edits to accept.)"""
     def acc(rows, a, n):
         return _share((lex or not with_lexical) and no >= n and ot >= a for lex, no, ot in rows) or 0.0
 
+    base_z = acc(feats["zsre"]["paraphrase"], -2.0, -2.0)
+    sib = feats["zsre"]["sibling"] + feats["bank"]["sibling"]
     best = None
     for a in GRID_ALIGN:
         for n in GRID_NOUN:
             pz, pb = acc(feats["zsre"]["paraphrase"], a, n), acc(feats["bank"]["paraphrase"], a, n)
-            if pz < min_zsre or pb < min_bank:
+            if pz < keep_zsre * base_z or pb < min_bank:
                 continue
-            sib = feats["zsre"]["sibling"] + feats["bank"]["sibling"]
             rej = 1 - acc(sib, a, n)
             score = (round(rej, 4), -a, -n)
             if best is None or score > best[0]:
                 best = (score, {"align": a, "align_noun": n, "fit_sibling_reject": round(rej, 4),
-                                "fit_zsre_paraphrase_accept": pz, "fit_bank_paraphrase_accept": pb})
+                                "fit_zsre_paraphrase_accept": pz, "fit_zsre_paraphrase_accept_without_alignment": base_z,
+                                "fit_bank_paraphrase_accept": pb,
+                                "rule": f"most sibling pairs rejected while keeping {keep_zsre} of the zsRE "
+                                        f"paraphrase pairs that pass without the alignment and {min_bank} of the "
+                                        f"bank's fit paraphrases"})
     return best[1] if best else {"align": min(GRID_ALIGN), "align_noun": min(GRID_NOUN), "note": "no pair met the bars"}
 
 
@@ -491,8 +499,15 @@ def candidates_for(study: Study, fitted: dict, fitted_align_only: dict) -> dict:
     align = SameQuestion(study.encoder, fitted_align_only["align"], fitted_align_only["align_noun"],
                          lexical=False, aligned=True)
     both = SameQuestion(study.encoder, fitted["align"], fitted["align_noun"])
+    strict = SameQuestion(study.encoder, STRICT[0], STRICT[1])
     return {"radius": None, "lexical": lexical.check, "align": align.check, "lexical+align": both.check,
-            "edit-radius": None}
+            "lexical+align-strict": strict.check, "edit-radius": None}
+
+
+# Not fitted: the bars that looked right on the whole hard bank while the rules were written
+# (0.2 for any word, 0.8 for a noun of an edit without a name). Shown to make the trade-off
+# visible; its bank figures saw the evaluation half.
+STRICT = (0.2, 0.8)
 
 
 def siblings_study(n: int = 1000) -> dict:
@@ -527,7 +542,7 @@ def table(res: dict) -> str:
             "sibling fire hard bank: eval half / holdout (all) | paraphrase carry hard bank: eval half / holdout (all) | "
             "zsRE generality by routing | CounterFact generality | false supersedes zsRE 1000 |",
             "|---|---|---|---|---|---|---|---|"]
-    for name in ("radius", "lexical", "align", "lexical+align", "edit-radius"):
+    for name in ("radius", "lexical", "align", "lexical+align", "lexical+align-strict", "edit-radius"):
         z, c, b = res["zsre_paper"].get(name), res["counterfact"].get(name), res["bank"].get(name)
         if not (z and c and b):
             continue
