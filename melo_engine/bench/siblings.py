@@ -1,0 +1,575 @@
+"""Siblings: the same question about another subject, number, ordinal, superlative or unit
+(issue 20). A fix must carry to paraphrases and leave siblings alone; zsRE's NQ locality
+questions are unrelated to every edit and cannot see siblings.
+
+The yardstick (loaders):
+- the project's hard bank, assets/sibling_bank.json: 51 edits written for the project, each
+  with its answer, true paraphrases and three siblings; items at even positions are the
+  *fit* half (thresholds), odd positions the *eval* half;
+- zsRE template siblings: an edit's question with its subject replaced by the subjects of
+  other facts whose phrasings share the template ("In which state is {} located?");
+- CounterFact: the record's locality prompt (same relation, another subject) and its prompt
+  with the subject replaced by other records' subjects of the same template.
+
+The study (routing alone, no training; `python -m melo_engine.bench.siblings`): the index
+of N edits' keys is built by the engine's rules (ClusterState.add, the calibrated radius,
+the whitened sentence key), then each edit prompt, held-out phrasing, locality prompt,
+sibling and paraphrase is routed, with the current rule (radius only) and with each
+candidate second stage on the edits within the radius (melo_engine/verify.py). The
+supersede rule is run with the same candidate: an edit supersedes an earlier one only when
+the candidate says they ask the same question.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import ROOT, counterfact_records, load_stream, zsre_records
+from .machine import machine
+
+BANK = ROOT / "assets" / "sibling_bank.json"
+SIBLINGS_PER_EDIT = 3
+
+
+# ---- the yardstick ---------------------------------------------------------------------------
+@dataclass
+class BankEdit:
+    kind: str
+    question: str
+    answer: str
+    paraphrases: list[str]
+    siblings: list[str]
+    half: str            # "fit" (even positions), "eval" (odd) or "holdout" (its `split`)
+
+
+def hard_bank(half: str | None = None) -> list[BankEdit]:
+    """The bank's edits. "holdout": written after the verifier's rules were frozen, so that
+    neither the rules nor the thresholds saw them."""
+    items = json.loads(BANK.read_text())["edits"]
+    out = [BankEdit(it["kind"], it["question"], it["answer"], list(it["paraphrases"]), list(it["siblings"]),
+                    it.get("split") or ("fit" if i % 2 == 0 else "eval")) for i, it in enumerate(items)]
+    return [b for b in out if half is None or b.half == half]
+
+
+def _template(question: str, subject: str) -> str | None:
+    return question.replace(subject, "\x00", 1) if subject and subject in question else None
+
+
+def _pick(others: list[str], k: int, salt: str) -> list[str]:
+    """k of `others`, the same ones on every run (seeded by the question)."""
+    seed = int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16)
+    others = sorted(others)
+    random.Random(seed).shuffle(others)
+    return others[:k]
+
+
+def zsre_templates() -> dict[str, set[str]]:
+    """Template (the question with its subject cut out) -> subjects of the zsRE sample with a
+    phrasing of that template."""
+    out: dict[str, set[str]] = collections.defaultdict(set)
+    for r in zsre_records():
+        for q in (r["src"], r["rephrase"]):
+            t = _template(q, r["subject"])
+            if t is not None:
+                out[t].add(r["subject"])
+    return out
+
+
+def template_siblings(question: str, subject: str, templates: dict[str, set[str]], k: int = SIBLINGS_PER_EDIT,
+                      skip: int = 0, with_subjects: bool = False) -> list:
+    """`question` with its subject replaced by up to k other subjects of its template
+    (`skip` leaves out the first ones of the seeded order: held aside for another use);
+    with_subjects: (question, the subject it now asks about) pairs."""
+    t = _template(question, subject)
+    if t is None:
+        return []
+    others = [s for s in templates.get(t, ()) if s != subject and subject not in s and s not in subject]
+    picked = _pick(others, skip + k, question)[skip:]
+    return [(t.replace("\x00", s), s) if with_subjects else t.replace("\x00", s) for s in picked]
+
+
+def counterfact_templates() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = collections.defaultdict(set)
+    for r in counterfact_records():
+        t = _template(r["prompt"], r["subject"])
+        if t is not None:
+            out[t].add(r["subject"])
+    return out
+
+
+# ---- routing with a second stage ----------------------------------------------------------------
+def _state_class():
+    from melo_engine.index import ClusterState
+
+    class VerifiedState(ClusterState):
+        """ClusterState whose supersede rule asks the verifier first: an earlier edit with
+        another answer within the init radius is superseded only when the verifier says the
+        two ask the same question (ClusterState._add_superseding, plus that one test)."""
+
+        def __init__(self, same, words_of):
+            super().__init__()
+            self.same = same            # (new Words, old Words) -> (bool, reason); None: always
+            self.words_of = words_of    # edit id -> Words of its question
+            self.kept_apart: list[tuple[str, str, str]] = []
+
+        def _add_superseding(self, edit_id, key, block, label, init_radius):
+            near_ids, _ = self.keys.within(key, init_radius)
+            same_question = []
+            for e in near_ids:
+                if self.points[e].label == label:
+                    continue
+                if self.same is None:
+                    same_question.append(e)
+                    continue
+                ok, why = self.same(self.words_of[edit_id], self.words_of[e])
+                if ok:
+                    same_question.append(e)
+                else:
+                    self.kept_apart.append((edit_id, e, why))
+            for e in same_question:
+                p = self.points[e]
+                self._drop_point(e, init_radius)
+                self._put_dormant(dataclasses.replace(p, superseded_by=edit_id))
+            placed = self._place(edit_id, key, block, label, init_radius)
+            if same_question:
+                placed.action, placed.superseded = "superseded", same_question
+            return placed
+
+    return VerifiedState
+
+
+def route(state, key: torch.Tensor, words, words_of: dict, same, k: int = 8) -> tuple[str | None, list]:
+    """The edit that fires for a query: among the clusters whose radius covers its key, the
+    nearest member that the verifier accepts (at most k tried); None when none. Also the
+    rejected ones with their reasons."""
+    covering, _, _, _ = state.centers.query(key)
+    if not covering:
+        return None, []
+    members = [m for cid in covering for m in state.clusters[cid].members]
+    d = (state.keys.exact[state.keys.rows_of(members)] - key).norm(dim=-1)
+    rejected = []
+    for i in d.argsort()[:k].tolist():
+        e = members[i]
+        if same is None:
+            return e, rejected
+        ok, why = same(words, words_of[e])
+        if ok:
+            return e, rejected
+        rejected.append((e, why))
+    return None, rejected
+
+
+# ---- the study -------------------------------------------------------------------------------
+class Study:
+    """The sentence key exactly as the engine makes it by default (all-MiniLM-L6-v2, mean,
+    whitened on the first half of the zsRE facts, shrink 0.1) and its calibrated radius,
+    built from the engine's own functions without loading the language model."""
+
+    def __init__(self):
+        from melo_engine.calibrate import (calibration_questions, farthest_same_subject, nearest_other_subject,
+                                           whitening_pairs, SPREAD_QUANTILE, OTHER_QUANTILE)
+        from melo_engine.keys import SentenceEncoder, Whitening, WHITENING_SHRINK
+        from melo_engine.verify import SameQuestion
+
+        self.encoder = SentenceEncoder.load()
+        self.verifier = SameQuestion(self.encoder)
+        a, b = whitening_pairs()
+        self.whitening = Whitening.fit(self.encoder.encode(a), self.encoder.encode(b), WHITENING_SHRINK)
+        qs, subjects = calibration_questions()
+        keys = self.whitening.apply(self.encoder.encode(qs))
+        self.radius = 0.5 * (float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
+                             + float(torch.quantile(nearest_other_subject(keys, subjects), OTHER_QUANTILE)))
+        self._cache: dict[str, tuple[torch.Tensor, object]] = {}
+
+    def encode(self, texts: list[str]):
+        """Whitened keys and verifier Words, one encoder pass per new text (cached)."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if new:
+            keys, words = self.verifier.encode(new)
+            for t, k, w in zip(new, self.whitening.apply(keys), words):
+                self._cache[t] = (k, w)
+        return (torch.stack([self._cache[t][0] for t in texts]) if texts else torch.zeros(0),
+                [self._cache[t][1] for t in texts])
+
+    def build(self, prompts: list[str], targets: list[str], same, radii: list[float] | None = None):
+        """The index of these edits (ids e0, e1, ...) by the engine's rules, the supersede
+        rule asking `same`; optional per-edit radii (candidate iv) cap each cluster's."""
+        keys, words = self.encode(prompts)
+        words_of = {f"e{i}": w for i, w in enumerate(words)}
+        state = _state_class()(same, words_of)
+        actions = collections.Counter()
+        for i, (t, k) in enumerate(zip(targets, keys)):
+            actions[state.add(f"e{i}", k, i, t, self.radius, "supersede").action] += 1
+        if radii is not None:
+            for c in list(state.clusters.values()):
+                cap = min(radii[int(m[1:])] for m in c.members)
+                if cap < c.radius:
+                    c = state._changing(c.id)
+                    c.radius = cap
+                    state._put_cluster(c)
+        return state, words_of, actions
+
+    def routes(self, state, words_of, texts: list[str], same) -> list[str | None]:
+        keys, words = self.encode(texts)
+        return [route(state, k, w, words_of, same)[0] for k, w in zip(keys, words)]
+
+
+def _share(xs) -> float | None:
+    xs = list(xs)
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def zsre_part(study: Study, n: int, candidates: dict, held_radius: bool) -> dict:
+    """zsRE paper protocol, N edits: edit prompts, held-out phrasings, NQ locality,
+    template siblings of every edit, false supersedes."""
+    from melo_engine.calibrate import _facts
+
+    stream = load_stream("zsre", n, "paper")
+    templates = zsre_templates()
+    fit_facts = set(list(_facts())[: len(_facts()) // 2])
+    sibs, sib_src, sib_edit, sib_subject = [], [], [], []
+    for i, p in enumerate(stream.edits):
+        for s, other in template_siblings(p.prompt, p.fact, templates, with_subjects=True):
+            sibs.append(s)
+            sib_src.append(p.fact)
+            sib_edit.append(i)
+            sib_subject.append(other)    # a sibling that reaches an edit of *this* subject is right
+    radii = None
+    if held_radius:
+        aside = [template_siblings(p.prompt, p.fact, templates, k=1, skip=SIBLINGS_PER_EDIT) for p in stream.edits]
+        radii = _held_radii(study, [p.prompt for p in stream.edits], aside)
+    fact_of = [p.fact for p in stream.edits]
+    out = {"n": len(stream.edits), "siblings": len(sibs), "edits_with_siblings": len(set(sib_edit)),
+           "held_aside_for_edit_radius": sum(r < study.radius for r in radii) if radii else None}
+    for name, same in candidates.items():
+        if name == "edit-radius" and not held_radius:
+            continue
+        state, words_of, actions = study.build([p.prompt for p in stream.edits], [p.target for p in stream.edits],
+                                               same, radii if name == "edit-radius" else None)
+        same_r = None if name == "edit-radius" else same
+        own = study.routes(state, words_of, [p.prompt for p in stream.edits], same_r)
+        gen = study.routes(state, words_of, [g.prompt for g in stream.generality], same_r)
+        loc = study.routes(state, words_of, stream.locality, same_r)
+        sib = study.routes(state, words_of, sibs, same_r)
+        fact = lambda e: None if e is None else fact_of[int(e[1:])]   # noqa: E731
+        false_sup = [(e, p.superseded_by) for e, p in state.dormant.items()
+                     if fact(e) != fact(p.superseded_by)]
+        out[name] = {
+            "placements": dict(actions), "superseded": len(state.dormant), "false_supersedes": len(false_sup),
+            "false_supersede_pairs": [[stream.edits[int(a[1:])].prompt, stream.edits[int(b[1:])].prompt]
+                                      for a, b in false_sup],
+            "own_block": _share(e == f"e{i}" for i, e in enumerate(own)),
+            "generality": _share(fact(e) == g.fact for e, g in zip(gen, stream.generality)),
+            "locality_fired": _share(e is not None for e in loc),
+            "sibling_fire": _share(fact(e) == src for e, src in zip(sib, sib_src)),
+            "sibling_fire_fit_facts": _share(fact(e) == src for e, src in zip(sib, sib_src) if src in fit_facts),
+            "sibling_fire_other_facts": _share(fact(e) == src for e, src in zip(sib, sib_src) if src not in fit_facts),
+            "sibling_wrong_block": _share(e is not None and fact(e) != subj for e, subj in zip(sib, sib_subject)),
+            "sibling_examples": [[q, stream.edits[int(e[1:])].prompt] for q, e, src in zip(sibs, sib, sib_src)
+                                 if fact(e) == src][:8],
+        }
+    return out
+
+
+def counterfact_part(study: Study, candidates: dict, held_radius: bool) -> dict:
+    recs = counterfact_records()
+    templates = counterfact_templates()
+    prompts, targets = [r["prompt"] for r in recs], [r["target_new"] for r in recs]
+    sibs, sib_edit = [], []
+    for i, r in enumerate(recs):
+        for s in template_siblings(r["prompt"], r["subject"], templates):
+            sibs.append(s)
+            sib_edit.append(i)
+    radii = None
+    if held_radius:
+        aside = [template_siblings(r["prompt"], r["subject"], templates, k=1, skip=SIBLINGS_PER_EDIT) for r in recs]
+        radii = _held_radii(study, prompts, aside)
+    subj = [r["subject"] for r in recs]
+    out = {"n": len(recs), "template_siblings": len(sibs), "edits_with_template_siblings": len(set(sib_edit))}
+    for name, same in candidates.items():
+        if name == "edit-radius" and not held_radius:
+            continue
+        state, words_of, actions = study.build(prompts, targets, same, radii if name == "edit-radius" else None)
+        same_r = None if name == "edit-radius" else same
+        idx = lambda e: None if e is None else int(e[1:])   # noqa: E731
+        own = study.routes(state, words_of, prompts, same_r)
+        gen = study.routes(state, words_of, [r["rephrase_prompt"] for r in recs], same_r)
+        loc = study.routes(state, words_of, [r["locality_prompt"] for r in recs], same_r)
+        sib = study.routes(state, words_of, sibs, same_r)
+        out[name] = {
+            "placements": dict(actions), "superseded": len(state.dormant),
+            "own_block": _share(e == f"e{i}" for i, e in enumerate(own)),
+            "generality": _share(idx(e) is not None and subj[idx(e)] == subj[i] for i, e in enumerate(gen)),
+            "locality_fired": _share(e is not None for e in loc),
+            "locality_fires_its_edit": _share(e == f"e{i}" for i, e in enumerate(loc)),
+            "sibling_fire": _share(e == f"e{i}" for e, i in zip(sib, sib_edit)),
+            "sibling_fire_with_locality": _share([e == f"e{i}" for e, i in zip(sib, sib_edit)]
+                                                 + [e == f"e{i}" for i, e in enumerate(loc)]),
+        }
+    return out
+
+
+def bank_part(study: Study, candidates: dict, held_radius: bool) -> dict:
+    bank = hard_bank()
+    prompts, targets = [b.question for b in bank], [b.answer for b in bank]
+    radii = _held_radii(study, prompts, [b.siblings[:1] for b in bank]) if held_radius else None
+    out = {"edits": len(bank), "paraphrases": sum(len(b.paraphrases) for b in bank),
+           "siblings": sum(len(b.siblings) for b in bank)}
+    for name, same in candidates.items():
+        if name == "edit-radius" and not held_radius:
+            continue
+        state, words_of, actions = study.build(prompts, targets, same, radii if name == "edit-radius" else None)
+        same_r = None if name == "edit-radius" else same
+        res = {"placements": dict(actions), "superseded": len(state.dormant)}
+        for half in ("fit", "eval", "holdout", None):
+            items = [(i, b) for i, b in enumerate(bank) if half is None or b.half == half]
+            para = [(i, q) for i, b in items for q in b.paraphrases]
+            # candidate iv sets each edit's radius from its first sibling: measured on the others
+            sib = [(i, q) for i, b in items for q in (b.siblings[1:] if name == "edit-radius" else b.siblings)]
+            pr = study.routes(state, words_of, [q for _, q in para], same_r)
+            sr = study.routes(state, words_of, [q for _, q in sib], same_r)
+            key = half or "all"
+            res[key] = {"paraphrase_carry": _share(e == f"e{i}" for e, (i, _) in zip(pr, para)),
+                        "sibling_fire": _share(e == f"e{i}" for e, (i, _) in zip(sr, sib)),
+                        "paraphrases": len(para), "siblings": len(sib),
+                        "siblings_fired": [q for e, (i, q) in zip(sr, sib) if e == f"e{i}"],
+                        "paraphrases_lost": [q for e, (i, q) in zip(pr, para) if e != f"e{i}"]}
+        out[name] = res
+    return out
+
+
+EDIT_RADIUS_FACTOR = 0.95
+
+
+def _held_radii(study: Study, prompts: list[str], aside: list[list[str]]) -> list[float]:
+    """Candidate iv: each edit's radius stops short of its nearest held-aside sibling
+    (EDIT_RADIUS_FACTOR of that distance), never above the calibrated radius."""
+    keys, _ = study.encode(prompts)
+    out = []
+    for k, sibs in zip(keys, aside):
+        if not sibs:
+            out.append(study.radius)
+            continue
+        sk, _ = study.encode(sibs)
+        out.append(min(study.radius, EDIT_RADIUS_FACTOR * float((sk - k).norm(dim=-1).min())))
+    return out
+
+
+# ---- fitting the thresholds on data the evaluation does not use --------------------------------
+def fit_pairs(study: Study) -> dict:
+    """Pairs within the radius from the *first* half of the zsRE facts (the whitening half;
+    paraphrase pairs: every two phrasings of one fact; sibling pairs: each phrasing and its
+    template siblings) and the fit half of the hard bank. Per pair, what the thresholds act
+    on: the lexical verdict and the worst cosine of the edit's unmatched nouns and other
+    words."""
+    from melo_engine.calibrate import _facts
+
+    facts = list(_facts().items())[: len(_facts()) // 2]
+    templates = zsre_templates()
+    groups = {"zsre": ([], []), "bank": ([], [])}
+    for subject, phrasings in facts:
+        for a in phrasings:
+            for b in phrasings:
+                if a != b:
+                    groups["zsre"][0].append((b, a))
+            for s in template_siblings(a, subject, templates):
+                groups["zsre"][1].append((s, a))
+    for b in hard_bank("fit"):
+        groups["bank"][0].extend([(q, b.question) for q in b.paraphrases])
+        groups["bank"][1].extend([(q, b.question) for q in b.siblings])
+    from melo_engine.verify import SameQuestion
+
+    lex = SameQuestion(study.encoder, lexical=True, aligned=False)
+    out = {}
+    for g, (pos, neg) in groups.items():
+        rows = {}
+        for label, pairs in (("paraphrase", pos), ("sibling", neg)):
+            qk, qw = study.encode([q for q, _ in pairs])
+            ek, ew = study.encode([e for _, e in pairs])
+            inside = ((qk - ek).norm(dim=-1) <= study.radius).tolist()
+            feats = []
+            for a, b, ins in zip(qw, ew, inside):
+                if not ins:
+                    continue
+                noun, other = _worst_by_kind(study.verifier, a, b)
+                feats.append((lex.check(a, b)[0], noun, other))
+            rows[label] = feats
+            rows[label + "_pairs"] = len(pairs)
+        out[g] = rows
+    return out
+
+
+def _worst_by_kind(v, q, e) -> tuple[float, float]:
+    """The worst best-match cosine among the edit's unmatched nouns that need `align_noun`
+    (the edit has no name), and among its other unmatched content words (1.0 when none)."""
+    from melo_engine.verify import _stem
+
+    noun, other = 1.0, 1.0
+    need = [i for i, w in enumerate(e.content) if _stem(w) not in q.stems]
+    if not need:
+        return noun, other
+    best = (e.vectors[need] @ q.others.T).max(1).values if len(q.others) else torch.full((len(need),), -1.0)
+    for b, i in zip(best.tolist(), need):
+        if e.nounish[i] and not e.runs:
+            noun = min(noun, b)
+        else:
+            other = min(other, b)
+    return noun, other
+
+
+GRID_ALIGN = [round(0.05 * i, 2) for i in range(13)]               # 0 .. 0.60
+GRID_NOUN = [round(0.05 * i, 2) for i in range(20)]                # 0 .. 0.95
+
+
+def fit_thresholds(feats: dict, with_lexical: bool = True, keep_zsre: float = 0.98, min_bank: float = 0.9) -> dict:
+    """The pair (align, align_noun) that rejects the most sibling pairs of the fit data while
+    the alignment keeps at least `keep_zsre` of the zsRE paraphrase pairs that pass without
+    it (the lexical part alone, or everything) and at least `min_bank` of the bank's fit
+    paraphrases; among equals, the most lenient. (0.99 leaves the alignment no room at all:
+    any positive bar for non-nouns costs zsRE rewordings more than 1 %. Pairs understate
+    routing generality: a held-out phrasing needs only one of its fact's edits to accept.)"""
+    def acc(rows, a, n):
+        return _share((lex or not with_lexical) and no >= n and ot >= a for lex, no, ot in rows) or 0.0
+
+    base_z = acc(feats["zsre"]["paraphrase"], -2.0, -2.0)
+    sib = feats["zsre"]["sibling"] + feats["bank"]["sibling"]
+    best = None
+    for a in GRID_ALIGN:
+        for n in GRID_NOUN:
+            pz, pb = acc(feats["zsre"]["paraphrase"], a, n), acc(feats["bank"]["paraphrase"], a, n)
+            if pz < keep_zsre * base_z or pb < min_bank:
+                continue
+            rej = 1 - acc(sib, a, n)
+            score = (round(rej, 4), -a, -n)
+            if best is None or score > best[0]:
+                best = (score, {"align": a, "align_noun": n, "fit_sibling_reject": round(rej, 4),
+                                "fit_zsre_paraphrase_accept": pz, "fit_zsre_paraphrase_accept_without_alignment": base_z,
+                                "fit_bank_paraphrase_accept": pb,
+                                "rule": f"most sibling pairs rejected while keeping {keep_zsre} of the zsRE "
+                                        f"paraphrase pairs that pass without the alignment and {min_bank} of the "
+                                        f"bank's fit paraphrases"})
+    return best[1] if best else {"align": min(GRID_ALIGN), "align_noun": min(GRID_NOUN), "note": "no pair met the bars"}
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def timing(study: Study, candidates: int = 5, repeats: int = 200) -> dict:
+    """Extra cost per query on one core: the query's Words from the key's own encoder pass
+    (the tokenizer's offsets and the word vectors) and checks against `candidates` cached
+    edit Words; also one whole encoder pass for comparison."""
+    torch.set_num_threads(1)
+    v = study.verifier
+    bank = hard_bank()
+    edits = v.features([b.question for b in bank[:candidates]])
+    queries = [q for b in bank for q in b.paraphrases + b.siblings][:repeats]
+    enc = study.encoder
+    extra, full = [], []
+    for q in queries:
+        t = enc.tokenizer([q], return_tensors="pt", truncation=True, max_length=128)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            h = enc.model(**t).last_hidden_state[0]
+        t1 = time.perf_counter()
+        w = v.features_from_states(q, h)
+        for e in edits:
+            v.check(w, e)
+        t2 = time.perf_counter()
+        full.append(1000 * (t1 - t0))
+        extra.append(1000 * (t2 - t1))
+    return {"candidates_checked": candidates, "queries": len(queries),
+            "verify_extra_ms_median": round(statistics.median(extra), 3),
+            "verify_extra_ms_p90": round(sorted(extra)[int(0.9 * len(extra))], 3),
+            "encoder_pass_ms_median": round(statistics.median(full), 3)}
+
+
+# ---- the command -----------------------------------------------------------------------------
+def candidates_for(study: Study, fitted: dict, fitted_align_only: dict) -> dict:
+    from melo_engine.verify import SameQuestion
+
+    lexical = SameQuestion(study.encoder, lexical=True, aligned=False)
+    align = SameQuestion(study.encoder, fitted_align_only["align"], fitted_align_only["align_noun"],
+                         lexical=False, aligned=True)
+    both = SameQuestion(study.encoder, fitted["align"], fitted["align_noun"])
+    strict = SameQuestion(study.encoder, STRICT[0], STRICT[1])
+    return {"radius": None, "lexical": lexical.check, "align": align.check, "lexical+align": both.check,
+            "lexical+align-strict": strict.check, "edit-radius": None}
+
+
+# Not fitted: the bars that looked right on the whole hard bank while the rules were written
+# (0.2 for any word, 0.8 for a noun of an edit without a name). Shown to make the trade-off
+# visible; its bank figures saw the evaluation half.
+STRICT = (0.2, 0.8)
+
+
+def siblings_study(n: int = 1000) -> dict:
+    torch.set_num_threads(1)
+    t0 = time.time()
+    study = Study()
+    feats = fit_pairs(study)
+    fitted = fit_thresholds(feats, with_lexical=True)
+    fitted_align = fit_thresholds(feats, with_lexical=False)
+    study.verifier.align, study.verifier.align_noun = fitted["align"], fitted["align_noun"]
+    cands = candidates_for(study, fitted, fitted_align)
+    out = {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "key": "sentence-all-MiniLM-L6-v2-mean-whitened",
+        "radius": study.radius,
+        "fit": {"data": "zsRE facts of the first half (the whitening half) and the hard bank's fit half "
+                        "(even positions); pairs within the radius only",
+                "pairs_within_radius": {g: {k: len(v) for k, v in rows.items() if not k.endswith("_pairs")}
+                                        for g, rows in feats.items()},
+                "lexical+align": fitted, "align": fitted_align},
+        "edit_radius_factor": EDIT_RADIUS_FACTOR,
+        "bank": bank_part(study, cands, True),
+        "counterfact": counterfact_part(study, cands, True),
+        "zsre_paper": zsre_part(study, n, cands, True),
+        "timing": timing(study),
+    }
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def table(res: dict) -> str:
+    rows = ["| candidate | sibling fire zsRE (1000) | sibling fire CounterFact (template + locality) | "
+            "sibling fire hard bank: eval half / holdout (all) | paraphrase carry hard bank: eval half / holdout (all) | "
+            "zsRE generality by routing | CounterFact generality | false supersedes zsRE 1000 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in ("radius", "lexical", "align", "lexical+align", "lexical+align-strict", "edit-radius"):
+        z, c, b = res["zsre_paper"].get(name), res["counterfact"].get(name), res["bank"].get(name)
+        if not (z and c and b):
+            continue
+        rows.append(f"| {name} | {z['sibling_fire']:.3f} | {c['sibling_fire_with_locality']:.3f} | "
+                    f"{b['eval']['sibling_fire']:.3f} / {_fmt(b['holdout']['sibling_fire'])} "
+                    f"({b['all']['sibling_fire']:.3f}) | {b['eval']['paraphrase_carry']:.3f} / "
+                    f"{_fmt(b['holdout']['paraphrase_carry'])} ({b['all']['paraphrase_carry']:.3f}) | "
+                    f"{z['generality']:.3f} | {c['generality']:.3f} | {z['false_supersedes']} |")
+    return "\n".join(rows)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m melo_engine.bench.siblings", description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000, help="zsRE paper-protocol edits (default 1000)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    res = siblings_study(args.n)
+    print(table(res))
+    print(json.dumps({"fit": res["fit"], "timing": res["timing"]}, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

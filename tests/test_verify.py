@@ -1,0 +1,94 @@
+"""The verifying stage (melo_engine/verify.py) on the bundled sentence encoder: siblings of
+an edit (another number, another country, another superlative, another object) are told
+apart from it, paraphrases are not, and the reason says which slot differs."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def same():
+    from melo_engine.keys import SentenceEncoder
+    from melo_engine.verify import SameQuestion
+
+    return SameQuestion(SentenceEncoder.load())
+
+
+def test_another_atomic_number_is_rejected_with_a_readable_reason(same):
+    ok, why = same.check("Which element has the atomic number 7?", "Which element has the atomic number 6?")
+    assert not ok
+    assert why == "number differs: 7 / 6"
+
+
+def test_another_country_is_rejected(same):
+    ok, why = same.check("What is the capital of Germany?", "What is the capital of France?")
+    assert not ok
+    assert why == "name differs: germany / france"
+    # near-homonyms are other subjects too
+    assert not same.check("What is the capital of Austria?", "What is the capital of Australia?")[0]
+
+
+def test_another_superlative_ordinal_or_object_is_rejected(same):
+    ok, why = same.check("What is the smallest planet in the Solar System?",
+                         "What is the largest planet in the Solar System?")
+    assert (ok, why) == (False, "superlative differs: smallest / largest")
+    ok, why = same.check("Who was the second person to walk on the Moon?", "Who was the first person to walk on the Moon?")
+    assert (ok, why) == (False, "ordinal differs: second / first")
+    ok, why = same.check("How many sides does a pentagon have?", "How many sides does a hexagon have?")
+    assert not ok and why.startswith("words differ: pentagon / hexagon")
+    assert not same.check("What is the chemical symbol for iron?", "What is the chemical symbol for gold?")[0]
+
+
+def test_paraphrases_are_accepted(same):
+    edit = "Which element has the atomic number 6?"
+    for q in ("What element has atomic number 6?", "Name the chemical element whose atomic number is 6."):
+        assert same.check(q, edit) == (True, "")
+    assert same.check("Which is the Solar System's biggest planet?",
+                      "What is the largest planet in the Solar System?") == (True, "")
+    assert same.check("In 1990, who was the US president?",
+                      "Who was the President of the United States in 1990?") == (True, "")
+    assert same.check("What university did Watts Humphrey take part in?",
+                      "What university did Watts Humphrey attend?") == (True, "")
+
+
+def test_edit_words_are_computed_once_and_reused(same):
+    """An edit's Words are data to keep with the edit; a query's come from the same encoder
+    pass as its key, and checking a handful of candidates is fast."""
+    from melo_engine.verify import Words
+
+    keys, words = same.encode(["Which element has the atomic number 6?", "What is the capital of France?"])
+    assert keys.shape[0] == 2 and isinstance(words[0], Words)
+    assert torch.allclose(keys, same.encoder.encode(["Which element has the atomic number 6?",
+                                                     "What is the capital of France?"]), atol=1e-5)
+    q = "Which element has the atomic number 7?"
+    enc = same.encoder
+    t = enc.tokenizer([q], return_tensors="pt", truncation=True, max_length=128)
+    with torch.no_grad():
+        states = enc.model(**t).last_hidden_state[0]
+    qw = same.features_from_states(q, states)
+    assert same.check(qw, words[0]) == (False, "number differs: 7 / 6")
+    t0 = time.perf_counter()
+    for _ in range(20):
+        w = same.features_from_states(q, states)
+        for e in words * 3:
+            same.check(w, e)
+    assert (time.perf_counter() - t0) / 20 < 0.05     # generous: ~1 ms on a quiet core
+
+
+def test_sibling_yardstick_loaders():
+    """The bank has its halves and enough of the hard kinds; zsRE and CounterFact siblings
+    keep the template and change the subject."""
+    from melo_engine.bench.siblings import counterfact_templates, hard_bank, template_siblings, zsre_templates
+
+    bank = hard_bank()
+    assert len(bank) >= 40 and {b.half for b in bank} == {"fit", "eval", "holdout"}
+    assert all(len(b.siblings) == 3 and 2 <= len(b.paraphrases) <= 3 and b.answer.endswith(".") for b in bank)
+    sibs = template_siblings("In which state is Qaleh Lan located?", "Qaleh Lan", zsre_templates())
+    assert len(sibs) == 3 and all(s.startswith("In which state is ") and "Qaleh Lan" not in s for s in sibs)
+    assert sibs == template_siblings("In which state is Qaleh Lan located?", "Qaleh Lan",
+                                     zsre_templates())     # the same ones on every run
+    cf = template_siblings("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", counterfact_templates())
+    assert cf and all(s.startswith("The mother tongue of ") and "Darrieux" not in s for s in cf)
