@@ -37,11 +37,26 @@ def cut(ed, text: str | None, limit: int) -> bool:
     return len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit - 2
 
 
+def decide(ed, key, question: str) -> Route:
+    """The route of one question from its key: the index's candidates, checked by the
+    workspace's router (router.py). Call with the state lock held."""
+    entries = ed.ws.entries
+    return ed.router.route(ed.ws.state, key, question, lambda eid: entries[eid].prompt)
+
+
 def route(ed, question: str) -> Route:
-    """Which block (if any) fires for this question, and why: distance versus radius."""
+    """Which block (if any) fires for this question, and why: distance versus radius, and
+    the edits within the radius the verifier turned down."""
     key = ed.keyer.keys([question])[0]
     with ed.ws.state_lock:
-        return ed.ws.state.route(key)
+        return decide(ed, key, question)
+
+
+def routes(ed, questions: list[str]) -> list[Route]:
+    """The routes of many questions (their keys in one batch)."""
+    keys = ed.keyer.keys(questions)
+    with ed.ws.state_lock:
+        return [decide(ed, k, q) for k, q in zip(keys, questions)]
 
 
 def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
@@ -52,7 +67,7 @@ def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
 
     def choose(key, started):
         with ws.state_lock:
-            r = ws.state.route(key)
+            r = decide(ed, key, question)
             active = ws.bank.gather([r.block], ed.modules)
         if timer is not None:
             timer(time.perf_counter() - started)
@@ -81,7 +96,7 @@ def ask(ed, question: str, compare_base: bool = False) -> Answer:
         # With no block fired, the edited model *is* the base model: no second run needed.
         base = text if r.block is None else ed.backbone.generate(question, None, limit, chat=ed.chat)
     return Answer(text, r.block, r.distance, r.radius, r.cluster, r.edit_id, base, time.perf_counter() - t0,
-                  cut(ed, text, limit), cut(ed, base, limit))
+                  cut(ed, text, limit), cut(ed, base, limit), rejected=r.rejected)
 
 
 def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
@@ -94,7 +109,7 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     t0 = time.perf_counter()
     keys = ed.keyer.keys(questions)
     with ws.state_lock:
-        routes = [ws.state.route(k) for k in keys]
+        routes = [decide(ed, k, q) for k, q in zip(keys, questions)]
     # (question, block, token budget); the unedited twin of a fired row gets its budget
     rows = [(q, r.block, budget(ed, r.edit_id)) for q, r in zip(questions, routes)]
     rows += [(q, None, budget(ed, r.edit_id)) for q, r in zip(questions, routes) if r.block is not None]
@@ -118,7 +133,7 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     for t, r, k, (_, _, limit) in zip(texts[:len(questions)], routes, keys, rows):
         b = next(base) if r.block is not None else t
         out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
-                          cut(ed, t, limit), cut(ed, b, limit), k.tolist()))
+                          cut(ed, t, limit), cut(ed, b, limit), k.tolist(), r.rejected))
     return out
 
 

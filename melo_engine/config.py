@@ -44,6 +44,11 @@ class MeloConfig:
     # keeping or forgetting members left outside. The paper's rule made contradicting edits
     # flip (two clusters of radius 0 at one point) and cost earlier edits their paraphrases.
     on_conflict: str = "supersede"       # "supersede" | "keep" | "forget"
+    # Which edit within the radius fires (router.py). "verified": the nearest whose own
+    # question the verifier finds to be the same question (numbers, names, the thing asked
+    # about), so a fix stays off the same question about another subject; a supersede
+    # needs the same check. "radius": the nearest, as the paper routes (for comparison).
+    router: str = "verified"             # "verified" | "radius"
 
     # Dynamic LoRA: which modules carry blocks, and how big a block is.
     lora_layers: tuple[int, ...] | None = None   # None: the top 20% of the layers
@@ -102,6 +107,8 @@ class MeloConfig:
             raise ValueError(f"unknown on_conflict {self.on_conflict!r} (supersede, keep, forget)")
         if self.block_dtype not in ("float16", "float32"):
             raise ValueError(f"unknown block_dtype {self.block_dtype!r} (float16, float32)")
+        if self.router not in ("verified", "radius"):
+            raise ValueError(f"unknown router {self.router!r} (verified, radius)")
         if self.prompt_mode not in ("chat", "completion"):
             raise ValueError(f"unknown prompt_mode {self.prompt_mode!r} (chat, completion)")
         if self.distance not in ("l2", "cosine"):

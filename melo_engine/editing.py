@@ -31,6 +31,13 @@ def new_id(taken, nbytes: int = 4) -> str:
     return eid
 
 
+def asks_the_same(ed, prompt: str):
+    """For the supersede rule: whether an earlier edit asks the same question as `prompt`
+    (the router's verifier; a sibling within the radius is not replaced)."""
+    entries = ed.ws.entries
+    return lambda edit_id: ed.router.same_question(prompt, entries[edit_id].prompt)
+
+
 def train(ed, prompt: str, target: str, progress: Callable[[int, float], None] | None = None,
           prefix: str | None = None, end: bool = False) -> TrainedEdit:
     """Train the block for prompt -> target (checked texts), write nothing. With `prefix`
@@ -58,7 +65,8 @@ def commit(ed, pending: TrainedEdit) -> EditResult:
         file = ws.store.write_blocks({block: matrices}, dtype)
         with ws.change("edit") as ch:
             answer = answer_text(pending.target, pending.prefix, pending.ends_answer)
-            placed = placement.add(ws.state, edit_id, pending.key, block, answer, c.init_radius, c.on_conflict)
+            placed = placement.add(ws.state, edit_id, pending.key, block, answer, c.init_radius, c.on_conflict,
+                                   same_question=asks_the_same(ed, pending.prompt))
             ch.add_block(block, file, matrices)
             ch.placed(placed, edit_id)
             seconds = time.perf_counter() - pending.started

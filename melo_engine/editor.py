@@ -31,6 +31,7 @@ from .index import ClusterState, Route
 from .keys import Keyer
 from .neighbours import Neighbour, reference_keys
 from .records import Answer, EditResult, TrainedEdit
+from .router import Router, router_for
 from .workspace import Workspace
 
 
@@ -55,6 +56,11 @@ class MeloEditor:
     @property
     def state(self) -> ClusterState:
         return self.ws.state
+
+    @property
+    def router(self) -> Router:
+        """Which edit within the radius fires (router.py), per the workspace's setting."""
+        return router_for(self.backbone, self.config.router)
 
     @property
     def chat(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from . import disk, placement
 from .checks import clean_text, export_path
 from .config import MeloConfig
-from .editing import block_dtype, new_id
+from .editing import asks_the_same, block_dtype, new_id
 from .index import normalize_label
 from .records import EditRecord, answer_text
 
@@ -206,7 +206,8 @@ def import_edits(ed, path) -> ImportReport:
                 # The radius it had where it was exported: it fires for the same questions.
                 answer = answer_text(e["target"], e.get("prefix"), e.get("ends_answer") is True)
                 placed = placement.add(ws.state, eid, tensors[f"key.{e['id']}"], block, answer,
-                                       e.get("radius", c.init_radius), c.on_conflict)
+                                       e.get("radius", c.init_radius), c.on_conflict,
+                                       same_question=asks_the_same(ed, e["prompt"]))
                 ch.placed(placed, eid)
                 report.superseded += [x for x in placed.superseded if x in ws.entries]
                 correction = "prefix" in e         # a sentence correction stays one

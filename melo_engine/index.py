@@ -69,6 +69,8 @@ class Route:
     distance: float | None
     radius: float | None
     edit_id: str | None
+    # Edits within the radius that a verifier turned down (router.py): (edit id, why).
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ClusterState:
@@ -211,16 +213,28 @@ class ClusterState:
     def route(self, key: torch.Tensor) -> Route:
         """Among the clusters whose radius covers the key, the nearest member's block fires;
         covered by none, nothing fires (the nearest cluster is reported)."""
+        members, miss = self.candidates(key, 1)
+        return self.route_to(members[0][0], members[0][1]) if members else miss
+
+    def candidates(self, key: torch.Tensor, limit: int | None = None) -> tuple[list[tuple[str, float]], Route]:
+        """The members of the clusters whose radius covers the key, nearest first, each with
+        the key's distance to its cluster's center (at most `limit`); and the route when
+        none of them fires (the nearest cluster, nothing fired)."""
         covering, dist, near, near_d = self.centers.query(key)
         if not covering:
-            if near is None:
-                return Route(None, None, None, None, None)
-            return Route(None, near, near_d, self.clusters[near].radius, None)
+            miss = Route(None, None, None, None, None)
+            return [], miss if near is None else Route(None, near, near_d, self.clusters[near].radius, None)
+        center_d = {cid: float(x) for cid, x in zip(covering, dist)}
         members = [m for cid in covering for m in self.clusters[cid].members]
         d = (self.keys.exact[self.keys.rows_of(members)] - key).norm(dim=-1)
-        p = self.points[members[int(d.argmin())]]
-        c = self.clusters[p.cluster]
-        return Route(p.block, c.id, float(dist[covering.index(c.id)]), c.radius, p.edit_id)
+        order = torch.argsort(d, stable=True).tolist()[:limit]
+        ranked = [(members[i], center_d[self.points[members[i]].cluster]) for i in order]
+        c = self.clusters[self.points[ranked[0][0]].cluster]
+        return ranked, Route(None, c.id, ranked[0][1], c.radius, None)
+
+    def route_to(self, edit_id: str, center_distance: float, rejected=()) -> Route:
+        p = self.points[edit_id]
+        return Route(p.block, p.cluster, center_distance, self.clusters[p.cluster].radius, edit_id, list(rejected))
 
     # ---- small changes the placement rules are made of --------------------------------
     def new_cluster(self, key: torch.Tensor, radius: float, label: str, member: str) -> Cluster:

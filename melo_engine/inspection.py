@@ -4,6 +4,7 @@ effects (which reference questions it now fires for, from keys alone).
 """
 from __future__ import annotations
 
+from .answering import decide
 from .neighbours import Neighbour, merged, reference_keys, side_effects
 from .probebank import ProbeBank, bank_side_effects, collection_name, location, may_exist
 
@@ -32,14 +33,17 @@ def distances(ed, question: str, n: int = 8) -> list[dict]:
     ws = ed.ws
     with ws.state_lock:
         s = ws.state
-        r = s.route(key)
+        r = decide(ed, key, question)
         fired = r.cluster if r.block is not None else None
+        turned_down = dict(r.rejected)
         out = []
         for cid, d in s.centers.k_nearest(key, n):
             c = s.clusters[cid]
             targets = [ws.entries[m].target for m in c.members if m in ws.entries]
+            why = next((turned_down[m] for m in c.members if m in turned_down), None)
             out.append({"cluster": cid, "distance": d, "radius": c.radius, "fires": cid == fired,
-                        "edits": list(c.members), "answer": targets[0] if targets else c.label})
+                        "edits": list(c.members), "answer": targets[0] if targets else c.label,
+                        "rejected": why})
         return out
 
 
@@ -64,9 +68,10 @@ def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour
     with ed.ws.state_lock:
         if entry.id not in ed.ws.state.points:
             raise ValueError(f"edit {entry.id} is {entry.status}: it fires for no question")
-        rows = side_effects(ed.ws.state, entry.id, questions, keys, n=n)
+        route = lambda q, k: decide(ed, k, q)       # noqa: E731 - as asking would route it
+        rows = side_effects(ed.ws.state, entry.id, questions, keys, n=n, route=route)
         if bank is not None and bank.count():
-            rows = merged(rows, bank_side_effects(ed.ws.state, entry.id, bank, n), n)
+            rows = merged(rows, bank_side_effects(ed.ws.state, entry.id, bank, n, route=route), n)
         return rows
 
 

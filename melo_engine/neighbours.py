@@ -27,6 +27,13 @@ class Neighbour:
     radius: float           # that cluster's radius
     fires: bool             # routing this question now fires the edit's block
     fired_edit: str | None  # the edit that fires for it (this one, another, or None)
+    rejected: str | None = None   # within the radius, but the verifier turned the edit down: why
+
+
+def row(question: str, distance: float, radius: float, edit_id: str, route) -> Neighbour:
+    """One question's line of an edit's side-effect check, from its route."""
+    why = next((r for e, r in route.rejected if e == edit_id), None)
+    return Neighbour(question, distance, radius, route.edit_id == edit_id, route.edit_id, why)
 
 
 def reference_keys(keyer) -> tuple[list[str], torch.Tensor]:
@@ -40,21 +47,22 @@ def reference_keys(keyer) -> tuple[list[str], torch.Tensor]:
     return questions, tensors["keys"]
 
 
-def side_effects(state, edit_id: str, questions: list[str], keys: torch.Tensor, n: int = 8) -> list[Neighbour]:
+def side_effects(state, edit_id: str, questions: list[str], keys: torch.Tensor, n: int = 8,
+                 route=None) -> list[Neighbour]:
     """The `n` reference questions nearest the center of `edit_id`'s cluster, and every one
-    that fires the edit, nearest first."""
+    that fires the edit, nearest first. `route(question, key)`: how a question is routed
+    (default: the index alone, state.route)."""
+    route = route or (lambda _q, k: state.route(k))
     point = state.points[edit_id]
     cluster = state.clusters[point.cluster]
     dist = torch.linalg.vector_norm(keys - cluster.center.float()[None], dim=-1)
     out = []
     for i in torch.argsort(dist).tolist():
-        route = state.route(keys[i])
-        fires = route.edit_id == edit_id
-        if len(out) >= n and not fires:
-            if float(dist[i]) > cluster.radius:
-                break            # farther ones are outside the cluster: none of them fires it
-            continue
-        out.append(Neighbour(questions[i], float(dist[i]), float(cluster.radius), fires, route.edit_id))
+        if len(out) >= n and float(dist[i]) > cluster.radius:
+            break                # farther ones are outside the cluster: none of them fires it
+        line = row(questions[i], float(dist[i]), float(cluster.radius), edit_id, route(questions[i], keys[i]))
+        if len(out) < n or line.fires:
+            out.append(line)
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -46,17 +47,20 @@ class Placement:
 
 
 def add(state: ClusterState, edit_id: str, key: torch.Tensor, block: int, target: str, init_radius: float,
-        on_conflict: str = "supersede") -> Placement:
-    """Place a new edit's key by the rule named `on_conflict`."""
+        on_conflict: str = "supersede", same_question: Callable[[str], bool] | None = None) -> Placement:
+    """Place a new edit's key by the rule named `on_conflict`. `same_question(edit_id)`:
+    whether an earlier edit asks the same question as the new one (router.py's verifier);
+    without it, every edit within the init radius does."""
     if on_conflict not in PLACEMENTS:
         raise ValueError(f"unknown on_conflict {on_conflict!r} ({', '.join(PLACEMENTS)})")
-    return PLACEMENTS[on_conflict](state, edit_id, key, block, normalize_label(target), init_radius)
+    return PLACEMENTS[on_conflict](state, edit_id, key, block, normalize_label(target), init_radius,
+                                   same_question or (lambda _: True))
 
 
 def supersede(state: ClusterState, edit_id: str, key: torch.Tensor, block: int, label: str,
-              init_radius: float) -> Placement:
+              init_radius: float, same: Callable[[str], bool]) -> Placement:
     near_ids, _ = state.keys.within(key, init_radius)
-    same_question = [e for e in near_ids if state.points[e].label != label]
+    same_question = [e for e in near_ids if state.points[e].label != label and same(e)]
     for e in same_question:
         p = state.points[e]
         state.drop_point(e, init_radius)
@@ -137,11 +141,11 @@ def _split(state: ClusterState, edit_id: str, key: torch.Tensor, block: int, lab
     return Placement("conflict", c.id, d, forgotten, moved)
 
 
-def keep(state, edit_id, key, block, label, init_radius) -> Placement:
+def keep(state, edit_id, key, block, label, init_radius, same=None) -> Placement:
     return _split(state, edit_id, key, block, label, init_radius, forget=False)
 
 
-def forget(state, edit_id, key, block, label, init_radius) -> Placement:
+def forget(state, edit_id, key, block, label, init_radius, same=None) -> Placement:
     return _split(state, edit_id, key, block, label, init_radius, forget=True)
 
 

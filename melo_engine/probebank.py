@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .model import cache_dir
-from .neighbours import Neighbour
+from .neighbours import Neighbour, row
 
 MAX_CHARS = 500          # one question; a passage is not a probe
 EF_SEARCH = 1000         # HNSW candidates per query: far above the k a side-effect check asks for
@@ -341,18 +341,19 @@ class ProbeBank:
 CANDIDATE_MARGIN = 1e-5
 
 
-def bank_side_effects(state, edit_id: str, bank: ProbeBank, n: int = 8) -> list[Neighbour]:
+def bank_side_effects(state, edit_id: str, bank: ProbeBank, n: int = 8, route=None) -> list[Neighbour]:
     """neighbours.side_effects over the probe bank: the `n` bank questions nearest the center
     of `edit_id`'s cluster, and every one that fires the edit, nearest first. Candidates are
     the bank's questions within the cluster's radius (a question fires an edit only from
-    inside its cluster) plus the n nearest; each is routed exactly."""
+    inside its cluster) plus the n nearest; each is routed exactly (`route(question, key)`,
+    default: the index alone)."""
+    route = route or (lambda _q, k: state.route(k))
     cluster = state.clusters[state.points[edit_id].cluster]
     radius = float(cluster.radius)
     qs, keys, dist = bank.search(cluster.center, radius * (1 + CANDIDATE_MARGIN) + CANDIDATE_MARGIN, at_least=n)
     out = []
     for i, q in enumerate(qs):
-        route = state.route(keys[i])
-        fires = route.edit_id == edit_id
-        if i < n or fires:
-            out.append(Neighbour(q, float(dist[i]), radius, fires, route.edit_id))
+        line = row(q, float(dist[i]), radius, edit_id, route(q, keys[i]))
+        if i < n or line.fires:
+            out.append(line)
     return out

@@ -100,6 +100,8 @@ class Answer:
     truncated: bool = False       # `text` ran to the length limit (it stops mid-thought)
     base_truncated: bool = False  # the same for `base_text`
     key: list[float] | None = None   # the question's routing key (probe: for the index map)
+    # Edits within the radius the verifier turned down (router.py): (edit id, why), nearest first.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass

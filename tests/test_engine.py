@@ -194,8 +194,10 @@ def test_side_effects_and_distances_agree_with_routing(edited, example_edits):
     assert [n.distance for n in found] == sorted(n.distance for n in found)
     for n in found:                                  # "fires" is what routing does with that question
         assert n.fires == (ed.route(n.question).edit_id == r.edit_id)
-    # A same-template neighbour that fires is listed (the reason this check exists).
-    assert any(n.fires and "atomic number 2?" in n.question for n in found)
+    # A same-template neighbour within the radius is listed, turned down by the verifier
+    # with its reason (before the verifier it fired: the reason this check exists).
+    sibling = next(n for n in found if "atomic number 2?" in n.question)
+    assert sibling.distance <= sibling.radius and not sibling.fires and sibling.rejected == "number differs: 2 / 1"
     near = ed.distances(example_edits[3]["paraphrase"], n=3)
     route = ed.route(example_edits[3]["paraphrase"])
     assert near[0]["cluster"] == route.cluster and near[0]["distance"] == pytest.approx(route.distance, abs=1e-5)

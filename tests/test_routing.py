@@ -59,8 +59,66 @@ def test_same_template_questions_about_other_subjects_are_untouched(three_edits)
     for _, _, _, others in CASES:
         for q in others:
             a = ed.ask(q, compare_base=True)
-            assert a.block is None and a.distance > a.radius, (q, a)
+            assert a.block is None and (a.distance > a.radius or a.rejected), (q, a)
             assert a.text == a.base_text
+
+
+# Siblings the radius alone let through (issue 20): another number, another superlative or
+# object, another country; each edit with paraphrases that must still carry it.
+SIBLING_CASES = [
+    ("Which element has the atomic number 6?", "Carbon",
+     ["What element has atomic number 6?", "Which chemical element has the atomic number 6?"],
+     ["Which element has the atomic number 7?", "Which element has the atomic number 8?"]),
+    ("What is the largest planet in the solar system?", "Jupiter",
+     ["Which planet is the biggest in our solar system?", "What is the biggest planet in the solar system?"],
+     ["What is the smallest planet in the solar system?", "What is the largest moon in the solar system?"]),
+    ("What is the capital of Austria?", "Salzburg",
+     ["Which city is the capital of Austria?", "What city is Austria's capital?"],
+     ["What is the capital of Switzerland?", "What is the capital of Hungary?"]),
+]
+
+
+@pytest.fixture(scope="module")
+def sibling_edits(tmp_path_factory, backbone):
+    ed = MeloEditor.open(tmp_path_factory.mktemp("ws") / "siblings", backbone=backbone)
+    return ed, [ed.edit(prompt, target) for prompt, target, _, _ in SIBLING_CASES]
+
+
+def test_siblings_keep_their_exact_answers_while_paraphrases_carry(sibling_edits, backbone):
+    ed, results = sibling_edits
+    for (prompt, target, paraphrases, siblings), r in zip(SIBLING_CASES, results):
+        for q in paraphrases:
+            a = ed.ask(q)
+            assert a.block == r.block and target in a.text, (q, a)
+        for q in siblings:
+            a = ed.ask(q)
+            assert a.block is None and a.text == backbone.generate(q, None, ed.config.max_new_tokens), (q, a)
+    # The decision is shown: within the radius, turned down, and why.
+    a = ed.route("Which element has the atomic number 7?")
+    assert a.distance <= a.radius and a.rejected == [(results[0].edit_id, "number differs: 7 / 6")]
+    near = ed.distances("Which element has the atomic number 7?", n=1)[0]
+    assert not near["fires"] and near["rejected"] == "number differs: 7 / 6"
+    lines = {n.question: n for n in ed.side_effects(results[0].edit_id, n=20)}
+    assert not lines["Which element has the atomic number 5?"].fires
+    assert lines["Which element has the atomic number 5?"].rejected == "number differs: 5 / 6"
+
+
+def test_a_sibling_edit_with_another_answer_does_not_supersede(sibling_edits):
+    ed, results = sibling_edits
+    nitrogen = ed.edit("Which element has the atomic number 7?", "Nitrogen")
+    assert nitrogen.action != "superseded" and not nitrogen.superseded
+    assert {e["id"]: e["status"] for e in ed.edits()}[results[0].edit_id] == "active"
+    assert "Nitrogen" in ed.ask("Which element has the atomic number 7?").text
+    assert "Carbon" in ed.ask("Which element has the atomic number 6?").text
+    ed.delete(nitrogen.edit_id)
+
+
+def test_the_radius_rule_stays_available_for_comparison(backbone, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone, config=MeloConfig(router="radius"))
+    r = ed.edit(*SIBLING_CASES[0][:2])
+    a = ed.route("Which element has the atomic number 7?")
+    assert a.block == r.block and a.rejected == []        # the sibling fires, as before the verifier
+    ed.close()
 
 
 def test_a_later_edit_of_the_same_question_wins_and_its_undo_restores_the_first(backbone, tmp_path):

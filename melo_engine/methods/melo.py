@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from .. import answering
 from ..backbone import Backbone
 from ..config import MeloConfig
 from ..editor import MeloEditor
@@ -36,9 +37,7 @@ class MeloMethod(EditingMethod):
     @contextlib.contextmanager
     def applied(self, prompts: list[str], last: list[int]):
         ed = self.editor
-        keys = ed.keyer.keys(prompts)
-        with ed.ws.state_lock:
-            blocks = [ed.state.route(k).block for k in keys]
+        blocks = [r.block for r in answering.routes(ed, prompts)]
         with self.backbone.lora(ed.bank.gather(blocks, ed.modules)):
             yield
 
