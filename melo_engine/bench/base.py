@@ -44,7 +44,15 @@ def melo_settings(args: argparse.Namespace) -> dict:
         settings["block_dtype"] = args.block_dtype
     if getattr(args, "radius", None) is not None:
         settings["init_radius"] = args.radius
+    if getattr(args, "router", None):
+        settings["router"] = args.router
     return settings
+
+
+def add_router(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", choices=["verified", "radius"], default=None,
+                   help="MELO's router: the verifier decides among the edits within the radius (default), "
+                        "or the nearest fires (the paper's rule, router.py)")
 
 
 def json_checkpoint(args: argparse.Namespace) -> Callable[[dict], None]:

@@ -20,6 +20,8 @@ locality on `locality_prompt` (another subject, same relation: the hard case).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -27,8 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DATA = ROOT / "assets" / "data"
-PROTOCOLS = {"zsre": ("paper", "counterfactual"), "counterfact": ("counterfact",)}
+PROTOCOLS = {"zsre": ("paper", "counterfactual"), "counterfact": ("counterfact",), "hard": ("hard",)}
 SEED = 0
+BANK = ROOT / "assets" / "sibling_bank.json"
+SIBLINGS_PER_EDIT = 3
 
 
 @dataclass
@@ -49,6 +53,9 @@ class Stream:
     generality: list[Probe]            # held-out phrasings of edited facts, with their targets
     locality: list[str]                # prompts whose answer must not change
     notes: dict = field(default_factory=dict)
+    # The same question about another subject, number, ... (fact: the edited fact it is a
+    # sibling of): it must not fire that edit, and its answer must not change.
+    siblings: list[Probe] = field(default_factory=list)
 
 
 def zsre_records() -> list[dict]:
@@ -57,6 +64,73 @@ def zsre_records() -> list[dict]:
 
 def counterfact_records() -> list[dict]:
     return json.loads((DATA / "counterfact_head.json").read_text())
+
+
+# ---- siblings: the same template about another subject ---------------------------------------
+@dataclass
+class BankEdit:
+    kind: str
+    question: str
+    answer: str
+    paraphrases: list[str]
+    siblings: list[str]
+    half: str            # "fit" (even positions), "eval" (odd) or "holdout" (its `split`)
+
+
+def hard_bank(half: str | None = None) -> list[BankEdit]:
+    """The bank's edits. "holdout": written after the verifier's rules were frozen, so that
+    neither the rules nor the thresholds saw them."""
+    items = json.loads(BANK.read_text())["edits"]
+    out = [BankEdit(it["kind"], it["question"], it["answer"], list(it["paraphrases"]), list(it["siblings"]),
+                    it.get("split") or ("fit" if i % 2 == 0 else "eval")) for i, it in enumerate(items)]
+    return [b for b in out if half is None or b.half == half]
+
+
+def _template(question: str, subject: str) -> str | None:
+    return question.replace(subject, "\x00", 1) if subject and subject in question else None
+
+
+def _pick(others: list[str], k: int, salt: str) -> list[str]:
+    """k of `others`, the same ones on every run (seeded by the question)."""
+    seed = int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16)
+    others = sorted(others)
+    random.Random(seed).shuffle(others)
+    return others[:k]
+
+
+def zsre_templates() -> dict[str, set[str]]:
+    """Template (the question with its subject cut out) -> subjects of the zsRE sample with a
+    phrasing of that template."""
+    out: dict[str, set[str]] = collections.defaultdict(set)
+    for r in zsre_records():
+        for q in (r["src"], r["rephrase"]):
+            t = _template(q, r["subject"])
+            if t is not None:
+                out[t].add(r["subject"])
+    return out
+
+
+def template_siblings(question: str, subject: str, templates: dict[str, set[str]], k: int = SIBLINGS_PER_EDIT,
+                      skip: int = 0, with_subjects: bool = False) -> list:
+    """`question` with its subject replaced by up to k other subjects of its template
+    (`skip` leaves out the first ones of the seeded order: held aside for another use);
+    with_subjects: (question, the subject it now asks about) pairs."""
+    t = _template(question, subject)
+    if t is None:
+        return []
+    others = [s for s in templates.get(t, ()) if s != subject and subject not in s and s not in subject]
+    picked = _pick(others, skip + k, question)[skip:]
+    return [(t.replace("\x00", s), s) if with_subjects else t.replace("\x00", s) for s in picked]
+
+
+def counterfact_templates() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = collections.defaultdict(set)
+    for r in counterfact_records():
+        t = _template(r["prompt"], r["subject"])
+        if t is not None:
+            out[t].add(r["subject"])
+    return out
+
 
 
 def zsre_phrasings() -> list[Probe]:
@@ -80,8 +154,10 @@ def zsre_paper(n: int, seed: int = SEED) -> Stream:
     edited = {p.fact for p in edits}
     held = [p for p in pool[half:] if p.fact in edited]
     loc_of = {r["subject"]: r["loc"] for r in zsre_records()}
+    templates = zsre_templates()
     return Stream("zsre", "paper", "answers[0]", edits, held, [loc_of[p.fact] for p in edits],
-                  {"phrasings": len(pool), "edit_half": half, "facts_edited": len(edited), "seed": seed})
+                  {"phrasings": len(pool), "edit_half": half, "facts_edited": len(edited), "seed": seed},
+                  _siblings(edits, templates))
 
 
 def zsre_counterfactual(n: int) -> Stream:
@@ -93,15 +169,40 @@ def zsre_counterfactual(n: int) -> Stream:
         edits.append(Probe(r["src"], r["alt"], r["subject"]))
         gen.append(Probe(r["rephrase"], r["alt"], r["subject"]))
         loc.append(r["loc"])
-    return Stream("zsre", "counterfactual", "alt", edits[:n], gen[:n], loc[:n], {"facts_available": len(edits)})
+    return Stream("zsre", "counterfactual", "alt", edits[:n], gen[:n], loc[:n], {"facts_available": len(edits)},
+                  _siblings(edits[:n], zsre_templates()))
 
 
 def counterfact(n: int) -> Stream:
     recs = counterfact_records()[:n]
-    return Stream("counterfact", "counterfact", "target_new",
-                  [Probe(r["prompt"], r["target_new"], r["subject"]) for r in recs],
+    edits = [Probe(r["prompt"], r["target_new"], r["subject"]) for r in recs]
+    return Stream("counterfact", "counterfact", "target_new", edits,
                   [Probe(r["rephrase_prompt"], r["target_new"], r["subject"]) for r in recs],
-                  [r["locality_prompt"] for r in recs])
+                  [r["locality_prompt"] for r in recs], {}, _siblings(edits, counterfact_templates()))
+
+
+def hard(n: int) -> Stream:
+    """The project's hard bank: each edit's paraphrases are its generality, its siblings
+    (another number, ordinal, superlative, unit, event, work) the siblings; unrelated
+    everyday questions the locality."""
+    bank = hard_bank()[:n]
+    edits = [Probe(b.question, b.answer, b.question) for b in bank]
+    unrelated = json.loads((ROOT / "assets" / "unrelated_questions.json").read_text())
+    return Stream("hard", "hard", "answer", edits,
+                  [Probe(q, b.answer, b.question) for b in bank for q in b.paraphrases], unrelated,
+                  {"kinds": dict(collections.Counter(b.kind for b in bank))},
+                  [Probe(q, "", b.question) for b in bank for q in b.siblings])
+
+
+def _siblings(edits: list[Probe], templates: dict[str, set[str]]) -> list[Probe]:
+    """Template siblings of each edited fact's first edited phrasing (subjects of other facts)."""
+    out, seen = [], set()
+    for p in edits:
+        if p.fact in seen:
+            continue
+        seen.add(p.fact)
+        out += [Probe(q, "", p.fact) for q in template_siblings(p.prompt, p.fact, templates)]
+    return out
 
 
 def load_stream(dataset: str, n: int, protocol: str | None = None) -> Stream:
@@ -113,4 +214,6 @@ def load_stream(dataset: str, n: int, protocol: str | None = None) -> Stream:
         raise ValueError(f"{dataset} has no protocol {protocol!r} ({', '.join(PROTOCOLS[dataset])})")
     if dataset == "counterfact":
         return counterfact(n)
+    if dataset == "hard":
+        return hard(n)
     return zsre_paper(n) if protocol == "paper" else zsre_counterfactual(n)

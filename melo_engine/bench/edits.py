@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .base import Benchmark, default_methods, json_checkpoint, key_source_choices, melo_settings, method_names
+from .base import Benchmark, add_router, default_methods, json_checkpoint, key_source_choices, melo_settings, method_names
 from .data import PROTOCOLS, load_stream
 from .machine import machine
 
@@ -38,10 +38,13 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
     recs = stream.edits
     prompts, targets = [r.prompt for r in recs], [r.target for r in recs]
     base_loc = greedy_batch(bb, None, stream.locality, loc_tokens)
+    siblings = [x.prompt for x in stream.siblings]
+    base_sib = greedy_batch(bb, None, siblings, loc_tokens) if siblings else []
     every = max(1, len(recs) // 10)
     out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": DEFAULT_MODEL,
            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "target_field": stream.target_field,
            "generality_prompts": len(stream.generality), "locality_prompts": len(stream.locality),
+           "sibling_prompts": len(siblings),
            "stream": stream.notes, "locality_tokens": loc_tokens, "methods": {}}
     for name in methods:
         with tempfile.TemporaryDirectory() as tmp:
@@ -72,12 +75,17 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
             gen_em = exact_matches(bb, m, gp, gt) if gp else [0.0]
             loc = [agreement(base, got) for base, got in
                    zip(base_loc, greedy_batch(bb, m, stream.locality, loc_tokens))]
+            # Siblings (same template, another subject): agreement with the unedited answer,
+            # and the share whose first tokens stay exactly as they were.
+            sib = [agreement(base, got) for base, got in
+                   zip(base_sib, greedy_batch(bb, m, siblings, loc_tokens))] if siblings else [1.0]
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             out["methods"][name] = {
                 "edit_success": mean(success), "edit_success_exact_match": mean(success_em),
                 "retention": curve[-1]["retention"], "retention_exact_match": mean(kept_em),
                 "generality": mean(gen), "generality_exact_match": mean(gen_em),
-                "locality": mean(loc), "seconds_per_edit": mean(seconds),
+                "locality": mean(loc), "sibling_locality": mean(sib),
+                "siblings_unchanged": sum(x == 1.0 for x in sib) / len(sib), "seconds_per_edit": mean(seconds),
                 "params_per_edit": int(round(mean(params))), "retention_curve": curve,
                 "actions": dict(actions), **m.summary(),
             }
@@ -86,7 +94,7 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
 
 
 def print_edits_table(res: dict) -> None:
-    cols = ["edit_success", "retention", "generality", "locality", "edit_success_exact_match",
+    cols = ["edit_success", "retention", "generality", "locality", "siblings_unchanged", "edit_success_exact_match",
             "generality_exact_match", "seconds_per_edit", "params_per_edit"]
     print(f"{res['dataset']} ({res['protocol']} protocol), {res['n']} sequential edits, {res['model']}")
     print(f"{'method':8}" + "".join(f"{c.replace('_exact_match', ' EM'):>18}" for c in cols))
@@ -103,6 +111,7 @@ def _add_arguments(p) -> None:
                    help="zsre: paper (default) or counterfactual; see melo_engine/bench/data.py")
     p.add_argument("--n", type=int, default=None, help="edits (default 20; hallucination: every edit of the set)")
     p.add_argument("--methods", default=default_methods())
+    add_router(p)
     p.add_argument("--key-source", choices=key_source_choices(), default=None,
                    help="MELO's key source (default: the engine's default)")
     p.add_argument("--block-dtype", choices=["float16", "float32"], default=None,

@@ -105,8 +105,6 @@ def _same(got, want, n: int, tol: float = 1e-5) -> bool:
 
 
 def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8, root=None) -> dict:
-    import torch
-
     from melo_engine.backbone import Backbone
     from melo_engine.bench.data import load_stream
     from melo_engine.bench.machine import machine

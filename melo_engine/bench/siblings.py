@@ -2,7 +2,7 @@
 (issue 20). A fix must carry to paraphrases and leave siblings alone; zsRE's NQ locality
 questions are unrelated to every edit and cannot see siblings.
 
-The yardstick (loaders):
+The yardstick (its loaders are in data.py, which `bench routing` and `bench edits` use too):
 - the project's hard bank, assets/sibling_bank.json: 51 edits written for the project, each
   with its answer, true paraphrases and three siblings; items at even positions are the
   *fit* half (thresholds), odd positions the *eval* half;
@@ -24,87 +24,16 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
-import random
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import ROOT, counterfact_records, load_stream, zsre_records
+from .data import (SIBLINGS_PER_EDIT, counterfact_records, counterfact_templates, hard_bank, load_stream,
+                   template_siblings, zsre_templates)
 from .machine import machine
-
-BANK = ROOT / "assets" / "sibling_bank.json"
-SIBLINGS_PER_EDIT = 3
-
-
-# ---- the yardstick ---------------------------------------------------------------------------
-@dataclass
-class BankEdit:
-    kind: str
-    question: str
-    answer: str
-    paraphrases: list[str]
-    siblings: list[str]
-    half: str            # "fit" (even positions), "eval" (odd) or "holdout" (its `split`)
-
-
-def hard_bank(half: str | None = None) -> list[BankEdit]:
-    """The bank's edits. "holdout": written after the verifier's rules were frozen, so that
-    neither the rules nor the thresholds saw them."""
-    items = json.loads(BANK.read_text())["edits"]
-    out = [BankEdit(it["kind"], it["question"], it["answer"], list(it["paraphrases"]), list(it["siblings"]),
-                    it.get("split") or ("fit" if i % 2 == 0 else "eval")) for i, it in enumerate(items)]
-    return [b for b in out if half is None or b.half == half]
-
-
-def _template(question: str, subject: str) -> str | None:
-    return question.replace(subject, "\x00", 1) if subject and subject in question else None
-
-
-def _pick(others: list[str], k: int, salt: str) -> list[str]:
-    """k of `others`, the same ones on every run (seeded by the question)."""
-    seed = int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16)
-    others = sorted(others)
-    random.Random(seed).shuffle(others)
-    return others[:k]
-
-
-def zsre_templates() -> dict[str, set[str]]:
-    """Template (the question with its subject cut out) -> subjects of the zsRE sample with a
-    phrasing of that template."""
-    out: dict[str, set[str]] = collections.defaultdict(set)
-    for r in zsre_records():
-        for q in (r["src"], r["rephrase"]):
-            t = _template(q, r["subject"])
-            if t is not None:
-                out[t].add(r["subject"])
-    return out
-
-
-def template_siblings(question: str, subject: str, templates: dict[str, set[str]], k: int = SIBLINGS_PER_EDIT,
-                      skip: int = 0, with_subjects: bool = False) -> list:
-    """`question` with its subject replaced by up to k other subjects of its template
-    (`skip` leaves out the first ones of the seeded order: held aside for another use);
-    with_subjects: (question, the subject it now asks about) pairs."""
-    t = _template(question, subject)
-    if t is None:
-        return []
-    others = [s for s in templates.get(t, ()) if s != subject and subject not in s and s not in subject]
-    picked = _pick(others, skip + k, question)[skip:]
-    return [(t.replace("\x00", s), s) if with_subjects else t.replace("\x00", s) for s in picked]
-
-
-def counterfact_templates() -> dict[str, set[str]]:
-    out: dict[str, set[str]] = collections.defaultdict(set)
-    for r in counterfact_records():
-        t = _template(r["prompt"], r["subject"])
-        if t is not None:
-            out[t].add(r["subject"])
-    return out
 
 
 # ---- routing with a second stage ----------------------------------------------------------------

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .base import Benchmark, key_source_choices, melo_settings, print_table
+from .base import Benchmark, add_router, key_source_choices, melo_settings, print_table
 from .data import ROOT
 from .machine import machine
 
@@ -97,6 +97,7 @@ def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None)
 
 def _add_arguments(p) -> None:
     p.add_argument("--edits", type=int, default=10)
+    add_router(p)
     p.add_argument("--key-source", choices=key_source_choices(), default=None)
     p.add_argument("--json", default=None, help="also write the figures to this file")
 
