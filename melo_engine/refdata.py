@@ -16,8 +16,11 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Questions for the unwhitened model key's radius (records 826-1125 of the sample).
 REFERENCE_SLICE = slice(826, 1126)
-# The side-effect bank: everyday questions in the templates a class is likely to edit.
+# The side-effect bank: everyday questions in the templates a class is likely to edit, and
+# the sibling bank's questions (the same question about another number, ordinal,
+# superlative, unit, ...: what a fix must stay off).
 SIDE_EFFECT_BANK = ASSETS / "reference_questions.json"
+SIBLING_BANK = ASSETS / "sibling_bank.json"
 
 
 def zsre_records() -> list[dict]:
@@ -80,4 +83,7 @@ def continuation_points() -> list[tuple[str, str]]:
 
 
 def side_effect_questions() -> list[str]:
-    return json.loads(SIDE_EFFECT_BANK.read_text())
+    out = json.loads(SIDE_EFFECT_BANK.read_text())
+    for e in json.loads(SIBLING_BANK.read_text())["edits"]:
+        out += [e["question"], *e["paraphrases"], *e["siblings"]]
+    return list(dict.fromkeys(out))
