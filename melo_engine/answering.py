@@ -37,26 +37,29 @@ def cut(ed, text: str | None, limit: int) -> bool:
     return len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit - 2
 
 
-def decide(ed, key, question: str) -> Route:
+def decide(ed, key, question: str, words=None) -> Route:
     """The route of one question from its key: the index's candidates, checked by the
     workspace's router (router.py). Call with the state lock held."""
     entries = ed.ws.entries
-    return ed.router.route(ed.ws.state, key, question, lambda eid: entries[eid].prompt)
+    return ed.router.route(ed.ws.state, key, question, lambda eid: entries[eid].prompt, words)
+
+
+def keyed(ed, questions: list[str]):
+    """(keys, words) of questions, one encoder pass where the router can share it."""
+    return ed.router.keys(ed.keyer, questions)
 
 
 def route(ed, question: str) -> Route:
     """Which block (if any) fires for this question, and why: distance versus radius, and
     the edits within the radius the verifier turned down."""
-    key = ed.keyer.keys([question])[0]
-    with ed.ws.state_lock:
-        return decide(ed, key, question)
+    return routes(ed, [question])[0]
 
 
 def routes(ed, questions: list[str]) -> list[Route]:
     """The routes of many questions (their keys in one batch)."""
-    keys = ed.keyer.keys(questions)
+    keys, words = keyed(ed, questions)
     with ed.ws.state_lock:
-        return [decide(ed, k, q) for k, q in zip(keys, questions)]
+        return [decide(ed, k, q, w) for k, q, w in zip(keys, questions, words)]
 
 
 def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
@@ -65,9 +68,9 @@ def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
     `timer(seconds)` gets what deciding the block cost (key, lookup, gathering it)."""
     ws, c = ed.ws, ed.config
 
-    def choose(key, started):
+    def choose(key, started, words=None):
         with ws.state_lock:
-            r = decide(ed, key, question)
+            r = decide(ed, key, question, words)
             active = ws.bank.gather([r.block], ed.modules)
         if timer is not None:
             timer(time.perf_counter() - started)
@@ -81,7 +84,8 @@ def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
             lambda raw: choose(ed.keyer.finish(raw[None])[0], time.perf_counter()),
             max_new_tokens, min_new_tokens, chat=ed.chat)
     t0 = time.perf_counter()
-    active, r = choose(ed.keyer.keys([question])[0], t0)
+    (key,), (words,) = keyed(ed, [question])
+    active, r = choose(key, t0, words)
     limit = max(max_new_tokens, budget(ed, r.edit_id))
     return ed.backbone.generate(question, active, limit, min_new_tokens, chat=ed.chat), r
 
@@ -107,12 +111,12 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     request one). docs/BENCHMARKS.md ("Probe") compares it with asking one at a time."""
     ws = ed.ws
     t0 = time.perf_counter()
-    keys = ed.keyer.keys(questions)
+    keys, words = keyed(ed, questions)
     with ws.state_lock:
-        routes = [decide(ed, k, q) for k, q in zip(keys, questions)]
+        decided = [decide(ed, k, q, w) for k, q, w in zip(keys, questions, words)]
     # (question, block, token budget); the unedited twin of a fired row gets its budget
-    rows = [(q, r.block, budget(ed, r.edit_id)) for q, r in zip(questions, routes)]
-    rows += [(q, None, budget(ed, r.edit_id)) for q, r in zip(questions, routes) if r.block is not None]
+    rows = [(q, r.block, budget(ed, r.edit_id)) for q, r in zip(questions, decided)]
+    rows += [(q, None, budget(ed, r.edit_id)) for q, r in zip(questions, decided) if r.block is not None]
     n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
     parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
 
@@ -130,7 +134,7 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     base = iter(texts[len(questions):])
     seconds = (time.perf_counter() - t0) / len(questions)
     out = []
-    for t, r, k, (_, _, limit) in zip(texts[:len(questions)], routes, keys, rows):
+    for t, r, k, (_, _, limit) in zip(texts[:len(questions)], decided, keys, rows):
         b = next(base) if r.block is not None else t
         out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
                           cut(ed, t, limit), cut(ed, b, limit), k.tolist(), r.rejected))

@@ -52,16 +52,25 @@ class Router:
         """Whether two questions ask the same thing (always, without a verifier)."""
         return self.verifier is None or self.verifier.check(self.words(a), self.words(b))[0]
 
+    def keys(self, keyer, questions: list[str]) -> tuple[torch.Tensor, list]:
+        """The routing keys of `questions` and, where the key source is the verifier's own
+        encoder, their words from the same encoder pass (else None: computed when needed)."""
+        if self.verifier is None or keyer.source.name != "sentence":
+            return keyer.keys(questions), [None] * len(questions)
+        raw, words = self.verifier.encode(questions)
+        return keyer.finish(raw), words
+
     def route(self, state: ClusterState, key: torch.Tensor, question: str,
-              prompt_of: Callable[[str], str]) -> Route:
-        """The route of one question: `prompt_of(edit_id)` gives an edit's own question.
-        Call with the state's lock held."""
+              prompt_of: Callable[[str], str], words=None) -> Route:
+        """The route of one question: `prompt_of(edit_id)` gives an edit's own question,
+        `words` the question's words when the caller has them. Call with the state's lock
+        held."""
         if self.verifier is None:
             return state.route(key)
         candidates, miss = state.candidates(key, CANDIDATES)
         if not candidates:
             return miss
-        query = self.verifier.features([question])[0]
+        query = words if words is not None else self.verifier.features([question])[0]
         rejected = []
         for edit_id, center_distance in candidates:
             ok, why = self.verifier.check(query, self.words(prompt_of(edit_id)))
