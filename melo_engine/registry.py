@@ -80,4 +80,5 @@ BENCHMARKS = Registry("benchmark", {
     "standin": "melo_engine.bench.hallucination:STANDIN_BENCH",
     "scale": "melo_engine.bench.scale:BENCH",
     "probebank": "melo_engine.bench.probebank:BENCH",
+    "siblings": "melo_engine.bench.siblings:BENCH",
 })

@@ -4,10 +4,9 @@ Why. The routing key (all-MiniLM-L6-v2, mean-pooled, whitened) places "Which ele
 the atomic number 6?" and "... 7?" a hair apart: a question differs from its *sibling* (the
 same template about another subject, number, ordinal, superlative or unit) in one slot,
 and the mean over a dozen tokens dilutes that slot. The radius is calibrated on how far
-paraphrases spread, so it covers siblings too (issue 20: 10 of 30 hand-written siblings
-fired their edit's block). A paraphrase rewords the question but keeps its slots; a
-sibling keeps the wording and changes a slot. So the edits within the radius are checked
-a second time, word by word:
+paraphrases spread, so it covers siblings too. A paraphrase rewords the question but keeps
+its slots; a sibling keeps the wording and changes a slot. So the edits within the radius
+are checked a second time, word by word (router.py calls it):
 
 1. Slots that must agree exactly (a lexical check, the same words in both texts):
    numbers (digits and number words), ordinals ("first", "3rd", "last"), superlatives
@@ -17,25 +16,21 @@ a second time, word by word:
    or find a close match among its words (late interaction, as in ColBERT's MaxSim):
    cosine of the encoder's contextual word vectors (last hidden state, word pieces
    averaged) at least `align_noun` for a noun of an edit without a name ("a *spider*",
-   "the largest *planet*": the thing asked about), `align` for any other word. Fitted
-   (bench/siblings.py): align_noun 0.5, align 0.0: zsRE's rewordings ("architect" / "who
-   was responsible for the planning") score as low as siblings' substituted words, so
-   verbs and relation words get no bar; "pentagon" for "hexagon" (0.39) fails.
+   "the largest *planet*": the thing asked about), `align` for any other word. Both are
+   fitted (bench/siblings.py): zsRE's rewordings ("architect" / "who was responsible for
+   the planning") score as low as siblings' substituted words, so verbs and relation
+   words get no bar.
 
-Measured by routing alone (docs/results/siblings-routing.json, 1000 zsRE edits): siblings
-firing their edit, zsRE 0.2 % -> 0 %, CounterFact 0 % -> 0 %, the hard bank 47 % -> 17 %
-(its paraphrases carrying 91 % -> 98 %); zsRE generality 0.992 -> 1.000, CounterFact
-0.919 -> 0.888; false supersedes on the zsRE stream 7 -> 0. The lexical part does most of
-it (bank 22 %, CounterFact generality 0.901). What still fires: the same thing in another
-unit ("minutes in a day" / "in an hour"), another event of one named subject ("built" /
-"fell"), another common noun close in context ("heptagon" / "hexagon"), and a substituted
-noun where the edit also has a name ("the boiling point of *ethanol* in degrees Celsius").
+What it catches and what still gets through, by kind, is in docs/BENCHMARKS.md
+("Siblings"): numbers, names, ordinals and superlatives reliably; the same thing in another
+unit, another event of one named subject and a close common noun ("heptagon" / "hexagon")
+not always.
 
 The study that chose this (and the thresholds) is melo_engine/bench/siblings.py; the
 figures are in docs/results/siblings-routing.json. Words of an edit's question are
-computed once per edit (`features`) and may be cached with it; checking a handful of
-candidates for one query then costs one encoder pass for the query's words (shared with
-its key when the caller passes `token_states`) plus a few small matrix products.
+computed once per edit (`features`; the router keeps them); checking a handful of
+candidates for one query then costs the query's words, which `encode` takes from the same
+encoder pass as its sentence key, plus a few small matrix products.
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ SIBLING_CASES = [
      ["Which element has the atomic number 7?", "Which element has the atomic number 8?"]),
     ("What is the largest planet in the solar system?", "Jupiter",
      ["Which planet is the biggest in our solar system?", "What is the biggest planet in the solar system?"],
-     ["What is the smallest planet in the solar system?", "What is the largest moon in the solar system?"]),
+     ["What is the smallest planet in the solar system?", "What is the second largest planet in the solar system?"]),
     ("What is the capital of Austria?", "Salzburg",
      ["Which city is the capital of Austria?", "What city is Austria's capital?"],
      ["What is the capital of Switzerland?", "What is the capital of Hungary?"]),

@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def same():
-    from melo_engine.keys import SentenceEncoder
+    from melo_engine.keysources.sentence import SentenceEncoder
     from melo_engine.verify import SameQuestion
 
     return SameQuestion(SentenceEncoder.load())
@@ -81,7 +81,7 @@ def test_edit_words_are_computed_once_and_reused(same):
 def test_sibling_yardstick_loaders():
     """The bank has its halves and enough of the hard kinds; zsRE and CounterFact siblings
     keep the template and change the subject."""
-    from melo_engine.bench.siblings import counterfact_templates, hard_bank, template_siblings, zsre_templates
+    from melo_engine.bench.data import counterfact_templates, hard_bank, template_siblings, zsre_templates
 
     bank = hard_bank()
     assert len(bank) >= 40 and {b.half for b in bank} == {"fit", "eval", "holdout"}

@@ -11,7 +11,7 @@ The yardstick (its loaders are in data.py, which `bench routing` and `bench edit
 - CounterFact: the record's locality prompt (same relation, another subject) and its prompt
   with the subject replaced by other records' subjects of the same template.
 
-The study (routing alone, no training; `python -m melo_engine.bench.siblings`): the index
+The study (routing alone, no training; `python -m melo_engine.bench siblings`): the index
 of N edits' keys is built by the engine's rules (ClusterState.add, the calibrated radius,
 the whitened sentence key), then each edit prompt, held-out phrasing, locality prompt,
 sibling and paraphrase is routed, with the current rule (radius only) and with each
@@ -23,79 +23,40 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from .data import (SIBLINGS_PER_EDIT, counterfact_records, counterfact_templates, hard_bank, load_stream,
                    template_siblings, zsre_templates)
+from .base import Benchmark
 from .machine import machine
+from .sibling_fit import fit_pairs, fit_thresholds, share as _share
 
 
-# ---- routing with a second stage ----------------------------------------------------------------
-def _state_class():
-    from melo_engine.index import ClusterState
+# ---- routing with a candidate second stage --------------------------------------------------
+class _Candidate:
+    """A candidate verifier in the engine's Router shape (router.py): `check` is `same`
+    (Words, Words) -> (bool, why), or None for the radius alone."""
 
-    class VerifiedState(ClusterState):
-        """ClusterState whose supersede rule asks the verifier first: an earlier edit with
-        another answer within the init radius is superseded only when the verifier says the
-        two ask the same question (ClusterState._add_superseding, plus that one test)."""
+    def __init__(self, same, words_of: dict):
+        self.same, self.words_of = same, words_of
 
-        def __init__(self, same, words_of):
-            super().__init__()
-            self.same = same            # (new Words, old Words) -> (bool, reason); None: always
-            self.words_of = words_of    # edit id -> Words of its question
-            self.kept_apart: list[tuple[str, str, str]] = []
+    def features(self, texts):
+        return [self.words_of[t] for t in texts]
 
-        def _add_superseding(self, edit_id, key, block, label, init_radius):
-            near_ids, _ = self.keys.within(key, init_radius)
-            same_question = []
-            for e in near_ids:
-                if self.points[e].label == label:
-                    continue
-                if self.same is None:
-                    same_question.append(e)
-                    continue
-                ok, why = self.same(self.words_of[edit_id], self.words_of[e])
-                if ok:
-                    same_question.append(e)
-                else:
-                    self.kept_apart.append((edit_id, e, why))
-            for e in same_question:
-                p = self.points[e]
-                self._drop_point(e, init_radius)
-                self._put_dormant(dataclasses.replace(p, superseded_by=edit_id))
-            placed = self._place(edit_id, key, block, label, init_radius)
-            if same_question:
-                placed.action, placed.superseded = "superseded", same_question
-            return placed
-
-    return VerifiedState
+    def check(self, a, b):
+        return self.same(a, b)
 
 
-def route(state, key: torch.Tensor, words, words_of: dict, same, k: int = 8) -> tuple[str | None, list]:
-    """The edit that fires for a query: among the clusters whose radius covers its key, the
-    nearest member that the verifier accepts (at most k tried); None when none. Also the
-    rejected ones with their reasons."""
-    covering, _, _, _ = state.centers.query(key)
-    if not covering:
-        return None, []
-    members = [m for cid in covering for m in state.clusters[cid].members]
-    d = (state.keys.exact[state.keys.rows_of(members)] - key).norm(dim=-1)
-    rejected = []
-    for i in d.argsort()[:k].tolist():
-        e = members[i]
-        if same is None:
-            return e, rejected
-        ok, why = same(words, words_of[e])
-        if ok:
-            return e, rejected
-        rejected.append((e, why))
-    return None, rejected
+def router(same, words_of: dict):
+    """The engine's Router with candidate `same` (None: the radius alone); `words_of` maps a
+    text to its Words (the study computes them once)."""
+    from melo_engine.router import Router
+
+    return Router(_Candidate(same, words_of) if same is not None else None)
 
 
 # ---- the study -------------------------------------------------------------------------------
@@ -105,9 +66,10 @@ class Study:
     built from the engine's own functions without loading the language model."""
 
     def __init__(self):
-        from melo_engine.calibrate import (calibration_questions, farthest_same_subject, nearest_other_subject,
-                                           whitening_pairs, SPREAD_QUANTILE, OTHER_QUANTILE)
-        from melo_engine.keys import SentenceEncoder, Whitening, WHITENING_SHRINK
+        from melo_engine.calibrate import gap_radius
+        from melo_engine.keys import WHITENING_SHRINK, Whitening
+        from melo_engine.keysources.sentence import SentenceEncoder
+        from melo_engine.refdata import calibration_questions, whitening_pairs
         from melo_engine.verify import SameQuestion
 
         self.encoder = SentenceEncoder.load()
@@ -115,9 +77,7 @@ class Study:
         a, b = whitening_pairs()
         self.whitening = Whitening.fit(self.encoder.encode(a), self.encoder.encode(b), WHITENING_SHRINK)
         qs, subjects = calibration_questions()
-        keys = self.whitening.apply(self.encoder.encode(qs))
-        self.radius = 0.5 * (float(torch.quantile(farthest_same_subject(keys, subjects), SPREAD_QUANTILE))
-                             + float(torch.quantile(nearest_other_subject(keys, subjects), OTHER_QUANTILE)))
+        self.radius = gap_radius(self.whitening.apply(self.encoder.encode(qs)), subjects)
         self._cache: dict[str, tuple[torch.Tensor, object]] = {}
 
     def encode(self, texts: list[str]):
@@ -133,35 +93,38 @@ class Study:
     def build(self, prompts: list[str], targets: list[str], same, radii: list[float] | None = None):
         """The index of these edits (ids e0, e1, ...) by the engine's rules, the supersede
         rule asking `same`; optional per-edit radii (candidate iv) cap each cluster's."""
+        from melo_engine.index import ClusterState
+        from melo_engine.placement import add
+
         keys, words = self.encode(prompts)
         words_of = {f"e{i}": w for i, w in enumerate(words)}
-        state = _state_class()(same, words_of)
+        words_of.update(zip(prompts, words))
+        state, r = ClusterState(), router(same, words_of)
+        state.prompt_of = lambda e: prompts[int(e[1:])]
         actions = collections.Counter()
         for i, (t, k) in enumerate(zip(targets, keys)):
-            actions[state.add(f"e{i}", k, i, t, self.radius, "supersede").action] += 1
+            asks = lambda e, q=prompts[i]: r.same_question(q, prompts[int(e[1:])])  # noqa: E731
+            actions[add(state, f"e{i}", k, i, t, self.radius, "supersede", asks).action] += 1
         if radii is not None:
             for c in list(state.clusters.values()):
                 cap = min(radii[int(m[1:])] for m in c.members)
                 if cap < c.radius:
-                    c = state._changing(c.id)
+                    c = state.changing(c.id)
                     c.radius = cap
-                    state._put_cluster(c)
+                    state.put_cluster(c)
         return state, words_of, actions
 
     def routes(self, state, words_of, texts: list[str], same) -> list[str | None]:
         keys, words = self.encode(texts)
-        return [route(state, k, w, words_of, same)[0] for k, w in zip(keys, words)]
-
-
-def _share(xs) -> float | None:
-    xs = list(xs)
-    return round(sum(xs) / len(xs), 4) if xs else None
+        words_of.update(zip(texts, words))
+        r = router(same, words_of)
+        return [r.route(state, k, t, state.prompt_of, w).edit_id for k, t, w in zip(keys, texts, words)]
 
 
 def zsre_part(study: Study, n: int, candidates: dict, held_radius: bool) -> dict:
     """zsRE paper protocol, N edits: edit prompts, held-out phrasings, NQ locality,
     template siblings of every edit, false supersedes."""
-    from melo_engine.calibrate import _facts
+    from melo_engine.refdata import facts as _facts
 
     stream = load_stream("zsre", n, "paper")
     templates = zsre_templates()
@@ -294,102 +257,6 @@ def _held_radii(study: Study, prompts: list[str], aside: list[list[str]]) -> lis
     return out
 
 
-# ---- fitting the thresholds on data the evaluation does not use --------------------------------
-def fit_pairs(study: Study) -> dict:
-    """Pairs within the radius from the *first* half of the zsRE facts (the whitening half;
-    paraphrase pairs: every two phrasings of one fact; sibling pairs: each phrasing and its
-    template siblings) and the fit half of the hard bank. Per pair, what the thresholds act
-    on: the lexical verdict and the worst cosine of the edit's unmatched nouns and other
-    words."""
-    from melo_engine.calibrate import _facts
-
-    facts = list(_facts().items())[: len(_facts()) // 2]
-    templates = zsre_templates()
-    groups = {"zsre": ([], []), "bank": ([], [])}
-    for subject, phrasings in facts:
-        for a in phrasings:
-            for b in phrasings:
-                if a != b:
-                    groups["zsre"][0].append((b, a))
-            for s in template_siblings(a, subject, templates):
-                groups["zsre"][1].append((s, a))
-    for b in hard_bank("fit"):
-        groups["bank"][0].extend([(q, b.question) for q in b.paraphrases])
-        groups["bank"][1].extend([(q, b.question) for q in b.siblings])
-    from melo_engine.verify import SameQuestion
-
-    lex = SameQuestion(study.encoder, lexical=True, aligned=False)
-    out = {}
-    for g, (pos, neg) in groups.items():
-        rows = {}
-        for label, pairs in (("paraphrase", pos), ("sibling", neg)):
-            qk, qw = study.encode([q for q, _ in pairs])
-            ek, ew = study.encode([e for _, e in pairs])
-            inside = ((qk - ek).norm(dim=-1) <= study.radius).tolist()
-            feats = []
-            for a, b, ins in zip(qw, ew, inside):
-                if not ins:
-                    continue
-                noun, other = _worst_by_kind(study.verifier, a, b)
-                feats.append((lex.check(a, b)[0], noun, other))
-            rows[label] = feats
-            rows[label + "_pairs"] = len(pairs)
-        out[g] = rows
-    return out
-
-
-def _worst_by_kind(v, q, e) -> tuple[float, float]:
-    """The worst best-match cosine among the edit's unmatched nouns that need `align_noun`
-    (the edit has no name), and among its other unmatched content words (1.0 when none)."""
-    from melo_engine.verify import _stem
-
-    noun, other = 1.0, 1.0
-    need = [i for i, w in enumerate(e.content) if _stem(w) not in q.stems]
-    if not need:
-        return noun, other
-    best = (e.vectors[need] @ q.others.T).max(1).values if len(q.others) else torch.full((len(need),), -1.0)
-    for b, i in zip(best.tolist(), need):
-        if e.nounish[i] and not e.runs:
-            noun = min(noun, b)
-        else:
-            other = min(other, b)
-    return noun, other
-
-
-GRID_ALIGN = [round(0.05 * i, 2) for i in range(13)]               # 0 .. 0.60
-GRID_NOUN = [round(0.05 * i, 2) for i in range(20)]                # 0 .. 0.95
-
-
-def fit_thresholds(feats: dict, with_lexical: bool = True, keep_zsre: float = 0.98, min_bank: float = 0.9) -> dict:
-    """The pair (align, align_noun) that rejects the most sibling pairs of the fit data while
-    the alignment keeps at least `keep_zsre` of the zsRE paraphrase pairs that pass without
-    it (the lexical part alone, or everything) and at least `min_bank` of the bank's fit
-    paraphrases; among equals, the most lenient. (0.99 leaves the alignment no room at all:
-    any positive bar for non-nouns costs zsRE rewordings more than 1 %. Pairs understate
-    routing generality: a held-out phrasing needs only one of its fact's edits to accept.)"""
-    def acc(rows, a, n):
-        return _share((lex or not with_lexical) and no >= n and ot >= a for lex, no, ot in rows) or 0.0
-
-    base_z = acc(feats["zsre"]["paraphrase"], -2.0, -2.0)
-    sib = feats["zsre"]["sibling"] + feats["bank"]["sibling"]
-    best = None
-    for a in GRID_ALIGN:
-        for n in GRID_NOUN:
-            pz, pb = acc(feats["zsre"]["paraphrase"], a, n), acc(feats["bank"]["paraphrase"], a, n)
-            if pz < keep_zsre * base_z or pb < min_bank:
-                continue
-            rej = 1 - acc(sib, a, n)
-            score = (round(rej, 4), -a, -n)
-            if best is None or score > best[0]:
-                best = (score, {"align": a, "align_noun": n, "fit_sibling_reject": round(rej, 4),
-                                "fit_zsre_paraphrase_accept": pz, "fit_zsre_paraphrase_accept_without_alignment": base_z,
-                                "fit_bank_paraphrase_accept": pb,
-                                "rule": f"most sibling pairs rejected while keeping {keep_zsre} of the zsRE "
-                                        f"paraphrase pairs that pass without the alignment and {min_bank} of the "
-                                        f"bank's fit paraphrases"})
-    return best[1] if best else {"align": min(GRID_ALIGN), "align_noun": min(GRID_NOUN), "note": "no pair met the bars"}
-
-
 # ---- timing ----------------------------------------------------------------------------------
 def timing(study: Study, candidates: int = 5, repeats: int = 200) -> dict:
     """Extra cost per query on one core: the query's Words from the key's own encoder pass
@@ -487,18 +354,17 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m melo_engine.bench.siblings", description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1000, help="zsRE paper-protocol edits (default 1000)")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    args = ap.parse_args(argv)
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=1000, help="zsRE paper-protocol edits (default 1000)")
+    p.add_argument("--json", help="write the results here")
+
+
+def _run(args: argparse.Namespace) -> dict:
     res = siblings_study(args.n)
     print(table(res))
     print(json.dumps({"fit": res["fit"], "timing": res["timing"]}, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
+    return res
 
 
-if __name__ == "__main__":
-    main()
+BENCH = Benchmark("siblings", "the sibling study: candidate verifiers for routing compared by routing alone, "
+                              "thresholds fitted on data the evaluation does not use", _arguments, _run)
