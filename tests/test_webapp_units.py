@@ -71,7 +71,7 @@ def test_map_switches_to_umap_with_enough_points():
               {"text": "q", "key": rng.normal(size=16).tolist(), "block": None, "cluster": "c0"}]
     fig = plots.index_map({"points": pts, "clusters": clusters}, probes)
     assert fig.layout.meta == {"method": "UMAP", "points": n, "clusters": 1, "probes": 2}
-    assert sum(len(t.x) for t in fig.data if (t.name or "").startswith("edit, block")) == n
+    assert sum(len(t.x) for t in fig.data if t.name == plots.EDITS) == n
 
 
 def test_diff_highlights_only_changed_words():
@@ -98,7 +98,7 @@ def test_map_draws_no_circle_of_radius_0_and_probes_apart_from_blocks():
     fig = plots.index_map({"points": pts, "clusters": clusters}, probes)
     assert sum(1 for t in fig.data if (t.name or "").startswith("radius")) == 3
     probe = next(t for t in fig.data if t.name == plots.PROBE_FIRED)
-    block_colours = {t.marker.color for t in fig.data if (t.name or "").startswith("edit, block")}
+    block_colours = set(next(t for t in fig.data if t.name == plots.EDITS).marker.color)
     assert probe.marker.color not in block_colours
     assert "distance 0.000 / radius 0.500" in probe.customdata[0] and probe.text == ("p",)
 
@@ -197,7 +197,7 @@ def test_the_map_does_not_move_between_refreshes_or_with_new_probes(n):
                "cluster": "c0"} for i in range(3)]
 
     def edits_xy(fig):
-        return [(t.x, t.y) for t in fig.data if (t.name or "").startswith("edit, block")]
+        return [(t.x, t.y) for t in fig.data if t.name == plots.EDITS]
     first = plots.index_map(snap, [])
     assert edits_xy(plots.index_map(snap, [])) == edits_xy(first)
     with_probes = plots.index_map(snap, probes)

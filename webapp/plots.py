@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 UMAP_MIN_POINTS = 15
 PROBE_COLOR = "#111111"      # probes in black (a block fired) and grey (none did): no block has those colours
 PROBE_GREY = "#999999"
+EDITS = "edit (colour: its block)"
 PROBE_FIRED, PROBE_NOT_FIRED = "probe: fix applied", "probe: original model"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -132,20 +133,18 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
         radius_in_legend = True
 
-    blocks = sorted({p["block"] for p in points})
-    for b in blocks:
-        idx = [k for k, p in enumerate(points) if p["block"] == b]
+    if points:      # one legend entry for every edit: ten blocks would be ten entries
         fig.add_trace(go.Scatter(
-            x=P[idx, 0].tolist(), y=P[idx, 1].tolist(), mode="markers", name=f"edit, block {b}",
-            marker=dict(size=11, color=PALETTE[b % len(PALETTE)], line=dict(width=1, color="white")),
-            text=[f"{points[k]['prompt']}<br>→ {points[k]['label']}<br>block {b}, cluster {points[k]['cluster']}"
-                  for k in idx],
+            x=P[:, 0].tolist(), y=P[:, 1].tolist(), mode="markers", name=EDITS,
+            marker=dict(size=11, color=[PALETTE[p["block"] % len(PALETTE)] for p in points],
+                        line=dict(width=1, color="white")),
+            text=[f"{p['prompt']}<br>→ {p['label']}<br>block {p['block']}, cluster {p['cluster']}" for p in points],
             hovertemplate="%{text}<extra></extra>"))
     if clusters:
         fig.add_trace(go.Scatter(
             x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers+text", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
-            text=[_short(c["label"]) for c in clusters], textposition="bottom center",
+            text=[c["id"] for c in clusters], textposition="bottom center",     # as History and the distances name them
             textfont=dict(size=10, color="#555"),
             customdata=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
                   + (" (fires only for this exact question)" if c["radius"] <= 0 else "")
