@@ -274,3 +274,10 @@ def test_a_key_source_registered_at_run_time_is_offered_in_settings(tmp_path):
     finally:
         KEY_SOURCES.unregister("dummy")
         downloads.close()
+
+
+def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
+    from webapp import published
+
+    fig = plots.retention_figure(published.benchmark_run("zsre-paper-1000-melo"))
+    assert fig.layout.xaxis.dtick == 100      # not one per edit: the browser stalled on a thousand
