@@ -241,8 +241,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         side_btn.click(bind(cb.side_effects), [token, selected], side_history, **private)
         export_btn.click(partial(cb.export, pool, downloads), token, export_link, **private)
         # The last message goes first: an error must not sit beside an earlier "Imported ...".
+        # The box is emptied afterwards, ready for the next file.
         after_change(import_file.upload(cb.clear, None, history_msg, queue=False, **private).then(
-            bind(cb.import_file), [token, import_file], history_msg, **private))
+            bind(cb.import_file), [token, import_file], history_msg, **private)).then(
+            lambda: None, None, import_file, queue=False, **private)
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
