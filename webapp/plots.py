@@ -95,12 +95,15 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         return fig
 
     base = [p["key"] for p in points] + [c["center"] for c in clusters]
-    if base:
-        coords, place, method = projection(np.asarray(base, dtype=np.float32))
+    # Fitted on the snapshot alone, so refreshes and new probes do not move it; but one or
+    # two edits span no plane, and the probes would all fall on them: then they join the fit.
+    with_probes = len(points) < 3
+    fitted = base + ([q["key"] for q in probes] if with_probes else [])
+    coords, place, method = projection(np.asarray(fitted, dtype=np.float32))
+    if with_probes:
+        coords, Q = coords[: len(base)], coords[len(base):]
+    else:
         Q = place(np.asarray([q["key"] for q in probes], dtype=np.float32)) if probes else np.zeros((0, 2))
-    else:                      # no edits: the probes alone
-        Q, _, method = projection(np.asarray([q["key"] for q in probes], dtype=np.float32))
-        coords = np.zeros((0, 2))
     coords, Q = np.asarray(coords, dtype=float), np.asarray(Q, dtype=float)
     P = coords[: len(points)]
     C = coords[len(points):]
@@ -189,7 +192,7 @@ def distance_bars(question: str, rows: list[dict]) -> go.Figure:
         fig.add_annotation(text="No edits yet.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_layout(height=300, xaxis_visible=False, yaxis_visible=False, template="plotly_white")
         return fig
-    height = 150 + 34 * len(rows)
+    height = 160 + 34 * len(rows)
     names = [f"{r['cluster']}: {r['answer'][:28]}{'…' if len(r['answer']) > 28 else ''}" for r in rows][::-1]
     top = 1.15 * max(max(r["distance"], r["radius"]) for r in rows)
     rows = rows[::-1]
@@ -199,14 +202,14 @@ def distance_bars(question: str, rows: list[dict]) -> go.Figure:
     fig.add_trace(go.Scatter(x=[r["radius"] for r in rows], y=names, mode="markers", name="radius",
                              marker=dict(symbol="line-ns-open", size=22, line=dict(width=3, color="#c0392b")),
                              hovertemplate="radius %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=dict(text=f"True distances from “{question[:60]}”<br><sup>blue: this cluster's "
-                                      f"fix applies (distance within its radius, the red mark)</sup>",
+    # No legend: the subtitle names the bars and the mark (a legend under a chart of one or
+    # two rows lands on its axis title).
+    fig.update_layout(title=dict(text=f"True distances from “{question[:60]}”<br><sup>bars: key distance, blue where "
+                                      f"this cluster's fix applies; red mark: the cluster's radius</sup>",
                                  font=dict(size=13)),
-                      height=height, template="plotly_white", barmode="overlay",
-                      margin=dict(l=10, r=10, t=60, b=90), xaxis=dict(title="key distance", range=[0, top]),
-                      yaxis=dict(automargin=True),
-                      # below the axis title (its ticks and title take about 45 px under the plot)
-                      legend=dict(orientation="h", yanchor="top", y=-58 / (height - 150)))
+                      height=height, template="plotly_white", barmode="overlay", showlegend=False,
+                      margin=dict(l=10, r=10, t=60, b=50), xaxis=dict(title="key distance", range=[0, top]),
+                      yaxis=dict(automargin=True))
     return fig
 
 
