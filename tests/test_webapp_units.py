@@ -259,14 +259,14 @@ def test_a_key_source_registered_at_run_time_is_offered_in_settings(tmp_path):
     from webapp.layout import build_demo
 
     class DummyKey:
-        name, title, summary, why = "dummy", "A dummy key (test)", "a dummy key", "It is only a test."
+        name, title, summary, why = "dummy", "Dummy (test)", "a made-up key", "It is only a test."
 
     KEY_SOURCES.register("dummy", DummyKey)
     downloads = Downloads()
     try:
         demo = build_demo(object(), downloads)        # the pool is used only once a visitor comes
         radio = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "key-source")
-        assert ("A dummy key (test)", "dummy") in radio.choices and "A dummy key (test): a dummy key." in radio.info
+        assert ("Dummy (test)", "dummy") in radio.choices and "Dummy (test): a made-up key." in radio.info
         named = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
         assert {n.lstrip("/") for n in api.NAMES} <= named
     finally:

@@ -42,8 +42,10 @@ one exactly as they were, then the corrected sentence.
 def key_source_help() -> str:
     """The Settings help of the key source: every registered source in its own words, with the
     key study's figures where docs/results has them."""
-    each = " ".join(f"{s.title}: {s.summary}. {published.key_figures(name, getattr(s, 'default_whitened', False))}".strip()
-                    for name, s in KEY_SOURCES.items())
+    def one(name, source):
+        what = "" if source.summary.lower() in source.title.lower() else f": {source.summary}"
+        return f"{source.title}{what}. {published.key_figures(name, getattr(source, 'default_whitened', False))}"
+    each = " ".join(one(name, source).strip() for name, source in KEY_SOURCES.items())
     return f"What a question's key is computed from. {each} Can change only while the workspace has no edits."
 
 
