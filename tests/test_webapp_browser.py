@@ -58,8 +58,8 @@ def map_points(page) -> dict:
     return page.evaluate("""() => {
         const data = document.querySelector('#index-map .js-plotly-plot').data || [];
         const n = (pred) => data.filter(t => pred(t.name || '')).reduce((s, t) => s + (t.x ? t.x.length : 0), 0);
-        return {edits: n(s => s.startsWith('edit, block')), centers: n(s => s === 'cluster center'),
-                probes: n(s => s === 'probe query')};
+        return {edits: n(s => s.startsWith('edit (')), centers: n(s => s === 'cluster center'),
+                probes: n(s => s.startsWith('probe: '))};
     }""")
 
 
@@ -98,6 +98,11 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     assert page.locator("#after .melo-after").inner_text() == e["target"]
     assert page.locator("#after .melo-badge").inner_text().startswith("fix applied (block ")
     assert "is active" in page.locator("#edit-summary").inner_text()
+    # The left panel shows the answer now, not the one before the edit under "original model".
+    page.wait_for_function("() => document.querySelector('#answer .melo-badge').innerText.startsWith('fix applied')",
+                           timeout=LONG)
+    assert answer_text(page) == e["target"]
+    assert page.locator("#edit-btn").inner_text() == "Apply edit"
     page.wait_for_selector("#side-effects table", timeout=LONG)     # the side-effect check came with it
     page.wait_for_selector("#loss-plot .js-plotly-plot", timeout=LONG)
     shot(page, "edit")
@@ -113,7 +118,7 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     assert rows.nth(1).locator(".melo-badge").inner_text() == "original model"
     assert "(identical)" in rows.nth(1).inner_text()
     summary = page.locator("#probe-summary").inner_text()
-    assert "1 of 1 paraphrase got the fix" in summary and "0 of 2 unrelated answers changed" in summary, summary
+    assert "1 of 1 paraphrase got the fix" in summary and "0 of 2 unrelated questions fired a block" in summary, summary
     page.get_by_text("Copy the results").click()
     copied = page.locator("#probe-copy textarea").input_value()
     assert copied.splitlines()[0].startswith("query\tkind") and len(copied.splitlines()) == 4
@@ -121,7 +126,7 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
 
     tab(page, "Index map")
     page.wait_for_function("""() => { const p = document.querySelector('#index-map .js-plotly-plot');
-        return p && p.data && p.data.some(t => t.name === 'probe query'); }""", timeout=LONG)
+        return p && p.data && p.data.some(t => (t.name || '').startsWith('probe: ')); }""", timeout=LONG)
     assert map_points(page) == {"edits": 1, "centers": 1, "probes": 3}
     assert "PCA" in page.locator("#index-map").inner_text() and "projection" in page.locator("#index-map").inner_text()
     page.locator("#dist-question textarea").fill(e["paraphrase"])
@@ -153,32 +158,13 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
     shot(page, "history")
     page.locator("#delete-btn").click()
     page.wait_for_selector("#history-msg :text('Deleted edit')", timeout=LONG)
+    assert "gets the original model's answer again" in page.locator("#history-msg").inner_text()
+    # The deleted edit leaves a trace in the table for this visit.
+    page.wait_for_function("() => [...document.querySelectorAll('#history tbody tr td:nth-child(4)')]"
+                           ".some(td => td.textContent.startsWith('deleted at'))", timeout=LONG)
     tab(page, "Edit")
     text, badge = ask(page, e["prompt"])
     assert badge == "original model" and text == base_text
-
-
-def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edits):
-    url, _ = app_server
-    a = browser.new_context()
-    b = browser.new_context()
-    try:
-        pa, pb = open_page(a, url), open_page(b, url)
-        e = example_edits[9]
-        pa.locator("#question textarea").fill(e["prompt"])
-        pa.locator("#target textarea").fill(e["target"])
-        pa.locator("#edit-btn").click()
-        pa.wait_for_selector("#after .melo-after", timeout=LONG)
-        assert ask(pa, e["prompt"]) == (e["target"], pa.locator("#answer .melo-badge").inner_text())
-        text, badge = ask(pb, e["prompt"])
-        assert badge == "original model" and text != e["target"]
-        # A reload keeps the same workspace (the token lives in the browser).
-        pa.reload()
-        pa.wait_for_selector("#question textarea", timeout=LONG)
-        assert ask(pa, e["prompt"])[0] == e["target"]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
@@ -202,10 +188,10 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
         page.locator("#question textarea").fill("")
         page.locator("#target textarea").fill("")
         page.locator("#edit-btn").click()
-        page.get_by_text("the prompt is empty").first.wait_for(timeout=LONG)
+        page.get_by_text("the question is empty").first.wait_for(timeout=LONG)
         page.locator("#question textarea").fill("What is the capital of Turkey?")
         page.locator("#edit-btn").dblclick()      # a double click on a half-filled form: same
-        page.get_by_text("the target is empty").first.wait_for(timeout=LONG)
+        page.get_by_text("the correct answer is empty").first.wait_for(timeout=LONG)
         assert committed() == before
         assert "Traceback" not in page.content()
     finally:
@@ -293,7 +279,11 @@ def test_a_contradicting_edit_names_the_earlier_one_and_stays_active(app_server,
         tab(page, "Edit")
         assert ask(page, q)[0] == "Saturn is the largest planet in the solar system."
         rows = {r[0]: r for r in _history(page, 4)}
-        assert rows[first][3].startswith("superseded by")
+        second = next(i for i, r in rows.items() if r[2].startswith("Saturn"))
+        assert rows[first][3] == f"superseded by {second}" and rows[second][3] == "active"
+        assert rows[second][4].startswith(f"replaced {first} (") and not rows[first][4].startswith("superseded")
+        legend = page.locator("#history .melo-legend").inner_text()
+        assert all(w in legend for w in ("new", "beside", "joined", "replaced", "superseded", "deleted"))
 
 
 def test_the_side_effect_check_lists_a_same_template_neighbour_that_fires(app_server, browser):
@@ -358,21 +348,33 @@ def test_export_then_import_keeps_each_edit_answer_time_and_action(app_server, b
     with fresh_page(browser, url) as other:
         tab(other, "History")
         other.locator("#import-file input[type=file]").set_input_files(str(path))
-        other.get_by_text("Imported 2 edit(s)").first.wait_for(timeout=LONG)
+        other.get_by_text("Imported 2 new edits.").first.wait_for(timeout=LONG)
         imported = _history(other, 2)
         # Ids may be kept or renamed; the answer, status, placement, time and training seconds stay.
         assert [r[2:] for r in imported] == [r[2:] for r in exported], (imported, exported)
+        # The same file again adds nothing, and says so.
+        other.locator("#import-file input[type=file]").set_input_files(str(path))
+        other.get_by_text("Skipped 2 edits already in this workspace.").first.wait_for(timeout=LONG)
+        assert _history(other, 2) == imported
         tab(other, "Edit")
         assert ask(other, "What is the square root of 144?")[0] == "The square root of 144 is 12."
+        # A bad file next: its error alone, not beside the earlier "Imported ..." message.
+        bad = tmp_path / "bad.melo"
+        bad.write_bytes(b"not an export")
+        tab(other, "History")
+        other.locator("#import-file input[type=file]").set_input_files(str(bad))
+        other.locator(".toast-body.error, .toast-wrap .error").first.wait_for(timeout=LONG)
+        assert "Imported" not in other.locator("#history-msg").inner_text()
 
 
 def test_an_empty_edit_gives_one_message_and_no_traceback(app_server, browser):
     url, _ = app_server
     with fresh_page(browser, url) as page:
         page.locator("#edit-btn").click()
-        page.get_by_text("the prompt is empty").first.wait_for(timeout=LONG)
+        page.get_by_text("the question is empty").first.wait_for(timeout=LONG)
         page.wait_for_timeout(1500)
-        assert page.get_by_text("the prompt is empty").count() == 1
+        assert page.get_by_text("the question is empty").count() == 1
+        assert page.locator("#edit-btn").inner_text() == "Apply edit" and page.locator("#edit-btn").is_enabled()
         assert page.locator("#edit-summary .error, #after .error, #loss-plot .error").count() == 0
         assert "Traceback" not in page.content()
 
@@ -439,3 +441,4 @@ def test_completion_mode_is_chosen_in_settings_and_continues_plain_text(app_serv
         page.wait_for_function("() => document.querySelector('#prompt-mode input[value=\"chat\"]').checked",
                                timeout=LONG)
         shot(page, "settings_completion")
+

@@ -71,7 +71,7 @@ def test_map_switches_to_umap_with_enough_points():
               {"text": "q", "key": rng.normal(size=16).tolist(), "block": None, "cluster": "c0"}]
     fig = plots.index_map({"points": pts, "clusters": clusters}, probes)
     assert fig.layout.meta == {"method": "UMAP", "points": n, "clusters": 1, "probes": 2}
-    assert sum(len(t.x) for t in fig.data if (t.name or "").startswith("edit, block")) == n
+    assert sum(len(t.x) for t in fig.data if t.name == plots.EDITS) == n
 
 
 def test_diff_highlights_only_changed_words():
@@ -97,10 +97,10 @@ def test_map_draws_no_circle_of_radius_0_and_probes_apart_from_blocks():
     probes = [{"text": "p", "key": pts[1]["key"], "block": 1, "cluster": "c1", "distance": 0.0, "radius": 0.5}]
     fig = plots.index_map({"points": pts, "clusters": clusters}, probes)
     assert sum(1 for t in fig.data if (t.name or "").startswith("radius")) == 3
-    probe = next(t for t in fig.data if t.name == "probe query")
-    block_colours = {t.marker.color for t in fig.data if (t.name or "").startswith("edit, block")}
-    assert not set(probe.marker.color) & block_colours
-    assert "distance 0.000 / radius 0.500" in probe.text[0]
+    probe = next(t for t in fig.data if t.name == plots.PROBE_FIRED)
+    block_colours = set(next(t for t in fig.data if t.name == plots.EDITS).marker.color)
+    assert probe.marker.color not in block_colours
+    assert "distance 0.000 / radius 0.500" in probe.customdata[0] and probe.text == ("p",)
 
 
 def test_probe_summary_counts_fixed_paraphrases_and_changed_unrelated_answers():
@@ -112,7 +112,11 @@ def test_probe_summary_counts_fixed_paraphrases_and_changed_unrelated_answers():
     answers = [answer(0, "Jupiter.", "Saturn."), answer(0, "Jupiter.", "Jupiter."), answer(None, "Saturn.", "Saturn."),
                answer(None, "Paris.", "Paris."), answer(0, "Jupiter.", "Paris.")]
     text = render.probe_summary(kinds, answers)
-    assert "**2 of 3** paraphrases got the fix" in text and "**1 of 2** unrelated answers changed (should be 0)" in text
+    assert "**2 of 3** paraphrases got the fix" in text
+    assert "**1 of 2** unrelated questions fired a block (should be 0; 1 of them answered differently)" in text
+    # A block that fired counts even when its text came out the same as the original's.
+    same = render.probe_summary(["unrelated"], [answer(0, "Paris.", "Paris.")])
+    assert "**1 of 1** unrelated question fired a block (should be 0; 0 of them answered differently)" in same
     tsv = render.probe_tsv(kinds, ["a", "b", "c", "d", "e\tf"], answers).splitlines()
     assert len(tsv) == 6 and all(len(line.split("\t")) == 8 for line in tsv)
 
@@ -164,13 +168,114 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
     assert not downloads.folder.exists()
 
 
-def test_an_answer_cut_at_the_length_limit_ends_with_an_ellipsis(backbone, tmp_path):
+def test_an_answer_the_engine_says_was_cut_ends_with_an_ellipsis():
     from melo_engine.editor import Answer
 
-    pool = WorkspacePool(backbone, root=tmp_path)
-    ed = pool.editor(pool.tokens.new())
-    long = " ".join(["the painter who lived in Florence"] * 12)      # far beyond 48 tokens
-    marked = render.with_ellipsis(ed, Answer(long, None, 0.5, 0.2, None, base_text="Paris."))
+    long = " ".join(["the painter who lived in Florence"] * 12)
+    marked = render.with_ellipsis(Answer(long, None, 0.5, 0.2, None, base_text="Paris.", truncated=True))
     assert marked.text == long + " …" and marked.base_text == "Paris."
-    short = render.with_ellipsis(ed, Answer("Bern", 0, 0.0, 0.2, "c0", "e"))
+    both = render.with_ellipsis(Answer("Bern is", 0, 0.0, 0.2, "c0", "e", "Zurich is", truncated=True,
+                                       base_truncated=True))
+    assert (both.text, both.base_text) == ("Bern is …", "Zurich is …")
+    short = render.with_ellipsis(Answer("Bern", 0, 0.0, 0.2, "c0", "e"))
     assert short.text == "Bern" and short.base_text is None
+
+
+def _snapshot(n: int, seed: int = 4):
+    rng = np.random.default_rng(seed)
+    pts = [{"edit_id": str(i), "key": rng.normal(size=16).tolist(), "block": i, "cluster": f"c{i}",
+            "label": f"answer {i}", "prompt": f"q{i}"} for i in range(n)]
+    clusters = [{"id": f"c{i}", "center": p["key"], "radius": 0.5, "label": p["label"], "members": [p["edit_id"]]}
+                for i, p in enumerate(pts)]
+    return {"points": pts, "clusters": clusters}, rng
+
+
+@pytest.mark.parametrize("n", [10, plots.UMAP_MIN_POINTS + 1])
+def test_the_map_does_not_move_between_refreshes_or_with_new_probes(n):
+    snap, rng = _snapshot(n)
+    probes = [{"text": f"probe {i}", "key": rng.normal(size=16).tolist(), "block": None if i else 0,
+               "cluster": "c0"} for i in range(3)]
+
+    def edits_xy(fig):
+        return [(t.x, t.y) for t in fig.data if t.name == plots.EDITS]
+    first = plots.index_map(snap, [])
+    assert edits_xy(plots.index_map(snap, [])) == edits_xy(first)
+    with_probes = plots.index_map(snap, probes)
+    assert edits_xy(with_probes) == edits_xy(first)
+    # Both probe colours are in the legend, and every probe mark carries its label.
+    names = {t.name: t for t in with_probes.data}
+    assert names[plots.PROBE_FIRED].text == ("probe 0",) and names[plots.PROBE_NOT_FIRED].text == ("probe 1", "probe 2")
+    assert names[plots.PROBE_FIRED].marker.color != names[plots.PROBE_NOT_FIRED].marker.color
+
+
+def test_the_distances_chart_names_its_marks_without_a_legend_on_its_axis_title():
+    rows = [{"cluster": "c0", "answer": "x", "distance": 0.1, "radius": 0.5, "fires": True}]
+    fig = plots.distance_bars("q", rows)
+    assert fig.layout.showlegend is False and "red mark: the cluster's radius" in fig.layout.title.text
+
+
+def test_history_names_how_each_edit_was_placed_and_keeps_deleted_ones_for_the_visit():
+    edits = [{"id": "old", "prompt": "Capital of Australia?", "target": "Sydney", "status": "superseded",
+              "superseded_by": "new", "action": "new", "cluster": "c1", "block": 0, "created": 0},
+             {"id": "new", "prompt": "Capital of Australia?", "target": "Canberra", "status": "active",
+              "action": "superseded", "cluster": "c3", "block": 1, "created": 0},
+             {"id": "j", "prompt": "Australia's capital?", "target": "Canberra", "status": "active",
+              "action": "joined", "cluster": "c3", "block": 2, "created": 0}]
+    gone = [{"id": "d", "prompt": "Capital of Peru?", "target": "Lima", "created": 0, "seconds": 1.0,
+             "deleted": time.time()}]
+    rows = {r[0]: r for r in render.history_rows(edits, gone)}
+    assert rows["new"][3:5] == ["active", "replaced old (c3)"]
+    assert rows["old"][3:5] == ["superseded by new", "new (c1)"]
+    assert rows["j"][4] == "joined (c3)" and rows["d"][3].startswith("deleted at")
+    page = render.history_html(edits, gone)
+    assert all(f"<i>{word}</i>" in page for word in ("new", "beside", "joined", "replaced", "superseded", "deleted"))
+
+
+def test_the_side_effect_rows_beyond_the_first_fold_under_a_summary():
+    from melo_engine.neighbours import Neighbour
+
+    rows = [Neighbour(f"q{i}", 0.1, 0.5, True, "e") for i in range(render.SIDE_EFFECT_ROWS + 3)]
+    page = render.side_effects_html("e", rows)
+    folded = page.split("<details", 1)[1]
+    assert "<summary" in folded and "and 3 more that get it" in folded and folded.count("<tr class=") == 3
+
+
+def test_published_runs_and_key_figures_come_from_the_results_files(tmp_path):
+    from webapp import published
+
+    runs = published.benchmark_runs()
+    assert runs and all(published.table_rows(published.benchmark_run(r)) for r in runs)
+    with pytest.raises(ValueError):
+        published.benchmark_run("../../etc/passwd")
+    assert "% of zsRE's" in published.key_figures("sentence", True)
+    assert published.key_figures("sentence", True, folder=tmp_path) == ""     # no file: no figures
+
+
+def test_a_key_source_registered_at_run_time_is_offered_in_settings(tmp_path):
+    from melo_engine.registry import KEY_SOURCES
+
+    from webapp import api
+    from webapp.downloads import Downloads
+    from webapp.layout import build_demo
+
+    class DummyKey:
+        name, title, summary, why = "dummy", "Dummy (test)", "a made-up key", "It is only a test."
+
+    KEY_SOURCES.register("dummy", DummyKey)
+    downloads = Downloads()
+    try:
+        demo = build_demo(object(), downloads)        # the pool is used only once a visitor comes
+        radio = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "key-source")
+        assert ("Dummy (test)", "dummy") in radio.choices and "Dummy (test): a made-up key." in radio.info
+        named = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
+        assert {n.lstrip("/") for n in api.NAMES} <= named
+    finally:
+        KEY_SOURCES.unregister("dummy")
+        downloads.close()
+
+
+def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
+    from webapp import published
+
+    fig = plots.retention_figure(published.benchmark_run("zsre-paper-1000-melo"))
+    assert fig.layout.xaxis.dtick == 100      # not one per edit: the browser stalled on a thousand

@@ -140,9 +140,9 @@ def start_app(workspaces: Path, env: dict | None = None):
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), MELO_WORKSPACES=str(workspaces),
                HF_HUB_OFFLINE="1", **(env or {}))
-    log = open(workspaces / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(workspaces / "app.log", "w") as log:      # the app writes to its own copy of the handle
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
         if proc.poll() is not None:
@@ -152,7 +152,7 @@ def start_app(workspaces: Path, env: dict | None = None):
             return proc, url
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.5)
-    proc.kill()
+    stop(proc)
     raise RuntimeError("the app did not answer within 300 s")
 
 
@@ -179,11 +179,11 @@ def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:
             ids = [e["id"] for e in editor.predict(api_name="/edits")]
             editor.predict(ids[-1], api_name="/delete")
 
-        stop, during, window = threading.Event(), [], []
+        done, during, window = threading.Event(), [], []
 
         def ask_loop(c: Client, k: int):
             i = k
-            while not stop.is_set():
+            while not done.is_set():
                 t0 = time.perf_counter()
                 c.predict(LOAD_QUESTIONS[i % len(LOAD_QUESTIONS)], api_name="/ask")
                 during.append((t0, time.perf_counter()))
@@ -204,7 +204,7 @@ def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:
             window.append((t0, t1))
             ids = [e["id"] for e in editor.predict(api_name="/edits")]
             editor.predict(ids[-1], api_name="/delete")
-        stop.set()
+        done.set()
         for th in loops:
             th.join(timeout=120)
         # An ask counts when it overlapped an edit; the askers-only baseline, when it ran

@@ -7,7 +7,6 @@ short gr.Error instead of a traceback.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import html
 import inspect
@@ -15,9 +14,9 @@ import time
 
 import gradio as gr
 
-from melo_engine.registry import METHODS
+from melo_engine.registry import KEY_SOURCES, METHODS
 
-from . import plots, render
+from . import plots, published, render
 from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
 
@@ -51,15 +50,18 @@ def visitor_token(pool: WorkspacePool, token: str | None) -> str:
 
 
 # ---- actions -------------------------------------------------------------------------
+def shown_answer(question: str, ans):
+    """The Edit tab's left panel for an answer: (the answer, numbered by sentence; what was
+    answered, for a sentence correction; the "what to correct" choices, back to the whole
+    answer; the "end the answer there" box, hidden)."""
+    shown = {"question": question.strip(), "text": ans.text}
+    return (render.answer_html(render.with_ellipsis(ans)), shown,
+            gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
+
+
 @user_errors
 def ask(pool: WorkspacePool, token: str, question: str):
-    """(the answer, numbered by sentence; what was answered, for a sentence correction; the
-    "what to correct" choices, back to the whole answer)."""
-    ed = pool.editor(token)
-    ans = ed.ask(question)
-    shown = {"question": question.strip(), "text": ans.text}
-    return (render.answer_html(render.with_ellipsis(ed, ans)), shown,
-            gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
+    return shown_answer(question, pool.editor(token).ask(question))
 
 
 def _sentence_number(choice) -> int:
@@ -83,44 +85,61 @@ def pick_sentence(choice, shown):
                       value=sentences[number - 1]), gr.update(visible=True))
 
 
-def sentence_prefix(ed, question: str, choice, shown) -> str | None:
-    """The text a sentence correction keeps, from the answer the page showed (None: the
-    whole answer is replaced)."""
-    number = _sentence_number(choice)
-    if not number:
-        return None
+def check_form(question, target, number: int) -> None:
+    """An empty box named as the page labels it (the engine's own checks follow)."""
+    if isinstance(question, str) and not question.strip():
+        raise ValueError("the question is empty")
+    if isinstance(target, str) and not target.strip():
+        raise ValueError("the corrected sentence is empty" if number else "the correct answer is empty")
+
+
+def answer_shown(question: str, shown) -> str:
+    """The answer the page showed for `question`: the one a sentence correction corrects."""
     shown = shown if isinstance(shown, dict) else {}
     if not isinstance(question, str) or shown.get("question") != question.strip():
         raise ValueError("ask the model this question first: the sentences to correct come from its answer")
-    return ed.sentence_prefix(question, number, answer=str(shown.get("text", "")))
+    return str(shown.get("text", ""))
+
+
+EDIT_OUTPUTS = 9     # summary, before/after, side effects, training plot, the left panel (4), the button
+APPLY, TRAINING = "Apply edit", "Training the edit…"
+WAITING = "Waiting for the model… (your place in the queue is shown on the right)"
 
 
 @user_errors
 def edit(pool: WorkspacePool, token: str, question: str, target: str, choice=0, shown=None, end=False,
          progress=gr.Progress()):
-    """(summary, before/after, side effects, training plot)."""
+    """(summary, before/after, side effects, training plot, the left panel's answer, what it
+    showed, its sentence choices and end box, the Apply button)."""
     ed = pool.editor(token)
-    progress(None, desc="waiting for the model")
+    number = _sentence_number(choice)
+    skip = (gr.skip(),) * (EDIT_OUTPUTS - 1)
+    # gradio checks at every yield that the visitor is still connected, and never resumes a
+    # generator whose visitor has gone: an edit whose page was closed, or whose API client
+    # gave up, while it waited in the queue or trained is not trained or not written.
+    yield *skip, gr.update(value=TRAINING)
 
     def report(step, loss):
         progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the answer is learnt)")
 
+    progress(None, desc="starting")
     try:
-        prefix = sentence_prefix(ed, question, choice, shown)
-        pending = ed.train(question, target, progress=report, prefix=prefix, end=bool(end))   # nothing written yet
+        check_form(question, target, number)
+        pending = (ed.train_correction(question, number, target, answer=answer_shown(question, shown),
+                                       progress=report, end=bool(end)) if number
+                   else ed.train(question, target, progress=report))            # nothing written yet
     except ValueError as err:
         # A form not filled in: one plain notice, and the panels keep what they showed.
         gr.Warning(str(err))
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
-    # gradio checks at every yield that the visitor is still connected, and never resumes a
-    # generator whose visitor has gone: an edit whose page was closed, or whose API client
-    # gave up, while it waited in the queue or trained is not written.
-    yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    yield skip + (gr.skip(),)
     r = ed.commit(pending)
     side = render.side_effects_html(r.edit_id, ed.side_effects(r.edit_id))    # keys only: milliseconds
-    yield render.edit_summary(ed, r), gr.skip(), side, plots.losses_figure(r.losses)
-    yield gr.skip(), render.before_after_html(render.with_ellipsis(ed, ed.ask(question, compare_base=True))), gr.skip(), gr.skip()
+    yield render.edit_summary(ed, r), gr.skip(), side, plots.losses_figure(r.losses), *skip[4:], gr.skip()
+    ans = ed.ask(question, compare_base=True)
+    # The left panel shows the answer now (it showed the one before the edit).
+    yield (gr.skip(), render.before_after_html(render.with_ellipsis(ans)), gr.skip(), gr.skip(),
+           *shown_answer(question, ans), gr.skip())
 
 
 @user_errors
@@ -152,10 +171,9 @@ def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
         raise ValueError("type one or more queries, one per line")
     check_probe_count(len(items))
     kinds, questions = [k for k, _ in items], [q for _, q in items]
-    answers = [render.with_ellipsis(ed, a) for a in ed.probe(questions)]
-    keys = ed.keyer.keys(questions)          # for the map: one batch
-    probes = [{"text": q, "key": k.tolist(), "block": a.block, "cluster": a.cluster,
-               "distance": a.distance, "radius": a.radius} for q, k, a in zip(questions, keys, answers)]
+    answers = [render.with_ellipsis(a) for a in ed.probe(questions)]
+    probes = [{"text": q, "key": a.key, "block": a.block, "cluster": a.cluster, "kind": k,
+               "distance": a.distance, "radius": a.radius} for k, q, a in zip(kinds, questions, answers)]
     return (render.probe_summary(kinds, answers), render.probe_html(kinds, questions, answers),
             render.probe_tsv(kinds, questions, answers), probes)
 
@@ -168,40 +186,49 @@ def index_map(pool: WorkspacePool, token: str, probes: list | None):
     return plots.index_map(ed.index_snapshot(), probes or [])
 
 
-@user_errors
 def distances(pool: WorkspacePool, token: str, question: str):
-    """The exact view beside the map: one question's distances to its nearest clusters."""
-    question = (question or "").strip() if isinstance(question, str) else question
+    """The exact view beside the map: one question's distances to its nearest clusters. An
+    empty box is a notice, and the chart keeps what it showed."""
+    question = question.strip() if isinstance(question, str) else ""
     if not question:
-        raise ValueError("type a question (or copy one of your probes) to see its distances")
-    return plots.distance_bars(question, pool.editor(token).distances(question))
+        gr.Warning("type a question (or copy one of your probes) to see its distances")
+        return gr.skip()
+    try:
+        return plots.distance_bars(question, pool.editor(token).distances(question))
+    except ValueError as err:
+        gr.Warning(str(err))
+        return gr.skip()
 
 
-def history(pool: WorkspacePool, token: str):
-    """The history table and the choices of the "choose an edit" menu."""
+def history(pool: WorkspacePool, token: str, deleted: list | None = None):
+    """The history table (with the edits deleted in this visit) and the choices of the
+    "choose an edit" menu."""
     try:
         ed = pool.editor(token)
     except ValueError:
         return "", gr.update(choices=[], value=None)
-    choices = [(f"{e['id']}: {e['prompt'][:60]} → {e['target'][:40]}", e["id"]) for e in reversed(ed.edits())]
-    return render.history_html(ed), gr.update(choices=choices, value=None)
+    edits = ed.edits()
+    choices = [(f"{e['id']}: {e['prompt'][:60]} → {e['target'][:40]}", e["id"]) for e in reversed(edits)]
+    return render.history_html(edits, deleted or []), gr.update(choices=choices, value=None)
 
 
 @user_errors
-def delete(pool: WorkspacePool, token: str, edit_id: str) -> str:
+def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None = None):
+    """(what happened, the edits deleted in this visit, this one added)."""
     edit_id = (edit_id or "").strip() if isinstance(edit_id, str) else edit_id
     if not edit_id:
         raise ValueError("choose an edit to delete first")
     ed = pool.editor(token)
-    prompt = ed.record(edit_id)["prompt"]
+    record = ed.record(edit_id)
     back = ed.delete(edit_id)
     msg = f"Deleted edit `{edit_id}`: its block is freed."
     if back:
         msg += f" The earlier edit(s) it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again."
-    now = ed.answered_by(prompt)      # what its question gets now, from the routing (keys only)
+    now = ed.answered_by(record["prompt"])          # routing only: keys, nothing generated
     msg += (f" Its question is now answered by edit `{now['id']}` (*{html.escape(now['target'])}*)."
             if now is not None else " Its question gets the original model's answer again.")
-    return msg
+    trace = {k: record.get(k) for k in ("id", "prompt", "target", "created", "seconds")}
+    return msg, [*(deleted or []), dict(trace, deleted=time.time())]
 
 
 @user_errors
@@ -225,8 +252,14 @@ def import_file(pool: WorkspacePool, token: str, file) -> str:
     if file is None:
         raise ValueError("choose a .melo file to import")
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-    ids = pool.editor(token).import_(path)
-    return f"Imported {len(ids)} edit(s)."
+    report = pool.editor(token).import_report(path)
+    return render.import_summary(report)
+
+
+def clear() -> str:
+    """An empty message box (before an action whose error would otherwise sit beside the
+    last action's message)."""
+    return ""
 
 
 @user_errors
@@ -244,27 +277,22 @@ def settings_values(pool: WorkspacePool, token: str):
     return c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
 
 
-KEY_SOURCES = {   # (what the key is, why)
-    "sentence": ("a sentence encoder (all-MiniLM-L6-v2, whitened)",
-                 "It puts questions of the same meaning together: measured on held-out paraphrases, 99 % of "
-                 "zsRE's and 92 % of CounterFact's reach their edit while unrelated questions stay untouched."),
-    "model": ("the model's own hidden state at layer 10",
-              "Averaged over your question, this is the paper's neuron index: free to compute, but it groups "
-              "questions by template more than by subject, so fewer paraphrases reach their edit (76 % and "
-              "4 % on the same tests)."),
-}
+def key_sources() -> list[tuple[str, str]]:
+    """The Settings radio's choices: every registered key source, by its title."""
+    return [(KEY_SOURCES.get(name).title, name) for name in KEY_SOURCES.names()]
 
 
 def key_info(pool: WorkspacePool, token: str) -> str:
-    """About: which key this workspace routes by, and why."""
+    """About: which key this workspace routes by, and why (with the key study's figures)."""
     try:
         c = pool.editor(token).config
     except ValueError:
         return ""
-    what, why = KEY_SOURCES[c.key_source]
-    return (f"**Your workspace routes by {what}.** {why} Radius {c.init_radius:.3f}, calibrated for this "
-            f"key (key distances run from 0, the same question, to 2, the opposite). You can change the key "
-            f"under Settings while the workspace has no edits.")
+    source = KEY_SOURCES.get(c.key_source)
+    figures = published.key_figures(c.key_source, c.whitened)
+    return (f"**Your workspace routes by {source.summary}.** {source.why} {figures} Radius {c.init_radius:.3f}, "
+            f"calibrated for this key (key distances run from 0, the same question, to 2, the opposite). You "
+            f"can change the key under Settings while the workspace has no edits.").replace("  ", " ")
 
 
 def _reroute(ed, setting: str, value: str, setter):
@@ -305,11 +333,7 @@ def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
     return "The workspace is empty again (the model is the original) and the settings are back to their defaults."
 
 
-BENCH_METHODS = tuple(METHODS.names())
 BENCH_MAX_EDITS = 50
-BENCH_COLUMNS = ["method", "edit success", "retention", "generality", "locality", "s / edit", "params / edit"]
-# All four scores are teacher-forced token accuracy: the share of answer tokens the model
-# predicts right given the tokens before them (the paper's measure), from 0 to 1.
 
 
 @user_errors
@@ -320,7 +344,7 @@ def run_benchmark(pool: WorkspacePool, n, methods, progress=gr.Progress()):
     n = int(n or 0)
     if not 1 <= n <= BENCH_MAX_EDITS:
         raise ValueError(f"choose between 1 and {BENCH_MAX_EDITS} edits")
-    methods = [m for m in BENCH_METHODS if m in (methods or [])]
+    methods = [m for m in METHODS.names() if m in (methods or [])]
     if not methods:
         raise ValueError("choose at least one method")
     order = {m: i for i, m in enumerate(methods)}
@@ -329,16 +353,13 @@ def run_benchmark(pool: WorkspacePool, n, methods, progress=gr.Progress()):
         progress((order[name] * total + done) / (len(methods) * total), desc=f"{name}: {done}/{total} edits")
 
     res = edits_benchmark("zsre", n, methods, backbone=pool.backbone, show_progress=False, progress=report)
-    rows = [[name, round(m["edit_success"], 3), round(m["retention"], 3), round(m["generality"], 3),
-             round(m["locality"], 3), round(m["seconds_per_edit"], 2), m["params_per_edit"]]
-            for name, m in res["methods"].items()]
-    return rows, plots.retention_figure(res)
+    return published.table_rows(res), plots.retention_figure(res)
 
 
-# ---- API (gradio_client): plain data in, plain data out -------------------------------
-def api_answer(ans) -> dict:
-    return dataclasses.asdict(ans)
-
-
-def api_edit_result(r) -> dict:
-    return dataclasses.asdict(r)
+@user_errors
+def published_run(name: str):
+    """A published run (docs/results): where it comes from, its table and its retention curve."""
+    if not name:
+        return "", None, None
+    res = published.benchmark_run(name)
+    return published.caption(name, res), published.table_rows(res), plots.retention_figure(res)

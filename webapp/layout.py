@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from melo_engine.checks import clean_text
+from melo_engine.registry import KEY_SOURCES, METHODS
 
+from . import api
 from . import callbacks as cb
+from . import published
 from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
-from .tokens import COOKIE, TokenCookie
+from .tokens import TokenCookie
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-API_NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits")
 
 ABOUT = """
 **MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
@@ -37,10 +37,19 @@ hallucination correction): the block learns to say the answer's sentences before
 one exactly as they were, then the corrected sentence.
 """
 
+
+
+def key_source_help() -> str:
+    """The Settings help of the key source: every registered source in its own words, with the
+    key study's figures where docs/results has them."""
+    def one(name, source):
+        what = "" if source.summary.lower() in source.title.lower() else f": {source.summary}"
+        return f"{source.title}{what}. {published.key_figures(name, getattr(source, 'default_whitened', False))}"
+    each = " ".join(one(name, source).strip() for name, source in KEY_SOURCES.items())
+    return f"What a question's key is computed from. {each} Can change only while the workspace has no edits."
+
+
 HELP = {
-    "key_source": "What a question's key is computed from. Sentence: a small sentence encoder that "
-                  "groups questions by meaning (default). Model: the edited model's own hidden state "
-                  "(the paper). Can change only while the workspace has no edits.",
     "radius": "How far (in key distance) a question may be from an edit and still fire its block. "
               "Key distances run from 0 (the same question) to 2 (opposite); the default is calibrated "
               "halfway between how far rewordings of one question spread and how near questions about "
@@ -66,6 +75,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
     with gr.Blocks(title="MELO Studio") as demo:
         token = gr.BrowserState("", storage_key="melo-studio-workspace")
         probes_state = gr.State([])
+        deleted = gr.State([])          # the edits deleted in this visit, for History
         shown = gr.State(None)          # the question last answered and its answer (for a sentence correction)
         gr.Markdown("# MELO Studio\nFix a wrong answer of a language model, then check where the fix applies.")
 
@@ -85,9 +95,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                     end_here = gr.Checkbox(label="End the answer after the corrected sentence (otherwise the model "
                                                  "goes on in its own words, which may change)",
                                            visible=False, elem_id="end-here")
-                    edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-btn")
+                    edit_btn = gr.Button(cb.APPLY, variant="primary", elem_id="edit-btn")
                 with gr.Column(scale=2):
-                    edit_summary = gr.Markdown(elem_id="edit-summary")
+                    # Tall enough to show a waiting visitor their place in the queue.
+                    edit_summary = gr.Markdown(elem_id="edit-summary", min_height=72)
                     after = gr.HTML(elem_id="after")
                     side_html = gr.HTML(elem_id="side-effects")
                     loss_plot = gr.Plot(label="Training", elem_id="loss-plot")
@@ -134,9 +145,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 import_file = gr.File(label="Import a .melo file", file_types=[".melo"], elem_id="import-file")
 
         with gr.Tab("Settings", id="settings"):
-            key_source = gr.Radio([("Sentence encoder (routes by meaning)", "sentence"),
-                                   ("The model's own hidden state (the paper's key)", "model")],
-                                  label="Key source", info=HELP["key_source"], elem_id="key-source")
+            key_source = gr.Radio(cb.key_sources(), label="Key source", info=key_source_help(), elem_id="key-source")
             key_msg = gr.Markdown(elem_id="key-msg")
             prompt_mode = gr.Radio([("Chat (a question, answered in a chat turn)", "chat"),
                                     ("Completion (plain text the model continues)", "completion")],
@@ -163,13 +172,22 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 "the original answer. Scores are the share of answer tokens the model gets right given the "
                 "tokens before them (teacher-forced token accuracy, as in the paper). It runs on the shared "
                 "model, queued with everyone's edits; 20 edits take a few minutes.")
+            runs = published.benchmark_runs()
+            with gr.Accordion("Published results (measured on the project's machine, docs/results)",
+                              open=True, visible=bool(runs)):
+                run_pick = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
+                                       elem_id="published-run")
+                run_caption = gr.Markdown(elem_id="published-caption")
+                run_table = gr.Dataframe(headers=published.COLUMNS, interactive=False, elem_id="published-table")
+                run_plot = gr.Plot(label="Retention", elem_id="published-plot")
+            gr.Markdown("### Run one yourself")
             with gr.Row():
                 bench_n = gr.Number(value=20, precision=0, minimum=1, maximum=cb.BENCH_MAX_EDITS,
                                     label="Edits per method", elem_id="bench-n")
-                bench_methods = gr.CheckboxGroup(list(cb.BENCH_METHODS), value=list(cb.BENCH_METHODS),
+                bench_methods = gr.CheckboxGroup(METHODS.names(), value=METHODS.names(),
                                                  label="Methods", elem_id="bench-methods")
             bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="bench-btn")
-            bench_table = gr.Dataframe(headers=cb.BENCH_COLUMNS, interactive=False, elem_id="bench-table")
+            bench_table = gr.Dataframe(headers=published.COLUMNS, interactive=False, elem_id="bench-table")
             bench_plot = gr.Plot(label="Retention", elem_id="bench-plot")
 
         with gr.Tab("About", id="about"):
@@ -178,7 +196,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
 
         # ---- wiring ----------------------------------------------------------------------
         private = dict(api_visibility="private")
-        refresh_all = [(bind(cb.history), [token], [table, selected]),
+        refresh_all = [(bind(cb.history), [token, deleted], [table, selected]),
                        (bind(cb.index_map), [token, probes_state], map_plot)]
 
         def after_change(event):
@@ -187,40 +205,48 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 event = event.then(fn, ins, out, **private)
             return event
 
-        demo.load(bind(cb.visitor_token), token, token, **private).then(
+        loaded = demo.load(bind(cb.visitor_token), token, token, **private).then(
             bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private).then(
-            bind(cb.key_info), token, key_about, **private).then(
-            bind(cb.history), token, [table, selected], **private).then(
-            bind(cb.index_map), [token, probes_state], map_plot, **private)
+            bind(cb.key_info), token, key_about, **private)
+        after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         # Everything that generates shares one queue, as wide as the machine has cores (each
         # request runs on one torch thread, app.py); edits and benchmarks queue one at a
         # time beside it. Measured in docs/BENCHMARKS.md, "many visitors at once".
         answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
-        ask_ev = ask_btn.click(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
-        question.submit(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
+        train_q = {"concurrency_limit": 1, "concurrency_id": "train"}
+        for ask_event in (ask_btn.click, question.submit):
+            ask_event(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
         wrong.input(cb.pick_sentence, [wrong, shown], [target, end_here], **private)
-        edit_ev = edit_btn.click(bind(cb.edit), [token, question, target, wrong, shown, end_here],
-                                 [edit_summary, after, side_html, loss_plot],
-                                 concurrency_limit=1, concurrency_id="train", trigger_mode="once",
-                                 show_progress_on=[edit_summary], **private)
-        after_change(edit_ev.success(lambda: None, None, None, **private))
+        # The button says the edit waits (its place in the queue shows above the result) until
+        # training starts, then that it trains; it is back once the edit is done or refused.
+        waiting = edit_btn.click(lambda: gr.update(value=cb.WAITING, interactive=False), None, edit_btn,
+                                 queue=False, trigger_mode="once", **private)
+        trained = waiting.then(bind(cb.edit), [token, question, target, wrong, shown, end_here],
+                               [edit_summary, after, side_html, loss_plot, answer, shown, wrong, end_here, edit_btn],
+                               show_progress_on=[edit_summary], **train_q, **private)
+        trained.then(lambda: gr.update(value=cb.APPLY, interactive=True), None, edit_btn, queue=False, **private)
+        after_change(trained.success(lambda: None, None, None, **private))
         probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text, probe_other],
                                    [probe_sum, probe_out, probe_copy, probes_state],
                                    show_progress_on=[probe_sum], **answer_q, **private)
         probe_ev.success(bind(cb.index_map), [token, probes_state], map_plot, **private)
         refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
-        dist_btn.click(bind(cb.distances), [token, dist_q], dist_plot, **private)
-        dist_q.submit(bind(cb.distances), [token, dist_q], dist_plot, **private)
+        for dist_event in (dist_btn.click, dist_q.submit):
+            dist_event(bind(cb.distances), [token, dist_q], dist_plot, **private)
         bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
-                        show_progress_on=[bench_table],
-                        concurrency_limit=1, concurrency_id="train", trigger_mode="once", **private)
-        del ask_ev
+                        show_progress_on=[bench_table], trigger_mode="once", **train_q, **private)
+        run_pick.input(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
-        after_change(delete_btn.click(bind(cb.delete), [token, selected], history_msg, **private))
+        after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted], [history_msg, deleted],
+                                      **private))
         side_btn.click(bind(cb.side_effects), [token, selected], side_history, **private)
         export_btn.click(partial(cb.export, pool, downloads), token, export_link, **private)
-        after_change(import_file.upload(bind(cb.import_file), [token, import_file], history_msg, **private))
+        # The last message goes first: an error must not sit beside an earlier "Imported ...".
+        # The box is emptied afterwards, ready for the next file.
+        after_change(import_file.upload(cb.clear, None, history_msg, queue=False, **private).then(
+            bind(cb.import_file), [token, import_file], history_msg, **private)).then(
+            lambda: None, None, import_file, queue=False, **private)
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
@@ -229,84 +255,12 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         cleared = [answer, edit_summary, after, side_html, loss_plot, probe_sum, probe_out, probe_copy,
                    history_msg, side_history, export_link, key_msg, mode_msg, dist_plot, shown]
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
-            lambda: (False, [], gr.update(choices=[("The whole answer", 0)], value=0),
+            lambda: (False, [], [], gr.update(choices=[("The whole answer", 0)], value=0),
                      gr.update(value=False, visible=False)) + (None,) * len(cleared),
-            None, [confirm, probes_state, wrong, end_here, *cleared], **private).then(
+            None, [confirm, probes_state, deleted, wrong, end_here, *cleared], **private).then(
             bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private))
 
-        # ---- API endpoints (gradio_client): plain JSON, a workspace per client ---------------
-        # The workspace is the one of the token cookie the client got with /config (tokens.py),
-        # never one picked by the session hash, which any client can set.
-        def api_token(request: gr.Request) -> str:
-            token = request.cookies.get(COOKIE)
-            if not token:
-                raise ValueError(f"no workspace: connect with gradio_client, which keeps the {COOKIE} cookie "
-                                 f"this server sets on /config (README, API)")
-            return token
-
-        def api_editor(request: gr.Request):
-            return pool.editor(api_token(request))
-
-        @cb.user_errors
-        def ask_api(question: str, request: gr.Request) -> dict:
-            """Answer with the edited model; routing info: block, distance, radius, cluster."""
-            return cb.api_answer(api_editor(request).ask(question, compare_base=True))
-
-        @cb.user_errors
-        def edit_api(question: str, target: str, request: gr.Request) -> Iterator[dict]:
-            """Edit the model so `question` gets `target`; returns the edit result."""
-            ed = api_editor(request)
-            pending = ed.train(question, target)
-            yield None                  # not resumed if the client has gone (see cb.edit)
-            yield cb.api_edit_result(ed.commit(pending))
-
-        @cb.user_errors
-        def correct_api(question: str, number: int, sentence: str, request: gr.Request,
-                        end: bool = False) -> Iterator[dict]:
-            """Replace sentence `number` (1 for the first) of the answer `question` gets now by
-            `sentence`; the sentences before it stay word for word; with `end` the answer stops
-            after it. Returns the edit result."""
-            ed = api_editor(request)
-            if isinstance(number, float) and number.is_integer():
-                number = int(number)
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ValueError("the sentence number must be a whole number from 1")
-            if not isinstance(end, bool):
-                raise ValueError("end must be true or false")
-            clean_text(sentence, "the corrected sentence", ed.config.max_text_chars)   # before any generation
-            pending = ed.train(question, sentence, prefix=ed.sentence_prefix(question, number), end=end)
-            yield None                  # not resumed if the client has gone (see cb.edit)
-            yield cb.api_edit_result(ed.commit(pending))
-
-        @cb.user_errors
-        def probe_api(queries: str, request: gr.Request) -> list:
-            """One query per line: each answered by the edited and the unedited model."""
-            if not isinstance(queries, str):
-                raise ValueError("the queries must be text, one per line")
-            qs = [q for _, q in cb.probe_lines(queries, "query")]
-            cb.check_probe_count(len(qs))
-            return [cb.api_answer(a) for a in api_editor(request).probe(qs)]
-
-        @cb.user_errors
-        def delete_api(edit_id: str, request: gr.Request) -> dict:
-            """Undo one edit by id."""
-            if not isinstance(edit_id, str):
-                raise ValueError("the edit id must be text")
-            api_editor(request).delete(edit_id.strip())
-            return {"deleted": edit_id.strip()}
-
-        @cb.user_errors
-        def edits_api(request: gr.Request) -> list:
-            """Every edit of this client's workspace (listing never creates one)."""
-            ed = pool.existing(api_token(request))
-            return ed.edits() if ed is not None else []
-
-        gr.api(ask_api, api_name="ask", **answer_q)
-        gr.api(edit_api, api_name="edit", concurrency_limit=1, concurrency_id="train")
-        gr.api(correct_api, api_name="correct", concurrency_limit=1, concurrency_id="train")
-        gr.api(probe_api, api_name="probe", **answer_q)
-        gr.api(delete_api, api_name="delete")
-        gr.api(edits_api, api_name="edits")
+        api.register(pool, answer_q)
     return demo
 
 
@@ -320,7 +274,7 @@ def server_extras(pool: WorkspacePool, downloads: Downloads) -> dict:
     from starlette.routing import Route
 
     def unknown_endpoint(request, exc):
-        return JSONResponse({"error": f"no such API endpoint; this app has {', '.join(API_NAMES)}"},
+        return JSONResponse({"error": f"no such API endpoint; this app has {', '.join(api.NAMES)}"},
                             status_code=404)
 
     return {"middleware": [Middleware(TokenCookie, tokens=pool.tokens)],

@@ -19,28 +19,45 @@ import numpy as np
 import plotly.graph_objects as go
 
 UMAP_MIN_POINTS = 15
-PROBE_COLOR = "#111111"      # probes in black: no block has that colour
+PROBE_COLOR = "#111111"      # probes in black (a block fired) and grey (none did): no block has those colours
+PROBE_GREY = "#999999"
+EDITS = "edit (colour: its block)"
+PROBE_FIRED, PROBE_NOT_FIRED = "probe: fix applied", "probe: original model"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
 
 
-def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates for the rows of `vectors`, and the method used."""
-    n = len(vectors)
-    if n >= UMAP_MIN_POINTS:
+def _pca(vectors: np.ndarray):
+    """The 2-D PCA of `vectors` as a function of other rows; each axis points the way its
+    largest loading is positive, so the same snapshot always draws the same way round."""
+    mean = vectors.mean(0)
+    if len(vectors) < 2:
+        return lambda x: np.zeros((len(x), 2))
+    _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+    axes = vt[:2] * np.sign(vt[:2][np.arange(len(vt[:2])), np.abs(vt[:2]).argmax(1)])[:, None]
+    return lambda x: np.pad((np.asarray(x) - mean) @ axes.T, ((0, 0), (0, 2 - len(axes))))
+
+
+def projection(vectors: np.ndarray, seed: int = 0):
+    """A 2-D projection fitted once on `vectors` (a snapshot's keys and centers): (its
+    coordinates, a function placing other rows such as probes on the same map, the method).
+    The fit depends on the snapshot alone (fixed seed), so a refresh, or new probes, do not
+    move the map."""
+    if len(vectors) >= UMAP_MIN_POINTS:
         import umap
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), min_dist=0.1, random_state=seed,
-                            n_jobs=1)
-        return reducer.fit_transform(vectors), "UMAP"
-    centered = vectors - vectors.mean(0)
-    if n < 2:
-        return np.zeros((n, 2)), "PCA"
-    _, _, vt = np.linalg.svd(centered, full_matrices=False)
-    coords = centered @ vt[:2].T
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-    return coords, "PCA"
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(vectors) - 1), min_dist=0.1,
+                            random_state=seed, n_jobs=1)
+        coords = reducer.fit_transform(vectors)
+        return coords, lambda x: reducer.transform(np.asarray(x, dtype=np.float32)) if len(x) else np.zeros((0, 2)), "UMAP"
+    place = _pca(vectors)
+    return place(vectors), place, "PCA"
+
+
+def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates for the rows of `vectors`, and the method used."""
+    coords, _, method = projection(vectors, seed)
+    return coords, method
 
 
 def warm_up(delay_seconds: float = 0.0) -> None:
@@ -53,6 +70,12 @@ def warm_up(delay_seconds: float = 0.0) -> None:
     except (AttributeError, OSError):
         pass
     project(np.random.default_rng(0).normal(size=(UMAP_MIN_POINTS + 5, 8)).astype(np.float32))
+
+
+def _short(text: str, width: int = 22) -> str:
+    """A label short enough to sit beside a mark (the whole text is in its hover)."""
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _circle(cx: float, cy: float, r: float, n: int = 48):
@@ -71,12 +94,19 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         fig.update_layout(height=420, xaxis_visible=False, yaxis_visible=False, template="plotly_white")
         return fig
 
-    vecs = [p["key"] for p in points] + [c["center"] for c in clusters] + [q["key"] for q in probes]
-    coords, method = project(np.asarray(vecs, dtype=np.float32))
-    coords = np.asarray(coords, dtype=float)
+    base = [p["key"] for p in points] + [c["center"] for c in clusters]
+    # Fitted on the snapshot alone, so refreshes and new probes do not move it; but one or
+    # two edits span no plane, and the probes would all fall on them: then they join the fit.
+    with_probes = len(points) < 3
+    fitted = base + ([q["key"] for q in probes] if with_probes else [])
+    coords, place, method = projection(np.asarray(fitted, dtype=np.float32))
+    if with_probes:
+        coords, Q = coords[: len(base)], coords[len(base):]
+    else:
+        Q = place(np.asarray([q["key"] for q in probes], dtype=np.float32)) if probes else np.zeros((0, 2))
+    coords, Q = np.asarray(coords, dtype=float), np.asarray(Q, dtype=float)
     P = coords[: len(points)]
-    C = coords[len(points): len(points) + len(clusters)]
-    Q = coords[len(points) + len(clusters):]
+    C = coords[len(points):]
     if method == "UMAP":
         # UMAP embeds a center as one more point, often away from the edits it stands for:
         # draw it at the mean of its members' positions instead.
@@ -84,8 +114,8 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             members = [k for k, p in enumerate(points) if p["cluster"] == c["id"]]
             if members:
                 C[i] = P[members].mean(0)
-    high = np.asarray(vecs, dtype=np.float32)
-    Ph, Ch = high[: len(points)], high[len(points): len(points) + len(clusters)]
+    high = np.asarray(base, dtype=np.float32)
+    Ph, Ch = high[: len(points)], high[len(points):]
 
     # Radii, drawn first so the markers sit on top.
     radius_in_legend = False
@@ -106,39 +136,42 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
         radius_in_legend = True
 
-    blocks = sorted({p["block"] for p in points})
-    for b in blocks:
-        idx = [k for k, p in enumerate(points) if p["block"] == b]
+    if points:      # one legend entry for every edit: ten blocks would be ten entries
         fig.add_trace(go.Scatter(
-            x=P[idx, 0].tolist(), y=P[idx, 1].tolist(), mode="markers", name=f"edit, block {b}",
-            marker=dict(size=11, color=PALETTE[b % len(PALETTE)], line=dict(width=1, color="white")),
-            text=[f"{points[k]['prompt']}<br>→ {points[k]['label']}<br>block {b}, cluster {points[k]['cluster']}"
-                  for k in idx],
+            x=P[:, 0].tolist(), y=P[:, 1].tolist(), mode="markers", name=EDITS,
+            marker=dict(size=11, color=[PALETTE[p["block"] % len(PALETTE)] for p in points],
+                        line=dict(width=1, color="white")),
+            text=[f"{p['prompt']}<br>→ {p['label']}<br>block {p['block']}, cluster {p['cluster']}" for p in points],
             hovertemplate="%{text}<extra></extra>"))
     if clusters:
         fig.add_trace(go.Scatter(
-            x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers", name="cluster center",
+            x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers+text", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
-            text=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
+            text=[c["id"] for c in clusters], textposition="bottom center",     # as History and the distances name them
+            textfont=dict(size=10, color="#555"),
+            customdata=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
                   + (" (fires only for this exact question)" if c["radius"] <= 0 else "")
                   + f", {len(c['members'])} edit(s)" for c in clusters],
-            hovertemplate="%{text}<extra></extra>"))
+            hovertemplate="%{customdata}<extra></extra>"))
     center_of = {c["id"]: C[i] for i, c in enumerate(clusters)}
     for k, q in enumerate(probes):
-        fired = q.get("block") is not None and q.get("cluster") in center_of
-        if fired:
+        if q.get("block") is not None and q.get("cluster") in center_of:
             cx, cy = center_of[q["cluster"]]
-            fig.add_trace(go.Scatter(x=[float(Q[k, 0]), float(cx)], y=[float(Q[k, 1]), float(cy)], mode="lines", showlegend=False,
-                                     line=dict(color=PROBE_COLOR, width=1.5, dash="dash"), hoverinfo="skip"))
-    if probes:
-        fired = [q.get("block") is not None for q in probes]
+            fig.add_trace(go.Scatter(x=[float(Q[k, 0]), float(cx)], y=[float(Q[k, 1]), float(cy)], mode="lines",
+                                     showlegend=False, line=dict(color=PROBE_COLOR, width=1.5, dash="dash"),
+                                     hoverinfo="skip"))
+    for fired, name, colour in [(True, PROBE_FIRED, PROBE_COLOR), (False, PROBE_NOT_FIRED, PROBE_GREY)]:
+        idx = [k for k, q in enumerate(probes) if (q.get("block") is not None) == fired]
+        if not idx:
+            continue
         fig.add_trace(go.Scatter(
-            x=Q[:, 0].tolist(), y=Q[:, 1].tolist(), mode="markers", name="probe query",
-            marker=dict(symbol="x", size=12, color=[PROBE_COLOR if f else "#999" for f in fired]),
-            text=[f"probe: {q['text']}<br>" + (f"fix applied: block {q['block']}" if f else "original model")
-                  + (f"<br>distance {q['distance']:.3f} / radius {q['radius']:.3f}" if q.get("distance") is not None else "")
-                  for q, f in zip(probes, fired)],
-            hovertemplate="%{text}<extra></extra>"))
+            x=Q[idx, 0].tolist(), y=Q[idx, 1].tolist(), mode="markers+text", name=name,
+            marker=dict(symbol="x", size=12, color=colour), textposition="top center",
+            text=[_short(probes[k]["text"]) for k in idx], textfont=dict(size=10, color=colour),
+            customdata=[f"probe: {probes[k]['text']}<br>" + (f"fix applied: block {probes[k]['block']}" if fired else "original model")
+                  + (f"<br>distance {probes[k]['distance']:.3f} / radius {probes[k]['radius']:.3f}"
+                     if probes[k].get("distance") is not None else "") for k in idx],
+            hovertemplate="%{customdata}<extra></extra>"))
     note = (f"A 2-D projection ({method}): a point drawn inside a circle can lie outside it in the key "
             f"space; the true distances are beside the map")
     fig.update_layout(title=dict(text=f"Index: {len(points)} edits, {len(clusters)} clusters.<br><sup>{note}</sup>",
@@ -159,6 +192,7 @@ def distance_bars(question: str, rows: list[dict]) -> go.Figure:
         fig.add_annotation(text="No edits yet.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_layout(height=300, xaxis_visible=False, yaxis_visible=False, template="plotly_white")
         return fig
+    height = 160 + 34 * len(rows)
     names = [f"{r['cluster']}: {r['answer'][:28]}{'…' if len(r['answer']) > 28 else ''}" for r in rows][::-1]
     top = 1.15 * max(max(r["distance"], r["radius"]) for r in rows)
     rows = rows[::-1]
@@ -168,13 +202,14 @@ def distance_bars(question: str, rows: list[dict]) -> go.Figure:
     fig.add_trace(go.Scatter(x=[r["radius"] for r in rows], y=names, mode="markers", name="radius",
                              marker=dict(symbol="line-ns-open", size=22, line=dict(width=3, color="#c0392b")),
                              hovertemplate="radius %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=dict(text=f"True distances from “{question[:60]}”<br><sup>blue: this cluster's "
-                                      f"fix applies (distance within its radius, the red mark)</sup>",
+    # No legend: the subtitle names the bars and the mark (a legend under a chart of one or
+    # two rows lands on its axis title).
+    fig.update_layout(title=dict(text=f"True distances from “{question[:60]}”<br><sup>bars: key distance, blue where "
+                                      f"this cluster's fix applies; red mark: the cluster's radius</sup>",
                                  font=dict(size=13)),
-                      height=120 + 34 * len(rows), template="plotly_white", barmode="overlay",
-                      margin=dict(l=10, r=10, t=60, b=40), xaxis=dict(title="key distance", range=[0, top]),
-                      yaxis=dict(automargin=True),
-                      legend=dict(orientation="h", y=-0.25))
+                      height=height, template="plotly_white", barmode="overlay", showlegend=False,
+                      margin=dict(l=10, r=10, t=60, b=50), xaxis=dict(title="key distance", range=[0, top]),
+                      yaxis=dict(automargin=True))
     return fig
 
 
@@ -190,6 +225,7 @@ def retention_figure(res: dict):
     fig = go.Figure()
     # Distinct dashes: methods that keep every edit draw the same line at 1.0.
     dashes = {"melo": "solid", "grace": "dash", "lora": "dot"}
+    last = max((c["edits"] for m in res["methods"].values() for c in m["retention_curve"]), default=1)
     for name, m in res["methods"].items():
         curve = m["retention_curve"]
         fig.add_trace(go.Scatter(x=[c["edits"] for c in curve], y=[c["retention"] for c in curve],
@@ -198,7 +234,9 @@ def retention_figure(res: dict):
     fig.update_layout(height=320, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
                       title=dict(text="retention of all earlier edits", font=dict(size=13)),
                       xaxis_title="edits made", yaxis_title="retention (token accuracy)", yaxis_range=[0, 1.05],
-                      xaxis=dict(tickmode="linear", tick0=0, dtick=max(1, len(curve) // 10)))   # whole edits only
+                      # Whole edits only, about ten ticks: a tick per edit of a 1000-edit run
+                      # kept the browser busy for minutes.
+                      xaxis=dict(tickmode="linear", tick0=0, dtick=max(1, -(-last // 10))))
     return fig
 
 

@@ -54,16 +54,12 @@ def diff_html(edited: str, base: str) -> tuple[str, str]:
     return " ".join(out_a), " ".join(out_b)
 
 
-def with_ellipsis(ed, ans):
-    """An answer that ran to the length limit stops mid-sentence: mark it with an ellipsis."""
-    limit = ed.config.max_new_tokens - 2
-
-    def mark(text):
-        if not text or text.endswith((".", "!", "?", "…", '"', "”", ")")):
-            return text
-        cut = len(ed.backbone.tokenizer.encode(text, add_special_tokens=False)) >= limit
-        return text + " …" if cut else text
-    return dataclasses.replace(ans, text=mark(ans.text), base_text=mark(ans.base_text))
+def with_ellipsis(ans):
+    """An answer that ran to the length limit stops mid-sentence (the engine says which):
+    mark it with an ellipsis."""
+    def mark(text, cut):
+        return text + " …" if text and cut else text
+    return dataclasses.replace(ans, text=mark(ans.text, ans.truncated), base_text=mark(ans.base_text, ans.base_truncated))
 
 
 def numbered_html(text: str) -> str:
@@ -107,41 +103,53 @@ def before_after_html(ans) -> str:
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
 
 
+def _neighbour_row(n) -> str:
+    verdict = ("<b>gets this edit</b>" if n.fires else
+               f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else "stays original")
+    return (f'<tr class="{"melo-fires" if n.fires else ""}"><td>{html.escape(n.question)}</td>'
+            f'<td class="melo-num">{n.distance:.3f}</td><td class="melo-num">{n.radius:.3f}</td>'
+            f'<td>{verdict}</td></tr>')
+
+
+NEIGHBOUR_HEAD = "<thead><tr><th>question</th><th>distance</th><th>radius</th><th>now</th></tr></thead>"
+
+
 def side_effects_html(edit_id: str, neighbours) -> str:
-    """The reference questions nearest an edit: the ones it now fires for first and marked."""
+    """The reference questions nearest an edit: the ones it now fires for first and marked;
+    beyond the first rows, the rest folded under "and N more" (opened with a click)."""
     firing = [n for n in neighbours if n.fires and n.distance > 1e-6]
     head = (f'<div class="melo-warn">This edit would also answer {len(firing)} other question'
             f'{"s" if len(firing) != 1 else ""} from the reference list: check them in Probe.</div>'
             if firing else '<div class="melo-ok">None of the reference questions near this edit would '
             'get it.</div>')
-    rows = []
-    shown = neighbours[:SIDE_EFFECT_ROWS]
-    for n in shown:
-        verdict = ("<b>gets this edit</b>" if n.fires else
-                   f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else "stays original")
-        rows.append(f'<tr class="{"melo-fires" if n.fires else ""}"><td>{html.escape(n.question)}</td>'
-                    f'<td class="melo-num">{n.distance:.3f}</td><td class="melo-num">{n.radius:.3f}</td>'
-                    f'<td>{verdict}</td></tr>')
+    shown, rest = neighbours[:SIDE_EFFECT_ROWS], neighbours[SIDE_EFFECT_ROWS:]
+    more = (f'<details class="melo-more"><summary class="melo-same">and {len(rest)} more that get it</summary>'
+            f'<table class="melo-probe">{NEIGHBOUR_HEAD}<tbody>{"".join(map(_neighbour_row, rest))}</tbody>'
+            '</table></details>' if rest else "")
     return (f'<div class="melo-side"><div class="melo-label">Side-effect check for edit {html.escape(edit_id)}: '
             f'reference questions nearest it (keys only, nothing generated)</div>{head}'
-            '<table class="melo-probe"><thead><tr><th>question</th><th>distance</th><th>radius</th>'
-            '<th>now</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
-            + (f'<div class="melo-same">and {len(neighbours) - len(shown)} more that get it</div>'
-               if len(neighbours) > len(shown) else "") + "</div>")
+            f'<table class="melo-probe">{NEIGHBOUR_HEAD}<tbody>{"".join(map(_neighbour_row, shown))}</tbody>'
+            f'</table>{more}</div>')
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{word}{'s' if n != 1 else ''}"
 
 
 def probe_summary(kinds: list[str], answers) -> str:
-    """'2 of 3 paraphrases got the fix; 0 of 3 unrelated answers changed' (Markdown)."""
+    """'2 of 3 paraphrases got the fix; 0 of 3 unrelated questions fired a block' (Markdown).
+    A block that fired counts even when its text came out the same as the original's."""
     para = [a for k, a in zip(kinds, answers) if k == "paraphrase"]
     other = [a for k, a in zip(kinds, answers) if k == "unrelated"]
     parts = []
     if para:
         got = sum(a.block is not None for a in para)
-        parts.append(f"**{got} of {len(para)}** paraphrase{'s' if len(para) != 1 else ''} got the fix")
+        parts.append(f"**{got} of {len(para)}** {_plural(len(para), 'paraphrase')} got the fix")
     if other:
+        fired = sum(a.block is not None for a in other)
         changed = sum(a.text != a.base_text for a in other)
-        parts.append(f"**{changed} of {len(other)}** unrelated answer{'s' if len(other) != 1 else ''} changed"
-                     + (" (should be 0)" if changed else ""))
+        parts.append(f"**{fired} of {len(other)}** unrelated {_plural(len(other), 'question')} fired a block"
+                     + (f" (should be 0; {changed} of them answered differently)" if fired else ""))
     return "; ".join(parts) + "."
 
 
@@ -169,30 +177,61 @@ def probe_tsv(kinds: list[str], questions: list[str], answers) -> str:
     return "\n".join(lines)
 
 
-def history_rows(ed) -> list[list]:
+PLACED = {"new": "new", "beside": "beside", "joined": "joined", "superseded": "replaced",
+          "conflict": "split", "bulk": "bulk"}
+HISTORY_LEGEND = (
+    "<b>placed</b>: <i>new</i>, the first edit of a question like this one, in a cluster of its own; "
+    "<i>beside</i>, a cluster of its own near an edit with another answer (where the two overlap, the "
+    "nearer edit answers); <i>joined</i>, the same question with the same answer as an earlier edit, "
+    "in its cluster; <i>replaced</i>, the same question as earlier edits with another answer: this "
+    "one answers now. <b>status</b>: <i>superseded</i>, replaced by a later edit of the same question, "
+    "kept, and active again if that one is undone; <i>deleted</i>, undone in this visit (shown until "
+    "the page is reloaded).")
+
+
+def _placed(e: dict, edits: list[dict]) -> str:
+    """How an edit was placed, in the legend's words, with its cluster."""
+    action = PLACED.get(e.get("action", ""), e.get("action", ""))
+    if e.get("action") == "superseded":
+        replaced = [x["id"] for x in edits if x.get("superseded_by") == e["id"]]
+        action += f" {', '.join(replaced)}" if replaced else " an earlier edit"
+    return action + (f" ({e['cluster']})" if e.get("cluster") else "")
+
+
+def _made(seconds_since_epoch) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds_since_epoch or 0))
+
+
+def history_rows(edits: list[dict], deleted: list[dict] = ()) -> list[list]:
+    """The table's rows, newest first: the workspace's edits, then the ones deleted in this
+    visit (`deleted`: their records as they were)."""
     rows = []
-    for e in reversed(ed.edits()):
+    for e in reversed(edits):
         answer = e["target"] if "prefix" not in e else f"{e['target']} (one sentence; the text before it kept)"
         status = e["status"] + (f" by {e['superseded_by']}" if e.get("superseded_by") else "")
-        placed = e.get("action", "") + (f" ({e['cluster']})" if e.get("cluster") else "")
-        rows.append([e["id"], e["prompt"], answer, status, placed,
-                     "" if e.get("block") is None else e["block"],
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(e.get("created", 0))),
+        rows.append([e["id"], e["prompt"], answer, status, _placed(e, edits),
+                     "" if e.get("block") is None else e["block"], _made(e.get("created")),
                      f"{e.get('seconds', 0.0):.1f}"])
+    for e in reversed(deleted):
+        rows.append([e["id"], e["prompt"], e["target"], f"deleted at {time.strftime('%H:%M', time.localtime(e['deleted']))}",
+                     "", "", _made(e.get("created")), f"{e.get('seconds', 0.0):.1f}"])
     return rows
 
 
-def history_html(ed) -> str:
-    rows = history_rows(ed)
+def history_html(edits: list[dict], deleted: list[dict] = ()) -> str:
+    rows = history_rows(edits, deleted)
     if not rows:
         return '<div class="melo-same">No edits yet.</div>'
     head = "".join(f"<th>{c}</th>" for c in HISTORY_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    body = "".join(f'<tr class="{"melo-deleted" if str(r[3]).startswith("deleted") else ""}">'
+                   + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return (f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            f'<div class="melo-same melo-legend">{HISTORY_LEGEND}</div>')
 
 
 WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
-                 "beside": "It is the first edit of a question like this one.",
+                 "beside": "It is the first edit of this question; an edit with another answer is near it "
+                           "(where the two overlap, the nearer edit answers).",
                  "joined": "It joins an earlier edit of this question with the same answer.",
                  "superseded": "",
                  "conflict": "It split the cluster of an earlier edit with another answer."}
@@ -202,22 +241,25 @@ def _quoted(text: str) -> str:
     return f"“{html.escape(text)}”"
 
 
+def _sentence_place(entry: dict) -> tuple[str, str] | None:
+    """Where a sentence correction's sentence goes, and what follows it (None for a whole answer)."""
+    if "prefix" not in entry:
+        return None
+    kept = len(sentence_spans(entry["prefix"]))
+    where = ("as the first sentence" if not kept else "after the first sentence, kept word for word"
+             if kept == 1 else f"after the first {kept} sentences, kept word for word")
+    then = ("The answer ends there." if entry.get("ends_answer") else
+            "What follows the corrected sentence is the model's own continuation and may change.")
+    return f" {where}", f" {then}"
+
+
 def edit_summary(ed, r) -> str:
     """What the edit did, in words for a class: what is active now, and what it replaced."""
     entry = ed.record(r.edit_id)
     target = entry["target"]
-    if "prefix" in entry:
-        kept = len(sentence_spans(entry["prefix"]))
-        where = ("as the first sentence" if not kept else "after the first sentence, kept word for word"
-                 if kept == 1 else f"after the first {kept} sentences, kept word for word")
-        then = ("The answer ends there." if entry.get("ends_answer") else
-                "What follows the corrected sentence is the model's own continuation and may change.")
-        lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
-                 f"{where} (trained in {r.steps} steps, {r.seconds:.1f} s). {then} "
-                 f"{WHAT_HAPPENED[r.action]}".rstrip()]
-    else:
-        lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)} "
-                 f"(trained in {r.steps} steps, {r.seconds:.1f} s). {WHAT_HAPPENED[r.action]}".rstrip()]
+    where, then = _sentence_place(entry) or ("", "")
+    lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)}{where} "
+             f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {WHAT_HAPPENED.get(r.action, '')}".rstrip()]
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
                      f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
@@ -227,3 +269,16 @@ def edit_summary(ed, r) -> str:
     if r.moved:
         lines.append(f"Earlier edits moved to clusters of their own (still active): {', '.join(f'`{e}`' for e in r.moved)}.")
     return "\n\n".join(lines)
+
+
+def import_summary(report) -> str:
+    """What an import did: new edits, edits already here (skipped), earlier edits replaced."""
+    def n(count: int, what: str) -> str:
+        return f"{count} {what}{'' if count == 1 else 's'}"
+    parts = [f"Imported {n(len(report.added), 'new edit')}."]
+    if report.skipped:
+        parts.append(f"Skipped {n(len(report.skipped), 'edit')} already in this workspace.")
+    if report.superseded:
+        parts.append(f"{n(len(report.superseded), 'earlier edit')} of the same question replaced (undo the new one "
+                     f"to bring it back).")
+    return " ".join(parts)

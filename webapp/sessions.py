@@ -70,11 +70,6 @@ class WorkspacePool:
             return self.editor(token)
         return None
 
-    @staticmethod
-    def _has_edits(d: Path) -> bool:
-        blocks = d / "ws" / "blocks"
-        return blocks.is_dir() and any(blocks.iterdir())
-
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove workspaces idle for too long (see the class); return the folders removed."""
         now = time.time() if now is None else now
@@ -87,7 +82,7 @@ class WorkspacePool:
                 last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
             except (OSError, ValueError):
                 last = d.stat().st_mtime
-            limit = self.idle_seconds if self._has_edits(d) else self.empty_idle_seconds
+            limit = self.idle_seconds if MeloEditor.has_edits(d / "ws") else self.empty_idle_seconds
             if now - last <= limit:
                 continue
             with self._lock:

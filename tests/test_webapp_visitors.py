@@ -1,0 +1,76 @@
+"""The web app in a real browser with several visitors at once, and what a visitor sees
+without making an edit (Debian chromium through Playwright; helpers in test_webapp_browser)."""
+from __future__ import annotations
+
+from test_webapp_browser import LONG, answer_text, ask, fresh_page, open_page, shot, tab
+
+
+def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edits):
+    url, _ = app_server
+    a = browser.new_context()
+    b = browser.new_context()
+    try:
+        pa, pb = open_page(a, url), open_page(b, url)
+        e = example_edits[9]
+        pa.locator("#question textarea").fill(e["prompt"])
+        pa.locator("#target textarea").fill(e["target"])
+        pa.locator("#edit-btn").click()
+        pa.wait_for_selector("#after .melo-after", timeout=LONG)
+        assert ask(pa, e["prompt"]) == (e["target"], pa.locator("#answer .melo-badge").inner_text())
+        text, badge = ask(pb, e["prompt"])
+        assert badge == "original model" and text != e["target"]
+        # A reload keeps the same workspace (the token lives in the browser).
+        pa.reload()
+        pa.wait_for_selector("#question textarea", timeout=LONG)
+        assert ask(pa, e["prompt"])[0] == e["target"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_waiting_edit_shows_its_queue_place_and_the_button_says_it_waits(app_server, browser):
+    """Visitor A's benchmark holds the training queue; visitor B's edit waits behind it: B's
+    Apply button says so, B sees a queue place in a box tall enough to read, and the edit
+    is made once the benchmark is done."""
+    url, _ = app_server
+    with fresh_page(browser, url) as a, fresh_page(browser, url) as b:
+        tab(a, "Benchmark")
+        a.locator("#bench-n input").fill("1")
+        a.locator("#bench-btn").click()
+        a.wait_for_selector("#bench-table .progress-text, #bench-table .eta-bar", timeout=LONG)
+        b.locator("#question textarea").fill("What is the capital of Turkey?")
+        b.locator("#target textarea").fill("Ankara is the capital of Turkey.")
+        b.locator("#edit-btn").click()
+        b.wait_for_function("() => document.querySelector('#edit-btn').innerText.startsWith('Waiting')", timeout=LONG)
+        b.wait_for_function("() => /queue/i.test(document.querySelector('#edit-summary').innerText)", timeout=LONG)
+        place = b.locator("#edit-summary")
+        assert place.bounding_box()["height"] >= 40, place.bounding_box()
+        shot(b, "edit_waiting")
+        b.wait_for_selector("#after .melo-after", timeout=600_000)
+        assert answer_text(b, "#after .melo-after") == "Ankara is the capital of Turkey."
+        b.wait_for_function("() => document.querySelector('#edit-btn').innerText === 'Apply edit'", timeout=LONG)
+
+
+def test_show_distances_with_an_empty_box_gives_one_notice(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        tab(page, "Index map")
+        page.locator("#dist-btn").click()
+        page.get_by_text("type a question").first.wait_for(timeout=LONG)
+        page.wait_for_timeout(1500)
+        assert page.get_by_text("type a question").count() == 1
+        assert page.locator("#dist-plot .error, .toast-body.error").count() == 0
+
+
+def test_published_results_are_shown_without_running_anything(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        tab(page, "Benchmark")
+        page.wait_for_function("""() => { const p = document.querySelector('#published-plot .js-plotly-plot');
+            return p && p.data && p.data.length >= 1; }""", timeout=LONG)
+        assert "zsre-paper-1000-melo.json" in page.locator("#published-caption").inner_text()
+        assert "melo" in page.locator("#published-table").inner_text()
+        page.locator("#published-run input").click()
+        page.get_by_role("option", name="zsre-paper-1000-grace").click()
+        page.wait_for_selector("#published-caption :text('zsre-paper-1000-grace.json')", timeout=LONG)
+        assert "grace" in page.locator("#published-table").inner_text()

@@ -1,0 +1,106 @@
+"""The API endpoints (gradio_client): plain JSON in and out, a workspace per client.
+
+Each endpoint is a few lines over the same façade methods the page's callbacks call
+(callbacks.py). The workspace is the one of the token cookie the client got with /config
+(tokens.py), never one picked by the session hash, which any client can set. `register`
+adds them to the page being built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Iterator
+
+import gradio as gr
+
+from .callbacks import check_probe_count, probe_lines, user_errors
+from .sessions import WorkspacePool
+from .tokens import COOKIE
+
+NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits")
+
+
+def token_of(request: gr.Request) -> str:
+    token = request.cookies.get(COOKIE)
+    if not token:
+        raise ValueError(f"no workspace: connect with gradio_client, which keeps the {COOKIE} cookie "
+                         f"this server sets on /config (README, API)")
+    return token
+
+
+@user_errors
+def ask(pool: WorkspacePool, question: str, request: gr.Request) -> dict:
+    """Answer with the edited model; routing info: block, distance, radius, cluster."""
+    return dataclasses.asdict(pool.editor(token_of(request)).ask(question, compare_base=True))
+
+
+@user_errors
+def edit(pool: WorkspacePool, question: str, target: str, request: gr.Request) -> Iterator[dict]:
+    """Edit the model so `question` gets `target`; returns the edit result."""
+    ed = pool.editor(token_of(request))
+    pending = ed.train(question, target)
+    yield None                  # not resumed if the client has gone (see callbacks.edit)
+    yield dataclasses.asdict(ed.commit(pending))
+
+
+@user_errors
+def correct(pool: WorkspacePool, question: str, number: int, sentence: str, request: gr.Request,
+            end: bool = False) -> Iterator[dict]:
+    """Replace sentence `number` (1 for the first) of the answer `question` gets now by
+    `sentence`; the sentences before it stay word for word; with `end` the answer stops
+    after it. Returns the edit result."""
+    ed = pool.editor(token_of(request))
+    pending = ed.train_correction(question, number, sentence, end=end)
+    yield None                  # not resumed if the client has gone (see callbacks.edit)
+    yield dataclasses.asdict(ed.commit(pending))
+
+
+@user_errors
+def probe(pool: WorkspacePool, queries: str, request: gr.Request) -> list:
+    """One query per line: each answered by the edited and the unedited model."""
+    if not isinstance(queries, str):
+        raise ValueError("the queries must be text, one per line")
+    qs = [q for _, q in probe_lines(queries, "query")]
+    check_probe_count(len(qs))
+    return [dataclasses.asdict(a) for a in pool.editor(token_of(request)).probe(qs)]
+
+
+@user_errors
+def delete(pool: WorkspacePool, edit_id: str, request: gr.Request) -> dict:
+    """Undo one edit by id."""
+    if not isinstance(edit_id, str):
+        raise ValueError("the edit id must be text")
+    pool.editor(token_of(request)).delete(edit_id.strip())
+    return {"deleted": edit_id.strip()}
+
+
+@user_errors
+def edits(pool: WorkspacePool, request: gr.Request) -> list:
+    """Every edit of this client's workspace (listing never creates one)."""
+    ed = pool.existing(token_of(request))
+    return ed.edits() if ed is not None else []
+
+
+def bind(fn, pool: WorkspacePool):
+    """`fn` with the pool given, described to gradio (which reads the signature and the type
+    hints to document the endpoint and to pass the request) without it."""
+    if inspect.isgeneratorfunction(fn):
+        def call(*args, **kwargs):
+            yield from fn(pool, *args, **kwargs)
+    else:
+        def call(*args, **kwargs):
+            return fn(pool, *args, **kwargs)
+    functools.update_wrapper(call, fn)
+    sig = inspect.signature(fn)
+    call.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return call
+
+
+def register(pool: WorkspacePool, answer_queue: dict) -> None:
+    """Add the endpoints to the Blocks being built: asks and probes share the page's answer
+    queue, edits and corrections its training queue."""
+    train_queue = {"concurrency_limit": 1, "concurrency_id": "train"}
+    for fn, queue in [(ask, answer_queue), (edit, train_queue), (correct, train_queue), (probe, answer_queue),
+                      (delete, {}), (edits, {})]:
+        gr.api(bind(fn, pool), api_name=fn.__name__, **queue)
