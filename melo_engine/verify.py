@@ -287,7 +287,9 @@ class SameQuestion:
             # one ("the last year of X" / "the year X was dissolved" ask the same).
             for kind in ("number", "ordinal", "superlative"):
                 a, b = q.slots[kind], e.slots[kind]
-                if a != b and (kind == "number" or (a and b)):
+                # A rank before a superlative changes it: "second largest" is not "largest".
+                ranked = kind == "ordinal" and (q.slots["superlative"] or e.slots["superlative"])
+                if a != b and (kind == "number" or (a and b) or ranked):
                     return False, f"{kind} differs: {_show(a)} / {_show(b)}"
             q_extra = [" ".join(r) for r in q.runs if not self._run_found(r, e)]
             e_extra = [" ".join(r) for r in e.runs if not self._run_found(r, q)]

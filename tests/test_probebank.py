@@ -10,6 +10,7 @@ import torch
 
 from melo_engine.bench.probebank import bundled_questions
 from melo_engine.index import ClusterState
+from melo_engine.placement import add
 from melo_engine.neighbours import side_effects
 from melo_engine.probebank import (MAX_CHARS, START_K, ProbeBank, bank_side_effects, client_for,
                                    collection_name, read_questions_file)
@@ -114,7 +115,7 @@ def test_bank_side_effects_agree_with_brute_force_routing(loaded, keyer):
     # Edits on bank questions (their paraphrases are in the bank too) and one outside it.
     prompts = [questions[i] for i in (0, 3, 9, 30, 60)] + ["Who composed the Moonlight Sonata?"]
     for i, k in enumerate(keyer.keys(prompts)):
-        state.add(f"e{i}", k, i, f"answer {i}", radius)
+        add(state, f"e{i}", k, i, f"answer {i}", radius)
     fired_any = 0
     for eid in state.points:
         got = bank_side_effects(state, eid, bank, n=8)

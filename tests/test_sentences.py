@@ -122,7 +122,7 @@ def test_bad_sentence_corrections_are_refused_and_change_nothing(backbone, base_
     ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
     ed.edit("What is the capital of Italy?", "Rome")
     before = tree_digest(tmp_path / "ws")
-    for number, sentence, message in [(4, FIX, "has 3 sentence"), (0, FIX, "no sentence 0"),
+    for number, sentence, message in [(4, FIX, "has 3 sentence"), (0, FIX, "whole number from 1"),
                                       (2, "   ", "is empty"), (2.5, FIX, "whole number"),
                                       (2, "x" * 600, "the limit is 500")]:
         with pytest.raises(ValueError, match=message):

@@ -107,6 +107,7 @@ def _same(got, want, n: int, tol: float = 1e-5) -> bool:
 def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8, root=None) -> dict:
     from melo_engine.backbone import Backbone
     from melo_engine.bench.data import load_stream
+    from melo_engine.placement import add
     from melo_engine.bench.machine import machine
     from melo_engine.calibrate import calibrated_radius
     from melo_engine.config import DEFAULT_MODEL, MeloConfig
@@ -148,7 +149,7 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
     state = ClusterState()
     ekeys = keyer.keys([r.prompt for r in stream.edits])
     for i, (r, k) in enumerate(zip(stream.edits, ekeys)):
-        state.add(f"e{i}", k, i, r.target, radius, cfg.on_conflict)
+        add(state, f"e{i}", k, i, r.target, radius, cfg.on_conflict)
 
     # Brute force: every bank key, from chroma, routed once.
     t0 = time.perf_counter()
