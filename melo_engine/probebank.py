@@ -35,6 +35,7 @@ import torch
 
 from .model import cache_dir
 from .neighbours import Neighbour, row
+from .text import shows_nothing
 
 MAX_CHARS = 500          # one question; a passage is not a probe
 EF_SEARCH = 1000         # HNSW candidates per query: far above the k a side-effect check asks for
@@ -55,7 +56,7 @@ def clean_question(text, where: str = "") -> str:
     bad = [c for c in q if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn")]
     if bad:
         raise ValueError(f"{at}a question holds a control or unassigned character ({ascii(bad[0])})")
-    if not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in q):
+    if shows_nothing(q):                     # the one definition (text.py) every door uses
         raise ValueError(f"{at}a question holds no visible text")
     if len(q) > MAX_CHARS:
         raise ValueError(f"{at}a question is {len(q)} characters long (at most {MAX_CHARS})")

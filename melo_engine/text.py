@@ -1,5 +1,5 @@
 """What "shows nothing" means for a text a user typed: the one definition the engine, the
-command line, the API and the page all use (editor.clean_text calls it).
+command line, the API, the page and the probe bank all use (checks.clean_text calls it).
 
 A prompt, target or question that renders as nothing would train a block no one can see
 or ask; worse, two different invisible texts look alike on screen. A text shows nothing
