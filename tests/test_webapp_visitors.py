@@ -74,3 +74,23 @@ def test_published_results_are_shown_without_running_anything(app_server, browse
         page.get_by_role("option", name="zsre-paper-1000-grace").click()
         page.wait_for_selector("#published-caption :text('zsre-paper-1000-grace.json')", timeout=LONG)
         assert "grace" in page.locator("#published-table").inner_text()
+
+
+def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_server, browser, tmp_path):
+    """Settings loads a visitor's own questions into the probe bank; an edit's side-effect
+    check then names the loaded paraphrase that gets the fix. Loading it again adds nothing."""
+    from test_webapp_browser import _edit
+
+    url, _ = app_server
+    mine = tmp_path / "class-questions.txt"
+    mine.write_text("At what temperature in Celsius does mercury boil?\nHow do you say thank you in Finnish?\n")
+    with fresh_page(browser, url) as page:
+        tab(page, "Settings")
+        page.locator("#probe-file input[type=file]").set_input_files(str(mine))
+        page.get_by_text("Added 2 questions").first.wait_for(timeout=LONG)
+        page.locator("#probe-file input[type=file]").set_input_files(str(mine))
+        page.get_by_text("Added 0 questions (2 already there)").first.wait_for(timeout=LONG)
+        _edit(page, "What is the boiling point of mercury in degrees Celsius?", "Mercury boils at 356.7 degrees Celsius.")
+        page.wait_for_function("() => document.querySelector('#side-effects').innerText.includes('mercury boil')",
+                               timeout=LONG)
+        assert "thank you in Finnish" not in page.locator("#side-effects").inner_text()

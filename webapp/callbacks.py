@@ -11,6 +11,7 @@ import functools
 import html
 import inspect
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -254,6 +255,18 @@ def import_file(pool: WorkspacePool, token: str, file) -> str:
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
     report = pool.editor(token).import_report(path)
     return render.import_summary(report)
+
+
+@user_errors
+def load_probes(pool: WorkspacePool, token: str, file) -> str:
+    """Add a file of questions to the probe bank of the visitor's model and key."""
+    if file is None:
+        raise ValueError("choose a file of questions (.txt, .json or .csv)")
+    path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
+    bank = pool.editor(token).probe_bank()
+    added, skipped = bank.add_file(path, source=Path(path).name)
+    return (f"Added {added} question{'s' if added != 1 else ''} ({skipped} already there); your probe bank "
+            f"holds {bank.count()}. Every edit's side-effect check now runs over them too.")
 
 
 def clear() -> str:

@@ -158,6 +158,14 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             iters = gr.Slider(1, 200, step=1, label="Max iterations", info=HELP["iters"])
             save_btn = gr.Button("Save settings")
             settings_msg = gr.Markdown()
+            gr.Markdown("**Your own questions.** Every edit's side-effect check also runs over a question list "
+                        "you load here (an eval set, your class's questions: thousands are fine), kept once for "
+                        "this model and key and shared by every workspace on them. Keys are computed once, when "
+                        "the file is loaded: large files take minutes.")
+            with gr.Row():
+                probe_file = gr.File(label="Load questions (.txt one per line, .json or .csv)",
+                                     file_types=[".txt", ".json", ".csv"], elem_id="probe-file")
+                probe_msg = gr.Markdown(elem_id="probe-msg")
             with gr.Row():
                 confirm = gr.Checkbox(label="Yes, remove every edit in my workspace and restore the default settings", elem_id="reset-confirm")
                 reset_btn = gr.Button("Reset workspace", variant="stop", elem_id="reset-btn")
@@ -248,6 +256,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             bind(cb.import_file), [token, import_file], history_msg, **private)).then(
             lambda: None, None, import_file, queue=False, **private)
         save_btn.click(bind(cb.save_settings), [token, radius, rank, lr, iters], settings_msg, **private)
+        # Keying a large file takes minutes: its own queue, never ahead of anyone's edit.
+        probe_file.upload(cb.clear, None, probe_msg, queue=False, **private).then(
+            bind(cb.load_probes), [token, probe_file], probe_msg, concurrency_limit=1, concurrency_id="probes",
+            **private).then(lambda: None, None, probe_file, queue=False, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
         prompt_mode.input(bind(cb.set_prompt_mode), [token, prompt_mode], [mode_msg, radius, prompt_mode], **private)
