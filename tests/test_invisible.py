@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from melo_engine import MeloEditor
-from melo_engine.editor import clean_text
+from melo_engine.checks import clean_text
 from melo_engine.text import shows_nothing
 from conftest import ROOT, tree_digest
 

@@ -104,7 +104,7 @@ def test_map_draws_no_circle_of_radius_0_and_probes_apart_from_blocks():
 
 
 def test_probe_summary_counts_fixed_paraphrases_and_changed_unrelated_answers():
-    from melo_engine.editor import Answer
+    from melo_engine.records import Answer
 
     def answer(block, text, base):
         return Answer(text, block, 0.1, 0.2, "c0", "e", base)
@@ -169,7 +169,7 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
 
 
 def test_an_answer_the_engine_says_was_cut_ends_with_an_ellipsis():
-    from melo_engine.editor import Answer
+    from melo_engine.records import Answer
 
     long = " ".join(["the painter who lived in Florence"] * 12)
     marked = render.with_ellipsis(Answer(long, None, 0.5, 0.2, None, base_text="Paris.", truncated=True))
