@@ -48,7 +48,7 @@ def main() -> None:
     loader.start()
     from webapp import plots
     from webapp.downloads import Downloads
-    from webapp.layout import build_demo, server_extras
+    from webapp.layout import MAX_UPLOAD_MB, build_demo, server_extras
     from webapp.sessions import WorkspacePool
 
     loader.join()
@@ -69,6 +69,7 @@ def main() -> None:
             css_paths=[str(ROOT / "assets" / "style.css")],
             footer_links=[],
             app_kwargs=server_extras(pool, downloads),
+            max_file_size=f"{MAX_UPLOAD_MB}mb",
         )
     finally:
         downloads.close()

@@ -131,6 +131,13 @@ def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbon
     assert pool.existing(never) is None and not (tmp_path / pool.tokens.folder(never)).exists()
     ten_minutes_later = time.time() + 600
     assert pool.sweep(now=ten_minutes_later) == [pool.tokens.folder(looked)]   # the one with an edit stays
+    assert pool.reader(never).ask("What is 2 + 2?").block is None          # read: no folder made
+    with pytest.raises(ValueError):
+        pool.reader(never).record("00000001")
+    with pytest.raises(ValueError):
+        with pool.writing(never) as ed:
+            ed.train("", "x")                                                # a refused write: made, then gone
+    assert pool.existing(never) is None and not (tmp_path / pool.tokens.folder(never)).exists()
     assert pool.editor(third).edits() == []                                      # room again
     assert [e["target"] for e in pool.editor(edited).edits()] == ["Bern."]
 
@@ -145,8 +152,8 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
 
     downloads = Downloads(ttl_seconds=60)
     try:
-        def fetch(ticket):
-            req = Request({"type": "http", "method": "GET", "path": "/", "headers": [],
+        def fetch(ticket, cookie="melo_workspace=owner"):
+            req = Request({"type": "http", "method": "GET", "path": "/", "headers": [(b"cookie", cookie.encode())],
                            "path_params": {"ticket": ticket}})
             # In a thread of its own: the browser tests' Playwright holds this thread's event loop.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -154,13 +161,15 @@ def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
 
         path = downloads.new_file("e.melo")
         path.write_bytes(b"edits")
-        ticket = downloads.offer(path)
+        ticket = downloads.offer(path, owner="owner")
         assert len(ticket) >= 43 and fetch("not-a-ticket").status_code == 404
-        assert fetch(ticket).status_code == 200
+        for stranger in ("", "melo_workspace=other", "melo_workspace=owne"):   # bound to the asker's cookie
+            assert fetch(ticket, stranger).status_code == 404
+        assert fetch(ticket).status_code == 200                   # and the stranger did not spend it
         assert fetch(ticket).status_code == 404                   # spent
         late = downloads.new_file("late.melo")
         late.write_bytes(b"edits")
-        expired = downloads.offer(late)
+        expired = downloads.offer(late, owner="owner")
         downloads.forget_expired(now=time.time() + 61)
         assert fetch(expired).status_code == 404 and not late.exists()
     finally:

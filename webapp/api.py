@@ -32,16 +32,16 @@ def token_of(request: gr.Request) -> str:
 @user_errors
 def ask(pool: WorkspacePool, question: str, request: gr.Request) -> dict:
     """Answer with the edited model; routing info: block, distance, radius, cluster."""
-    return dataclasses.asdict(pool.editor(token_of(request)).ask(question, compare_base=True))
+    return dataclasses.asdict(pool.reader(token_of(request)).ask(question, compare_base=True))
 
 
 @user_errors
 def edit(pool: WorkspacePool, question: str, target: str, request: gr.Request) -> Iterator[dict]:
     """Edit the model so `question` gets `target`; returns the edit result."""
-    ed = pool.editor(token_of(request))
-    pending = ed.train(question, target)
-    yield None                  # not resumed if the client has gone (see callbacks.edit)
-    yield dataclasses.asdict(ed.commit(pending))
+    with pool.writing(token_of(request)) as ed:
+        pending = ed.train(question, target)
+        yield None              # not resumed if the client has gone (see callbacks.edit)
+        yield dataclasses.asdict(ed.commit(pending))
 
 
 @user_errors
@@ -50,10 +50,10 @@ def correct(pool: WorkspacePool, question: str, number: int, sentence: str, requ
     """Replace sentence `number` (1 for the first) of the answer `question` gets now by
     `sentence`; the sentences before it stay word for word; with `end` the answer stops
     after it. Returns the edit result."""
-    ed = pool.editor(token_of(request))
-    pending = ed.train_correction(question, number, sentence, end=end)
-    yield None                  # not resumed if the client has gone (see callbacks.edit)
-    yield dataclasses.asdict(ed.commit(pending))
+    with pool.writing(token_of(request)) as ed:
+        pending = ed.train_correction(question, number, sentence, end=end)
+        yield None              # not resumed if the client has gone (see callbacks.edit)
+        yield dataclasses.asdict(ed.commit(pending))
 
 
 @user_errors
@@ -63,7 +63,7 @@ def probe(pool: WorkspacePool, queries: str, request: gr.Request) -> list:
         raise ValueError("the queries must be text, one per line")
     qs = [q for _, q in probe_lines(queries, "query")]
     check_probe_count(len(qs))
-    return [dataclasses.asdict(a) for a in pool.editor(token_of(request)).probe(qs)]
+    return [dataclasses.asdict(a) for a in pool.reader(token_of(request)).probe(qs)]
 
 
 @user_errors
@@ -71,7 +71,9 @@ def delete(pool: WorkspacePool, edit_id: str, request: gr.Request) -> dict:
     """Undo one edit by id."""
     if not isinstance(edit_id, str):
         raise ValueError("the edit id must be text")
-    pool.editor(token_of(request)).delete(edit_id.strip())
+    token = token_of(request)
+    pool.reader(token).record(edit_id.strip())      # an unknown id makes no workspace
+    pool.editor(token).delete(edit_id.strip())
     return {"deleted": edit_id.strip()}
 
 

@@ -20,6 +20,7 @@ from melo_engine.registry import KEY_SOURCES, METHODS
 from . import plots, published, render
 from .downloads import ROUTE, Downloads
 from .sessions import WorkspacePool
+from .tokens import COOKIE
 
 MAX_PROBES = 20
 
@@ -62,7 +63,7 @@ def shown_answer(question: str, ans):
 
 @user_errors
 def ask(pool: WorkspacePool, token: str, question: str):
-    return shown_answer(question, pool.editor(token).ask(question))
+    return shown_answer(question, pool.reader(token).ask(question))
 
 
 def _sentence_number(choice) -> int:
@@ -112,7 +113,19 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, choice=0, 
          progress=gr.Progress()):
     """(summary, before/after, side effects, training plot, the left panel's answer, what it
     showed, its sentence choices and end box, the Apply button)."""
-    ed = pool.editor(token)
+    try:
+        with pool.writing(token) as ed:
+            yield from _edit(ed, question, target, choice, shown, end, progress)
+    except FormRefused as err:
+        # A form not filled in: one plain notice, and the panels keep what they showed.
+        gr.Warning(str(err))
+
+
+class FormRefused(Exception):
+    """An edit's form that the engine refused before training: a notice, not an error."""
+
+
+def _edit(ed, question, target, choice, shown, end, progress):
     number = _sentence_number(choice)
     skip = (gr.skip(),) * (EDIT_OUTPUTS - 1)
     # gradio checks at every yield that the visitor is still connected, and never resumes a
@@ -130,9 +143,7 @@ def edit(pool: WorkspacePool, token: str, question: str, target: str, choice=0, 
                                        progress=report, end=bool(end)) if number
                    else ed.train(question, target, progress=report))            # nothing written yet
     except ValueError as err:
-        # A form not filled in: one plain notice, and the panels keep what they showed.
-        gr.Warning(str(err))
-        return
+        raise FormRefused(str(err)) from None
     yield skip + (gr.skip(),)
     r = ed.commit(pending)
     side = render.side_effects_html(r.edit_id, ed.side_effects(r.edit_id))    # keys only: milliseconds
@@ -148,7 +159,7 @@ def side_effects(pool: WorkspacePool, token: str, edit_id: str) -> str:
     """The side-effect check of an existing edit (History)."""
     if not edit_id:
         raise ValueError("choose an edit first")
-    return render.side_effects_html(edit_id, pool.editor(token).side_effects(edit_id))
+    return render.side_effects_html(edit_id, pool.reader(token).side_effects(edit_id))
 
 
 def probe_lines(text, kind: str) -> list[tuple[str, str]]:
@@ -166,7 +177,7 @@ def check_probe_count(n: int) -> None:
 @user_errors
 def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
     """(summary, table, tab-separated copy, probes for the map)."""
-    ed = pool.editor(token)
+    ed = pool.reader(token)
     items = probe_lines(paraphrases, "paraphrase") + probe_lines(unrelated, "unrelated")
     if not items:
         raise ValueError("type one or more queries, one per line")
@@ -181,7 +192,7 @@ def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
 
 def index_map(pool: WorkspacePool, token: str, probes: list | None):
     try:
-        ed = pool.editor(token)
+        ed = pool.reader(token)
     except ValueError:
         return plots.index_map({"points": [], "clusters": []})
     return plots.index_map(ed.index_snapshot(), probes or [])
@@ -195,7 +206,7 @@ def distances(pool: WorkspacePool, token: str, question: str):
         gr.Warning("type a question (or copy one of your probes) to see its distances")
         return gr.skip()
     try:
-        return plots.distance_bars(question, pool.editor(token).distances(question))
+        return plots.distance_bars(question, pool.reader(token).distances(question))
     except ValueError as err:
         gr.Warning(str(err))
         return gr.skip()
@@ -205,7 +216,7 @@ def history(pool: WorkspacePool, token: str, deleted: list | None = None):
     """The history table (with the edits deleted in this visit) and the choices of the
     "choose an edit" menu."""
     try:
-        ed = pool.editor(token)
+        ed = pool.reader(token)
     except ValueError:
         return "", gr.update(choices=[], value=None)
     edits = ed.edits()
@@ -219,8 +230,8 @@ def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None =
     edit_id = (edit_id or "").strip() if isinstance(edit_id, str) else edit_id
     if not edit_id:
         raise ValueError("choose an edit to delete first")
+    record = pool.reader(token).record(edit_id)          # an unknown id makes no workspace
     ed = pool.editor(token)
-    record = ed.record(edit_id)
     back = ed.delete(edit_id)
     msg = f"Deleted edit `{edit_id}`: its block is freed."
     if back:
@@ -233,14 +244,15 @@ def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None =
 
 
 @user_errors
-def export(pool: WorkspacePool, downloads: Downloads, token: str) -> str:
-    """A link that downloads the export once (downloads.py: nobody else can fetch it)."""
-    ed = pool.editor(token)
+def export(pool: WorkspacePool, downloads: Downloads, token: str, request=None) -> str:
+    """A link that downloads the export once, only for the browser that asked (downloads.py:
+    the fetch must carry the workspace cookie the asking request carried)."""
+    ed = pool.reader(token)
     active = sum(e["status"] == "active" for e in ed.edits())
     if not active:
         raise ValueError("there are no edits to export")
     path = ed.export(downloads.new_file(f"melo-edits-{time.strftime('%Y%m%d-%H%M%S')}.melo"))
-    ticket = downloads.offer(path)
+    ticket = downloads.offer(path, owner=getattr(request, "cookies", {}).get(COOKIE))
     href = html.escape(ROUTE.format(ticket=ticket).lstrip("/"))   # relative: works under a proxy's path
     minutes = round(downloads.ttl_seconds / 60)
     return (f'<a class="melo-download" href="{href}" download="{html.escape(path.name)}">Download '
@@ -253,7 +265,8 @@ def import_file(pool: WorkspacePool, token: str, file) -> str:
     if file is None:
         raise ValueError("choose a .melo file to import")
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-    report = pool.editor(token).import_report(path)
+    with pool.writing(token) as ed:
+        report = ed.import_report(path)
     return render.import_summary(report)
 
 
@@ -263,7 +276,7 @@ def load_probes(pool: WorkspacePool, token: str, file) -> str:
     if file is None:
         raise ValueError("choose a file of questions (.txt, .json or .csv)")
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-    bank = pool.editor(token).probe_bank()
+    bank = pool.reader(token).probe_bank()       # the bank is per model and key, not per workspace
     added, skipped = bank.add_file(path, source=Path(path).name)
     return (f"Added {added} question{'s' if added != 1 else ''} ({skipped} already there); your probe bank "
             f"holds {bank.count()}. Every edit's side-effect check now runs over them too.")
@@ -277,14 +290,15 @@ def clear() -> str:
 
 @user_errors
 def save_settings(pool: WorkspacePool, token: str, radius: float, rank: int, lr: float, iters: int) -> str:
-    ed = pool.editor(token)
-    cfg = ed.update_settings(init_radius=float(radius), rank_per_block=int(rank), lr=float(lr), max_iters=int(iters))
+    with pool.writing(token) as ed:
+        cfg = ed.update_settings(init_radius=float(radius), rank_per_block=int(rank), lr=float(lr),
+                                 max_iters=int(iters))
     return f"Saved: radius {cfg.init_radius:.3f}, rank {cfg.rank_per_block}, lr {cfg.lr:g}, up to {cfg.max_iters} steps."
 
 
 def settings_values(pool: WorkspacePool, token: str):
     try:
-        c = pool.editor(token).config
+        c = pool.reader(token).config
     except ValueError:
         return (gr.skip(),) * 6
     return c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
@@ -298,7 +312,7 @@ def key_sources() -> list[tuple[str, str]]:
 def key_info(pool: WorkspacePool, token: str) -> str:
     """About: which key this workspace routes by, and why (with the key study's figures)."""
     try:
-        c = pool.editor(token).config
+        c = pool.reader(token).config
     except ValueError:
         return ""
     source = KEY_SOURCES.get(c.key_source)
@@ -342,7 +356,9 @@ def set_prompt_mode(pool: WorkspacePool, token: str, mode: str):
 def reset(pool: WorkspacePool, token: str, confirmed: bool) -> str:
     if not confirmed:
         raise ValueError("tick the box to confirm that every edit should be removed")
-    pool.editor(token).reset(default_settings=True)
+    ed = pool.existing(token)               # nothing to reset where nothing was made
+    if ed is not None:
+        ed.reset(default_settings=True)
     return "The workspace is empty again (the model is the original) and the settings are back to their defaults."
 
 
@@ -350,8 +366,26 @@ BENCH_MAX_EDITS = 50
 
 
 @user_errors
-def run_benchmark(pool: WorkspacePool, n, methods, progress=gr.Progress()):
-    """A small zsRE run on the shared model: the same table as `python -m melo_engine.bench edits`."""
+def claim_benchmark(pool: WorkspacePool, token: str) -> None:
+    """Before the benchmark joins the queue: a visitor of this server, with no other
+    benchmark queued or running (sessions.BenchmarkClaims)."""
+    pool.tokens.folder(token)           # a token this server issued
+    pool.benchmarks.claim(token)
+
+
+@user_errors
+def run_benchmark(pool: WorkspacePool, token: str, n, methods, progress=gr.Progress()):
+    """A small zsRE run on the shared model: the same table as `python -m melo_engine.bench edits`,
+    for a visitor who claimed the lane (`claim_benchmark`)."""
+    pool.tokens.folder(token)
+    pool.benchmarks.take(token)
+    try:
+        return _benchmark(pool, n, methods, progress)
+    finally:
+        pool.benchmarks.release(token)
+
+
+def _benchmark(pool: WorkspacePool, n, methods, progress):
     from melo_engine.bench import edits_benchmark
 
     n = int(n or 0)

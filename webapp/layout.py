@@ -14,10 +14,14 @@ from . import api
 from . import callbacks as cb
 from . import published
 from .downloads import ROUTE, Downloads
+from .guards import UploadedFilesOnly
 from .sessions import WorkspacePool
 from .tokens import TokenCookie
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The largest upload (launch's max_file_size): a .melo export of 50 edits fits with room
+# (test_crowd.py measures a block), a crowd's 20 MB posts do not.
+MAX_UPLOAD_MB = 12
 
 ABOUT = """
 **MELO** (Zhou, Yu, He and Chen, *MELO: Enhancing Model Editing with Neuron-Indexed Dynamic LoRA*,
@@ -72,7 +76,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
     examples = json.loads((ASSETS / "example_edits.json").read_text())
     bind = lambda fn: partial(fn, pool)  # noqa: E731 - every callback gets the pool first
 
-    with gr.Blocks(title="MELO Studio") as demo:
+    # Uploads (a .melo import) leave gradio's cache within the hour.
+    with gr.Blocks(title="MELO Studio", delete_cache=(600, 3600)) as demo:
         token = gr.BrowserState("", storage_key="melo-studio-workspace")
         probes_state = gr.State([])
         deleted = gr.State([])          # the edits deleted in this visit, for History
@@ -242,14 +247,20 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         refresh_btn.click(bind(cb.index_map), [token, probes_state], map_plot, **private)
         for dist_event in (dist_btn.click, dist_q.submit):
             dist_event(bind(cb.distances), [token, dist_q], dist_plot, **private)
-        bench_btn.click(bind(cb.run_benchmark), [bench_n, bench_methods], [bench_table, bench_plot],
-                        show_progress_on=[bench_table], trigger_mode="once", **train_q, **private)
+        # One benchmark per visitor at a time: the lane is claimed (a second claim is refused
+        # in one line) before the run joins the queue, and the run refuses without a claim.
+        bench_btn.click(bind(cb.claim_benchmark), token, None, queue=False, trigger_mode="once", **private).success(
+            bind(cb.run_benchmark), [token, bench_n, bench_methods], [bench_table, bench_plot],
+            show_progress_on=[bench_table], **train_q, **private)
         run_pick.input(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted], [history_msg, deleted],
                                       **private))
         side_btn.click(bind(cb.side_effects), [token, selected], side_history, **private)
-        export_btn.click(partial(cb.export, pool, downloads), token, export_link, **private)
+        def export(token_value: str, request: gr.Request):
+            return cb.export(pool, downloads, token_value, request)     # gradio passes the request by its hint
+
+        export_btn.click(export, token, export_link, **private)
         # The last message goes first: an error must not sit beside an earlier "Imported ...".
         # The box is emptied afterwards, ready for the next file.
         after_change(import_file.upload(cb.clear, None, history_msg, queue=False, **private).then(
@@ -278,8 +289,9 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
 
 def server_extras(pool: WorkspacePool, downloads: Downloads) -> dict:
     """What the server adds to gradio's app (launch's `app_kwargs`): the API's token cookie,
-    the one-time export downloads, and a plain 404 for an API name that does not exist
-    (gradio answers it with a 500 and a traceback in the log)."""
+    a door that refuses event data naming a file nobody uploaded (guards.py), the one-time
+    export downloads, and a plain 404 for an API name or an event index that
+    does not exist (gradio answers them with a 500 and a traceback in the log)."""
     from gradio.route_utils import FnIndexInferError
     from starlette.middleware import Middleware
     from starlette.responses import JSONResponse
@@ -289,6 +301,13 @@ def server_extras(pool: WorkspacePool, downloads: Downloads) -> dict:
         return JSONResponse({"error": f"no such API endpoint; this app has {', '.join(api.NAMES)}"},
                             status_code=404)
 
-    return {"middleware": [Middleware(TokenCookie, tokens=pool.tokens)],
+    def unknown_event(request, exc):
+        """A queue join with an event index the page does not have (gradio looks it up
+        unchecked); any other KeyError stays the server's error it is."""
+        if not request.url.path.endswith("/queue/join"):
+            raise exc
+        return JSONResponse({"error": "no such event on this page"}, status_code=404)
+
+    return {"middleware": [Middleware(TokenCookie, tokens=pool.tokens), Middleware(UploadedFilesOnly)],
             "routes": [Route(ROUTE, downloads.endpoint, methods=["GET"])],
-            "exception_handlers": {FnIndexInferError: unknown_endpoint}}
+            "exception_handlers": {FnIndexInferError: unknown_endpoint, KeyError: unknown_event}}

@@ -3,13 +3,21 @@
 A visitor is known by a token only the server can issue (tokens.py): the page keeps it in
 the browser's local storage (so a reload finds the same workspace), API clients get it as a
 cookie. Workspaces idle for too long are removed by a background sweep.
+
+A workspace is made on a visitor's first write (an edit, a correction, an import, a
+setting), never on a read: until then asks, probes and listings are answered by one shared,
+read-only empty workspace per model (`reader`), so a crowd that only looks or is refused fills no
+folder and no place under the cap. A write that is refused removes the workspace it made.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from melo_engine import MeloEditor
@@ -44,8 +52,12 @@ class WorkspacePool:
         self.empty_idle_seconds = min(empty_idle_seconds, idle_seconds)
         self.max_open = max_open
         self._editors: dict[str, MeloEditor] = {}
+        self._blank: MeloEditor | None = None
+        self._fresh: set[str] = set()           # made by a write that has not yet succeeded
+        self._writers: dict[str, int] = {}      # writes in progress, by folder
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.benchmarks = BenchmarkClaims()
 
     def editor(self, token: str) -> MeloEditor:
         """The editor of the token's workspace, opening (or creating) it on first use."""
@@ -70,13 +82,64 @@ class WorkspacePool:
             return self.editor(token)
         return None
 
+    def reader(self, token: str) -> MeloEditor:
+        """For reading only: the token's editor if its workspace exists, else the shared empty
+        workspace (opened read-only: every change is refused), so a read creates nothing."""
+        ed = self.existing(token)
+        if ed is not None:
+            return ed
+        with self._lock:
+            if self._blank is None:
+                # One per model: a workspace is tied to the model it was made with.
+                mark = hashlib.sha256(json.dumps(self.backbone.fingerprint, sort_keys=True).encode()).hexdigest()
+                blank = self.root / f".blank-{mark[:16]}" / "ws"
+                if not blank.is_dir():
+                    MeloEditor.open(blank, backbone=self.backbone).close()
+                self._blank = MeloEditor.open(blank, backbone=self.backbone, read_only=True)
+            return self._blank
+
+    @contextmanager
+    def writing(self, token: str):
+        """The token's editor for a write, its workspace made if there is none; if the write
+        fails (refused, or its client gone) and left the new workspace without an edit,
+        the workspace goes again."""
+        folder = self.tokens.folder(token)
+        with self._lock:
+            if not (self.root / folder / "ws").is_dir():
+                self._fresh.add(folder)
+            self._writers[folder] = self._writers.get(folder, 0) + 1
+        ok = False
+        try:
+            yield self.editor(token)
+            ok = True
+        finally:
+            with self._lock:
+                self._writers[folder] -= 1
+                last = self._writers[folder] == 0
+                if last:
+                    del self._writers[folder]
+                if ok:
+                    self._fresh.discard(folder)
+                drop = not ok and last and folder in self._fresh
+                if drop:
+                    self._fresh.discard(folder)
+            if drop and not MeloEditor.has_edits(self.root / folder / "ws"):
+                self._remove(folder)
+
+    def _remove(self, folder: str) -> None:
+        with self._lock:
+            ed = self._editors.pop(folder, None)
+        if ed is not None:
+            ed.close()
+        shutil.rmtree(self.root / folder, ignore_errors=True)
+
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove workspaces idle for too long (see the class); return the folders removed."""
         now = time.time() if now is None else now
         removed = []
         for d in self.root.iterdir() if self.root.is_dir() else []:
-            if not d.is_dir():
-                continue        # the token secret
+            if not d.is_dir() or d.name.startswith("."):
+                continue        # the token secret, the shared empty workspace
             stamp = d / "last_used"
             try:
                 last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
@@ -85,11 +148,7 @@ class WorkspacePool:
             limit = self.idle_seconds if MeloEditor.has_edits(d / "ws") else self.empty_idle_seconds
             if now - last <= limit:
                 continue
-            with self._lock:
-                ed = self._editors.pop(d.name, None)
-            if ed is not None:
-                ed.close()
-            shutil.rmtree(d, ignore_errors=True)
+            self._remove(d.name)
             removed.append(d.name)
         return removed
 
@@ -104,3 +163,34 @@ class WorkspacePool:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class BenchmarkClaims:
+    """At most one benchmark queued or running per visitor: the page claims the lane before
+    it joins the queue (a second claim is refused), the run takes the claim when its turn
+    comes (a run without one is refused at once, costing the queue milliseconds) and gives
+    it back when done. A claim whose run never came (its page closed while it waited)
+    lapses after `lapse_seconds`."""
+
+    def __init__(self, lapse_seconds: float = 3600):
+        self.lapse_seconds = lapse_seconds
+        self._claims: dict[str, tuple[float, bool]] = {}      # token: (since, running)
+        self._lock = threading.Lock()
+
+    def claim(self, token: str) -> None:
+        now = time.time()
+        with self._lock:
+            since, _ = self._claims.get(token, (now - self.lapse_seconds, False))
+            if now - since < self.lapse_seconds:
+                raise ValueError("your benchmark is already queued or running: wait for its table")
+            self._claims[token] = (now, False)
+
+    def take(self, token: str) -> None:
+        with self._lock:
+            if self._claims.get(token, (0.0, True))[1]:
+                raise ValueError("no benchmark waits for this page: press Run benchmark")
+            self._claims[token] = (time.time(), True)
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._claims.pop(token, None)

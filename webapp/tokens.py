@@ -78,8 +78,9 @@ class WorkspaceTokens:
 
 class TokenCookie:
     """ASGI middleware: the reply to GET /config (which gradio_client fetches first, then
-    sends the cookies it received with every call) carries a new token as a cookie when the
-    request brought no valid one. A client keeps its workspace across connections by
+    sends the cookies it received with every call) and to GET / (the page, whose browser
+    then sends it with its requests: downloads.py binds an export link to it) carries a new
+    token as a cookie when the request brought no valid one. A client keeps its workspace across connections by
     sending that cookie again (README, "API")."""
 
     def __init__(self, app, tokens: WorkspaceTokens, max_age_days: int = 30):
@@ -99,7 +100,8 @@ class TokenCookie:
         return False
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope.get("method") != "GET" or not scope["path"].endswith("/config")
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope.get("method") != "GET" or not (path.endswith("/config") or path == "/")
                 or self._has_valid_cookie(scope)):
             return await self.app(scope, receive, send)
         cookie = (f"{COOKIE}={self.tokens.new()}; Path=/; Max-Age={self.max_age}; HttpOnly; "
