@@ -40,6 +40,7 @@ class Probe:
     prompt: str
     target: str
     fact: str        # the subject the prompt asks about: edits of one fact share it
+    about: str = ""  # a sibling: the subject it asks about instead (`fact` is the edited one)
 
 
 @dataclass
@@ -191,18 +192,28 @@ def hard(n: int) -> Stream:
     return Stream("hard", "hard", "answer", edits,
                   [Probe(q, b.answer, b.question) for b in bank for q in b.paraphrases], unrelated,
                   {"kinds": dict(collections.Counter(b.kind for b in bank))},
-                  [Probe(q, "", b.question) for b in bank for q in b.siblings])
+                  [Probe(q, "", b.question, q) for b in bank for q in b.siblings])
 
 
 def _siblings(edits: list[Probe], templates: dict[str, set[str]]) -> list[Probe]:
-    """Template siblings of each edited fact's first edited phrasing (subjects of other facts)."""
+    """Template siblings of each edited fact's first edited phrasing (`about`: the subject
+    the sibling asks about, which the stream may edit too)."""
     out, seen = [], set()
     for p in edits:
         if p.fact in seen:
             continue
         seen.add(p.fact)
-        out += [Probe(q, "", p.fact) for q in template_siblings(p.prompt, p.fact, templates)]
+        out += [Probe(q, "", p.fact, about) for q, about in
+                template_siblings(p.prompt, p.fact, templates, with_subjects=True)]
     return out
+
+
+def unedited_siblings(stream: Stream) -> list[Probe]:
+    """The siblings whose answer must not change: about a subject the stream does not edit,
+    and not one of its edited or held-out phrasings (those rightly get an edit's answer)."""
+    facts = {p.fact for p in stream.edits}
+    asked = {p.prompt for p in stream.edits} | {p.prompt for p in stream.generality}
+    return [x for x in stream.siblings if x.about not in facts and x.prompt not in asked]
 
 
 def load_stream(dataset: str, n: int, protocol: str | None = None) -> Stream:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .base import Benchmark, add_router, default_methods, json_checkpoint, key_source_choices, melo_settings, method_names
-from .data import PROTOCOLS, load_stream
+from .data import PROTOCOLS, load_stream, unedited_siblings
 from .machine import machine
 
 
@@ -38,7 +38,7 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
     recs = stream.edits
     prompts, targets = [r.prompt for r in recs], [r.target for r in recs]
     base_loc = greedy_batch(bb, None, stream.locality, loc_tokens)
-    siblings = [x.prompt for x in stream.siblings]
+    siblings = [x.prompt for x in unedited_siblings(stream)]
     base_sib = greedy_batch(bb, None, siblings, loc_tokens) if siblings else []
     every = max(1, len(recs) // 10)
     out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": DEFAULT_MODEL,
