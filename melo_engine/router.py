@@ -54,10 +54,11 @@ class Router:
 
     def keys(self, keyer, questions: list[str]) -> tuple[torch.Tensor, list]:
         """The routing keys of `questions` and, where the key source is the verifier's own
-        encoder, their words from the same encoder pass (else None: computed when needed)."""
+        encoder, their words from the same encoder pass (made when first needed; else None:
+        computed by a pass of their own when needed)."""
         if self.verifier is None or keyer.source.name != "sentence":
             return keyer.keys(questions), [None] * len(questions)
-        raw, words = self.verifier.encode(questions)
+        raw, words = self.verifier.encode(questions, lazy=True)
         return keyer.finish(raw), words
 
     def route(self, state: ClusterState, key: torch.Tensor, question: str,
@@ -70,7 +71,10 @@ class Router:
         candidates, miss = state.candidates(key, CANDIDATES)
         if not candidates:
             return miss
-        query = words if words is not None else self.verifier.features([question])[0]
+        if words is None:
+            query = self.verifier.features([question])[0]
+        else:
+            query = words() if callable(words) else words
         rejected = []
         for edit_id, center_distance in candidates:
             ok, why = self.verifier.check(query, self.words(prompt_of(edit_id)))

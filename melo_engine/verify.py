@@ -34,6 +34,7 @@ encoder pass as its sentence key, plus a few small matrix products.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -161,10 +162,12 @@ class SameQuestion:
 
     # ---- features -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, texts: list[str], batch: int = 64) -> tuple[torch.Tensor, list[Words]]:
+    def encode(self, texts: list[str], batch: int = 64, lazy: bool = False) -> tuple[torch.Tensor, list]:
         """One encoder pass per batch: the sentence key (mean-pooled, unit length: exactly
         SentenceEncoder.encode) and each text's Words. A caller that routes by the sentence
-        key gets the verifier's data for free."""
+        key gets the verifier's data for free. `lazy`: each text's Words as a function that
+        makes them from the pass's states when first needed (most questions never reach an
+        edit's radius, and then never need them)."""
         keys: list[torch.Tensor] = []
         out: list[Words] = []
         enc = self.encoder
@@ -178,7 +181,8 @@ class SameQuestion:
                 m = t["attention_mask"][..., None].to(h.dtype)
                 keys.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
                 for j, text in enumerate(chunk):
-                    out.append(self._words(text, h[j], offsets[j], t["attention_mask"][j]))
+                    args = (text, h[j], offsets[j], t["attention_mask"][j])
+                    out.append(functools.partial(self._words, *args) if lazy else self._words(*args))
         return torch.cat(keys), out
 
     def features(self, texts: list[str]) -> list[Words]:
