@@ -220,8 +220,9 @@ class SameQuestion:
                 continue
             kind = _slot(raw, before, in_name)
             # an all-capital word is a name even where it spells a function word ("US")
-            name = not kind and k > first and raw[0].isupper() and (w not in STOPWORDS or
-                                                                     len(raw) > 1 and raw.isupper())
+            # ... but not a framing word that happens to be capitalised ("the Earth" / "the world")
+            name = not kind and k > first and raw[0].isupper() and w not in FRAMING and (
+                w not in STOPWORDS or len(raw) > 1 and raw.isupper())
             marked = bool(seq) and (seq[-1][0] in NOUN_MARKERS or seq[-1][1] == "slot" and kind is None
                                     and seq[-1][0] not in NUMBER_WORDS and not seq[-1][0].isdigit()
                                     or len(seq) > 1 and seq[-1][1] == "" and seq[-1][0] not in STOPWORDS

@@ -52,6 +52,8 @@ def test_paraphrases_are_accepted(same):
                       "Who was the President of the United States in 1990?") == (True, "")
     assert same.check("What university did Watts Humphrey take part in?",
                       "What university did Watts Humphrey attend?") == (True, "")
+    # A capitalised framing word is no name ("the Earth" asks what "there" asks).
+    assert same.check("How many continents does the Earth have?", "How many continents are there?") == (True, "")
 
 
 def test_edit_words_are_computed_once_and_reused(same):
