@@ -37,9 +37,14 @@ def ws(backbone, tmp_path):
 
 
 def _relink(ws, part, outside):
-    """Replace part `part` of the workspace by a link to a copy of it in `outside`."""
+    """Replace part `part` of the workspace by a link to a copy of it in `outside` (index/,
+    the chroma mirror of workspaces made before 2026-11-30, by a link to a folder there)."""
     target = outside / f"linked-{part.replace('/', '-')}"
-    os.rename(ws / part, target)
+    if (ws / part).exists():
+        os.rename(ws / part, target)
+    else:
+        target.mkdir()
+        (target / "chroma.sqlite3").write_bytes(b"someone else's database")
     os.symlink(target, ws / part)
     return target
 
