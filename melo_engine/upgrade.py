@@ -20,12 +20,12 @@ def _state_of_format1(meta: dict, tensors: dict) -> ClusterState:
     s = ClusterState()
     s.next_cluster = int(meta.get("next_cluster", 0))
     for p in meta.get("points", []):
-        s._put_point(Point(p["edit_id"], tensors[f"key.{p['edit_id']}"], int(p["block"]), p["cluster"], p["label"]))
+        s.put_point(Point(p["edit_id"], tensors[f"key.{p['edit_id']}"], int(p["block"]), p["cluster"], p["label"]))
     for p in meta.get("dormant", []):
-        s._put_dormant(Point(p["edit_id"], tensors[f"key.{p['edit_id']}"], int(p["block"]), p["cluster"],
+        s.put_dormant(Point(p["edit_id"], tensors[f"key.{p['edit_id']}"], int(p["block"]), p["cluster"],
                              p["label"], p["superseded_by"]))
     for c in meta.get("clusters", []):
-        s._put_cluster(Cluster(c["id"], tensors[f"center.{c['id']}"], float(c["radius"]), c["label"],
+        s.put_cluster(Cluster(c["id"], tensors[f"center.{c['id']}"], float(c["radius"]), c["label"],
                                list(c["members"])))
     return s
 
