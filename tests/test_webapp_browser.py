@@ -168,23 +168,13 @@ def test_edit_probe_map_delete_in_the_browser(app_server, context, example_edits
 
 
 def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
+    """A refused edit writes nothing: a visitor without a workspace still has none after it
+    (a workspace is made on the first write that succeeds)."""
     url, workspaces = app_server
-    known = set(p.name for p in workspaces.iterdir())
+    before = tree_digest(workspaces)
     ctx = browser.new_context()
     try:
         page = open_page(ctx, url)
-        new = []
-        for _ in range(240):                 # the page's first load creates its workspace
-            new = [p for p in workspaces.iterdir() if p.name not in known and (p / "ws" / "workspace.json").is_file()]
-            if new:
-                break
-            page.wait_for_timeout(500)
-        assert len(new) == 1, new
-        ws = new[0] / "ws"
-        # Every file.
-        def committed():
-            return tree_digest(ws)
-        before = committed()
         page.locator("#question textarea").fill("")
         page.locator("#target textarea").fill("")
         page.locator("#edit-btn").click()
@@ -192,7 +182,9 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
         page.locator("#question textarea").fill("What is the capital of Turkey?")
         page.locator("#edit-btn").dblclick()      # a double click on a half-filled form: same
         page.get_by_text("the correct answer is empty").first.wait_for(timeout=LONG)
-        assert committed() == before
+        page.wait_for_timeout(1000)
+        made = {k.split("/")[0] for k in tree_digest(workspaces)} - {k.split("/")[0] for k in before}
+        assert all(name.startswith(".blank-") for name in made), made   # the shared read-only one at most
         assert "Traceback" not in page.content()
     finally:
         ctx.close()
@@ -286,21 +278,23 @@ def test_a_contradicting_edit_names_the_earlier_one_and_stays_active(app_server,
         assert all(w in legend for w in ("new", "beside", "joined", "replaced", "superseded", "deleted"))
 
 
-def test_the_side_effect_check_lists_a_same_template_neighbour_that_fires(app_server, browser):
+def test_the_side_effect_check_lists_a_same_template_neighbour_and_why_it_stays(app_server, browser):
+    """A same-template neighbour within the radius is listed with the verifier's reason for
+    turning the edit down (before the verifier it got the edit)."""
     url, _ = app_server
     with fresh_page(browser, url) as page:
         _edit(page, "Which element has the atomic number 1?", "Hydrogen has the atomic number 1.")
         page.wait_for_selector("#side-effects table", timeout=LONG)
-        firing = page.locator("#side-effects tr.melo-fires").all_inner_texts()
-        assert any("atomic number 2?" in row and "gets this edit" in row for row in firing), firing
-        assert "would also answer" in page.locator("#side-effects").inner_text()
+        kept = page.locator("#side-effects tr.melo-kept").all_inner_texts()
+        assert any("atomic number 2?" in row and "number differs: 2 / 1" in row for row in kept), kept
+        assert "atomic number 2?" not in " ".join(page.locator("#side-effects tr.melo-fires").all_inner_texts())
         shot(page, "side_effects")
         # The same check for an existing edit, from History.
         rows = _history(page, 1)
         page.locator("#selected-id input").click()
         page.get_by_role("option", name=rows[0][1][:30]).first.click()
         page.locator("#side-btn").click()
-        page.wait_for_selector("#side-effects-history tr.melo-fires", timeout=LONG)
+        page.wait_for_selector("#side-effects-history tr.melo-kept", timeout=LONG)
 
 
 def test_reset_clears_every_panel_and_restores_default_settings(app_server, browser):

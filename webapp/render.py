@@ -104,9 +104,13 @@ def before_after_html(ans) -> str:
 
 
 def _neighbour_row(n) -> str:
+    rejected = getattr(n, "rejected", None)
     verdict = ("<b>gets this edit</b>" if n.fires else
-               f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else "stays original")
-    return (f'<tr class="{"melo-fires" if n.fires else ""}"><td>{html.escape(n.question)}</td>'
+               f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else
+               f"stays original: within the radius, not the same question ({html.escape(rejected)})" if rejected
+               else "stays original")
+    kind = "melo-fires" if n.fires else "melo-kept" if rejected else ""
+    return (f'<tr class="{kind}"><td>{html.escape(n.question)}</td>'
             f'<td class="melo-num">{n.distance:.3f}</td><td class="melo-num">{n.radius:.3f}</td>'
             f'<td>{verdict}</td></tr>')
 
