@@ -104,7 +104,7 @@ def before_after_html(ans) -> str:
 
 
 def _neighbour_row(n) -> str:
-    rejected = getattr(n, "rejected", None)
+    rejected = n.rejected
     verdict = ("<b>gets this edit</b>" if n.fires else
                f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else
                f"stays original: within the radius, not the same question ({html.escape(rejected)})" if rejected
