@@ -34,6 +34,7 @@ encoder pass as its sentence key, plus a few small matrix products.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ UNIT_BEFORE_SECOND = frozenset("per a one each every".split())
 # (mostly verbs: "sink" / "go down") only need `align`. No tagger is installed.
 NOUN_MARKERS = frozenset("""the a an of many much per in on for from at by with than this that these
 those its his her their our your every each""".split())
+
+# Two words swapped in one template are the same slot when their contextual vectors are at
+# least this close ("begin" / "start" 0.92); the bank's siblings reach 0.78
+# ("centimetres" / "millimetres"). Chosen on the fit half (bench/siblings.py).
+SYNONYM = 0.8
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’.\-]*[A-Za-z0-9]|[A-Za-z0-9]")
 
@@ -142,6 +148,7 @@ class Words:
     vectors: torch.Tensor            # [len(content), dim] unit contextual vectors of `content`
     others: torch.Tensor             # [n, dim] unit vectors of every non-stopword (what a match may be)
     other_words: list[str]
+    sequence: tuple = ()             # the question's (normalised word, taken for a noun) in order
 
 
 class SameQuestion:
@@ -153,12 +160,14 @@ class SameQuestion:
     two parts (for the study)."""
 
     def __init__(self, encoder, align: float = 0.0, align_noun: float = 0.5, lexical: bool = True,
-                 aligned: bool = True):
+                 aligned: bool = True, template: bool = True, synonym: float = SYNONYM):
         self.encoder = encoder
         self.align = float(align)
         self.align_noun = float(align_noun)
         self.lexical = lexical
         self.aligned = aligned
+        self.template = template
+        self.synonym = float(synonym)
 
     # ---- features -------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,7 +215,7 @@ class SameQuestion:
         first = next((k for k, (s, _, _) in enumerate(spans) if s >= question_start), 0)
         slots = {"number": set(), "ordinal": set(), "superlative": set()}
         words, runs, run, content, rows, others, other_words = set(), [], [], [], [], [], []
-        nounish, seq = [], []          # seq: (normalised word, is it a name or slot) in order
+        nounish, seq, sequence = [], [], []   # seq: (normalised word, is it a name or slot) in order
         offs = offsets.tolist()
         before, in_name = "", False
         for k, (s, e, raw) in enumerate(spans):
@@ -228,6 +237,7 @@ class SameQuestion:
                                     or len(seq) > 1 and seq[-1][1] == "" and seq[-1][0] not in STOPWORDS
                                     and seq[-2][0] in NOUN_MARKERS)
             seq.append((w, "name" if name else "slot" if kind else ""))
+            sequence.append((w, marked))
             before, in_name = w, name
             if name:
                 run.append(w)
@@ -253,7 +263,7 @@ class SameQuestion:
         unit = lambda xs: torch.nn.functional.normalize(torch.stack(xs), dim=-1) if xs else torch.zeros(0, dim)
         return Words(text, frozenset(words), frozenset(_stem(w) for w in words),
                      {k: frozenset(v) for k, v in slots.items()}, runs, content, nounish, unit(rows), unit(others),
-                     other_words)
+                     other_words, tuple(sequence))
 
     @staticmethod
     def _other(w, s, e, offs, mask, states, others, other_words):
@@ -300,11 +310,73 @@ class SameQuestion:
             e_extra = [" ".join(r) for r in e.runs if not self._run_found(r, q)]
             if q_extra or e_extra:
                 return False, f"name differs: {_show(q_extra)} / {_show(e_extra)}"
+        if self.template:
+            why = self._slot_swapped(q, e)
+            if why:
+                return False, why
         if self.aligned:
             worst, word, match, noun = self._worst(q, e)
             if worst < (self.align_noun if noun else self.align):
                 return False, f"words differ: {match} / {word} ({worst:.2f})"
         return True, ""
+
+    def _slot_swapped(self, q: Words, e: Words) -> str:
+        """A reason when the query is the edit's question with one or two nouns swapped for
+        words of another meaning ("boiling point" / "freezing point", "a hexagon" / "an
+        octagon"), or with a modifier added ("black keys"), and every other word kept: the
+        same template about another thing, a sibling. A paraphrase rewords more than one
+        slot, or swaps a word for a near-synonym (cosine at least `synonym`: "biggest" /
+        "largest"). Function words may differ ("did" / "was", "what" / "which")."""
+        a, b = _template(e.sequence), _template(q.sequence)
+        ops = [op for op in difflib.SequenceMatcher(a=[w for w, _ in a], b=[w for w, _ in b],
+                                                    autojunk=False).get_opcodes() if op[0] != "equal"]
+        swaps, added = [], []
+        for tag, i1, i2, j1, j2 in ops:
+            mine, theirs = a[i1:i2], b[j1:j2]
+            if all(w in STOPWORDS for w, _ in mine + theirs):
+                continue                                  # function words only
+            # a modifier right before a kept content word: "black keys", "bass guitar" (where
+            # the edit names no subject: "Which *football* league is X in" asks what "Which
+            # league is X in" asks)
+            if (tag == "insert" and not e.runs and len(theirs) == 1 and theirs[0][0] not in FRAMING
+                    and j2 < len(b) and b[j2][0] not in STOPWORDS):
+                added.append(theirs[0][0])
+            # one or two content words for as many, where one side is taken for a noun (the
+            # thing asked about: "of *water*" / "of *ethanol*"); verbs are left to the
+            # alignment: "sold by" / "produced by" are one relation to CounterFact
+            elif tag == "replace" and len(mine) == len(theirs) and any(noun for _, noun in mine + theirs):
+                # "the *stadium* of X" / "the *venue* of X": a noun before "of" names the
+                # relation, which paraphrases reword (zsRE's do); the thing asked about is X
+                if _names_relation(a, i2) or _names_relation(b, j2):
+                    return ""
+                mine = [w for w, _ in mine if w not in STOPWORDS]
+                theirs = [w for w, _ in theirs if w not in STOPWORDS]
+                if not 0 < len(mine) == len(theirs) <= 2:
+                    return ""
+                swaps.append((mine, theirs))
+            else:
+                return ""                                  # reworded: not one template
+        if not swaps and not added or len(swaps) + len(added) > 2:
+            return ""
+        shown = []
+        for mine, theirs in swaps:
+            if {_stem(w) for w in mine} == {_stem(w) for w in theirs}:
+                continue
+            cos = self._closest(q, theirs, e, mine)
+            if cos >= self.synonym:
+                continue
+            shown.append(f"{' '.join(theirs)} / {' '.join(mine)} ({cos:.2f})")
+        shown += [f"{w} added" for w in added]
+        return f"another slot: {', '.join(shown)}" if shown else ""
+
+    @staticmethod
+    def _closest(q: Words, theirs: list[str], e: Words, mine: list[str]) -> float:
+        """The highest cosine between the query's swapped words and the edit's."""
+        vq = [q.others[q.other_words.index(w)] for w in theirs if w in q.other_words]
+        ve = [e.others[e.other_words.index(w)] for w in mine if w in e.other_words]
+        if not vq or not ve:
+            return -1.0
+        return float((torch.stack(vq) @ torch.stack(ve).T).max())
 
     def _worst(self, q: Words, e: Words) -> tuple[float, str, str, bool]:
         """The edit's content word least matched in the query, measured against the bar it
@@ -329,6 +401,22 @@ class SameQuestion:
     def score(self, query: Words, edit: Words) -> float:
         """The alignment alone: the worst best-match cosine of the edit's content words."""
         return self._worst(query, edit)[0]
+
+
+RELATION_AFTER = frozenset("of for at to with about behind".split())
+
+
+def _names_relation(words: list, end: int) -> bool:
+    """Whether the words before position `end` are followed by a preposition that makes them
+    a relation ("the home stadium *of*", "the director *for*")."""
+    return end < len(words) and words[end][0] in RELATION_AFTER
+
+
+def _template(sequence: tuple) -> list[str]:
+    """A question's words for comparing templates: "what" and "which" are one word, so are
+    "a" and "an", and "one" ("which one") is no word."""
+    same = {"what": "which", "an": "a"}
+    return [(same.get(w, w), noun) for w, noun in sequence if w not in ("one", "ones")]
 
 
 def _show(values) -> str:

@@ -38,8 +38,29 @@ def test_another_superlative_ordinal_or_object_is_rejected(same):
     ok, why = same.check("Who was the second person to walk on the Moon?", "Who was the first person to walk on the Moon?")
     assert (ok, why) == (False, "ordinal differs: second / first")
     ok, why = same.check("How many sides does a pentagon have?", "How many sides does a hexagon have?")
-    assert not ok and why.startswith("words differ: pentagon / hexagon")
+    assert not ok and why.startswith("another slot: pentagon / hexagon")
     assert not same.check("What is the chemical symbol for iron?", "What is the chemical symbol for gold?")[0]
+
+
+def test_the_same_template_about_another_thing_is_rejected(same):
+    """One noun swapped (or a modifier added) and every other word kept: a sibling, even
+    where the two words are close in the encoder's space ("heptagon" / "hexagon")."""
+    for query, edit, shown in [
+            ("What is the freezing point of water in degrees Celsius?",
+             "What is the boiling point of water in degrees Celsius?", "freezing / boiling"),
+            ("How many sides does a heptagon have?", "How many sides does a hexagon have?", "heptagon / hexagon"),
+            ("How many millimetres are in a metre?", "How many centimetres are in a metre?",
+             "millimetres / centimetres"),
+            ("What is the largest moon in the Solar System?", "What is the largest planet in the Solar System?",
+             "moon / planet"),
+            ("How many black keys does a standard piano have?", "How many keys does a standard piano have?",
+             "black added")]:
+        ok, why = same.check(query, edit)
+        assert not ok and why.startswith("another slot: " + shown), (query, why)
+    # A near-synonym in the same place is the same question; so is a reworded one.
+    assert same.check("In what year did World War I start?", "In which year did World War I begin?") == (True, "")
+    assert same.check("Which city is the capital of France?", "What is the capital of France?") == (True, "")
+    assert same.check("How much is 7 multiplied by 8?", "What is 7 times 8?") == (True, "")
 
 
 def test_paraphrases_are_accepted(same):

@@ -36,7 +36,7 @@ def fit_pairs(study) -> dict:
         groups["bank"][1].extend([(q, b.question) for q in b.siblings])
     from melo_engine.verify import SameQuestion
 
-    lex = SameQuestion(study.encoder, lexical=True, aligned=False)
+    lex = SameQuestion(study.encoder, lexical=True, aligned=False, template=False)
     out = {}
     for g, (pos, neg) in groups.items():
         rows = {}
