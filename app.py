@@ -72,6 +72,7 @@ def main() -> None:
             max_file_size=f"{MAX_UPLOAD_MB}mb",
         )
     finally:
+        pool.benchmarks.stop_all()
         downloads.close()
 
 

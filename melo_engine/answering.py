@@ -30,6 +30,16 @@ def budget(ed, edit_id: str | None) -> int:
     return max(ed.config.max_new_tokens, int(e.taught_tokens) + 16)
 
 
+def held_for(ed, edit_id: str | None) -> int | None:
+    """How many new tokens the block of `edit_id` is held for: a sentence correction that
+    does not end the answer, for what it was taught (the original model then continues,
+    Backbone.generate); any other edit, for all of them (None)."""
+    e = ed.ws.entries.get(edit_id) if edit_id is not None else None
+    if e is None or not e.is_correction or e.ends_answer or not e.taught_tokens:
+        return None
+    return int(e.taught_tokens)
+
+
 def cut(ed, text: str | None, limit: int) -> bool:
     """Whether a generated answer ran to its token budget, so it stops mid-thought."""
     if not text or text.endswith(_ENDS):
@@ -87,7 +97,8 @@ def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
     (key,), (words,) = keyed(ed, [question])
     active, r = choose(key, t0, words)
     limit = max(max_new_tokens, budget(ed, r.edit_id))
-    return ed.backbone.generate(question, active, limit, min_new_tokens, chat=ed.chat), r
+    return ed.backbone.generate(question, active, limit, min_new_tokens, chat=ed.chat,
+                                hold=held_for(ed, r.edit_id)), r
 
 
 def ask(ed, question: str, compare_base: bool = False) -> Answer:
@@ -114,17 +125,31 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     keys, words = keyed(ed, questions)
     with ws.state_lock:
         decided = [decide(ed, k, q, w) for k, q, w in zip(keys, questions, words)]
-    # (question, block, token budget); the unedited twin of a fired row gets its budget
-    rows = [(q, r.block, budget(ed, r.edit_id)) for q, r in zip(questions, decided)]
-    rows += [(q, None, budget(ed, r.edit_id)) for q, r in zip(questions, decided) if r.block is not None]
+    # (question, block, token budget, tokens the block is held for); the unedited twin of a
+    # fired row gets its budget
+    rows = [(q, r.block, budget(ed, r.edit_id), held_for(ed, r.edit_id)) for q, r in zip(questions, decided)]
+    rows += [(q, None, budget(ed, r.edit_id), None) for q, r in zip(questions, decided) if r.block is not None]
     n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
     parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
 
     def generate_part(part):
+        # Rows whose block is held for part of the answer go one at a time (rare: sentence
+        # corrections that continue); the rest in one batch.
+        texts = [None] * len(part)
+        batch = [i for i, (_, _, _, hold) in enumerate(part) if hold is None]
         with ws.state_lock:
-            active = ws.bank.gather([b for _, b, _ in part], ed.modules)
+            active = ws.bank.gather([part[i][1] for i in batch], ed.modules) if batch else None
+            single = {i: ws.bank.gather([b], ed.modules) for i, (_, b, _, hold) in enumerate(part) if hold is not None}
         # Each thread holds its own blocks (the LoRA layers keep them per thread).
-        return ed.backbone.generate_batch([q for q, _, _ in part], active, [m for _, _, m in part], chat=ed.chat)
+        if batch:
+            done = ed.backbone.generate_batch([part[i][0] for i in batch], active, [part[i][2] for i in batch],
+                                              chat=ed.chat)
+            for i, t in zip(batch, done):
+                texts[i] = t
+        for i, blocks in single.items():
+            q, _, limit, hold = part[i]
+            texts[i] = ed.backbone.generate(q, blocks, limit, chat=ed.chat, hold=hold)
+        return texts
 
     with ThreadPoolExecutor(n) as pool:
         done = list(pool.map(generate_part, parts))
@@ -134,7 +159,7 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     base = iter(texts[len(questions):])
     seconds = (time.perf_counter() - t0) / len(questions)
     out = []
-    for t, r, k, (_, _, limit) in zip(texts[:len(questions)], decided, keys, rows):
+    for t, r, k, (_, _, limit, _) in zip(texts[:len(questions)], decided, keys, rows):
         b = next(base) if r.block is not None else t
         out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
                           cut(ed, t, limit), cut(ed, b, limit), k.tolist(), r.rejected))

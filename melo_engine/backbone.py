@@ -248,11 +248,27 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int,
-                 min_new_tokens: int = 0, chat: bool = True) -> str:
-        """Greedy answer to one question with the given blocks held for every new token."""
+                 min_new_tokens: int = 0, chat: bool = True, hold: int | None = None) -> str:
+        """Greedy answer to one question with the given blocks held for every new token, or
+        only for the first `hold` new tokens: then the original model goes on from there
+        (a sentence correction that does not end the answer taught the block its tokens
+        and nothing after them; held longer, the block repeats what it was taught)."""
         enc = self.encode([question], chat=chat)
+        if hold is None or active is None or hold >= max_new_tokens:
+            with self.lora(active):
+                return self._greedy(enc, max_new_tokens, min_new_tokens)
         with self.lora(active):
-            return self._greedy(enc, max_new_tokens, min_new_tokens)
+            taught = self.model.generate(input_ids=enc.ids, attention_mask=enc.mask, max_new_tokens=hold,
+                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        new = taught[0, enc.ids.shape[1]:]
+        eos = self.tokenizer.eos_token_id
+        if len(new) < hold or (eos is not None and int(new[-1]) == eos):
+            return self.tokenizer.decode(new, skip_special_tokens=True).strip()     # it ended there
+        out = self.model.generate(input_ids=taught, attention_mask=torch.ones_like(taught),
+                                  max_new_tokens=max_new_tokens - hold,
+                                  min_new_tokens=max(0, min_new_tokens - hold), do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()
 
     @torch.no_grad()
     def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,

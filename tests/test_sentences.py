@@ -55,6 +55,12 @@ def test_correcting_the_second_sentence_keeps_the_first_byte_for_byte(backbone, 
     assert after.text.startswith(kept + FIX), after.text       # before it: identical; then the fix
     assert split_sentences(after.text)[1] == FIX
     assert base_spider not in after.text                       # the wrong sentence is gone
+    # The block is held for what it was taught, then the original model goes on: the fixed
+    # sentence is said once, not repeated to the end of the budget.
+    assert after.text.count(FIX) == 1, after.text
+    # The same question about an insect is a sibling: the block does not fire.
+    insect = ed.ask("How many legs does an insect have?")
+    assert insect.block is None, insect
     entry = ed.record(r.edit_id)
     assert entry["prefix"] == kept and entry["target"] == FIX and entry["taught_tokens"] > 0
     # Unrelated questions keep their exact answers.

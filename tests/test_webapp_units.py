@@ -288,3 +288,43 @@ def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
 
     fig = plots.retention_figure(published.benchmark_run("zsre-paper-1000-melo"))
     assert fig.layout.xaxis.dtick == 100      # not one per edit: the browser stalled on a thousand
+
+
+def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_kills():
+    """A visitor's benchmark is `python -m melo_engine.bench edits` in a child process of
+    its own (lane.py): its JSON comes back; closing the run (Stop, or the page leaving)
+    kills the child at once; one claim per visitor."""
+    from webapp.lane import BenchmarkLane, Progress
+
+    lane = BenchmarkLane(poll_seconds=0.2)
+    steps = list(lane.run("visitor", 1, ["melo"]))
+    assert isinstance(steps[0], Progress) and isinstance(steps[-1], dict)
+    res = steps[-1]
+    assert res["n"] == 1 and list(res["methods"]) == ["melo"] and res["methods"]["melo"]["edit_success"] == 1.0
+    assert not lane.busy()
+    run = lane.run("visitor", 20, ["melo", "grace"])
+    next(run)
+    [child] = lane._running.values()
+    assert child.poll() is None
+    run.close()
+    assert child.poll() is not None and not lane.busy()
+    lane.claim("visitor")
+    with pytest.raises(ValueError, match="already queued or running"):
+        lane.claim("visitor")
+    lane.stop("visitor")              # Stop pressed while it waited: the claim is given back
+    lane.claim("visitor")
+    lane.release("visitor")
+    # Stop while it runs kills the child; so does a run nobody pulls from any more.
+    run = lane.run("visitor", 20, ["melo"])
+    next(run)
+    [child] = lane._running.values()
+    lane.stop("visitor")
+    assert child.poll() is not None
+    with pytest.raises(ValueError, match="the benchmark stopped"):
+        list(run)
+    lane.abandoned_seconds = 2
+    run = lane.run("visitor", 20, ["melo"])
+    next(run)
+    [child] = lane._running.values()
+    child.wait(timeout=30)            # nobody pulls: the watch kills it
+    run.close()

@@ -2,6 +2,9 @@
 without making an edit (Debian chromium through Playwright; helpers in test_webapp_browser)."""
 from __future__ import annotations
 
+import subprocess
+import time
+
 from test_webapp_browser import LONG, answer_text, ask, fresh_page, open_page, shot, tab
 
 
@@ -28,27 +31,46 @@ def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edit
         b.close()
 
 
-def test_a_waiting_edit_shows_its_queue_place_and_the_button_says_it_waits(app_server, browser):
-    """Visitor A's benchmark holds the training queue; visitor B's edit waits behind it: B's
-    Apply button says so, B sees a queue place in a box tall enough to read, and the edit
-    is made once the benchmark is done."""
+def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queue_place(app_server, browser):
+    """Visitor A runs a benchmark (its own low-priority process, webapp/lane.py). C's edit
+    trains; B's edit waits behind C's (edits go one at a time), and B sees it: the button
+    says it waits and a queue place shows in a box tall enough to read. B's edit is made
+    while A's benchmark is still under way; A's Stop ends the run and its process."""
     url, _ = app_server
-    with fresh_page(browser, url) as a, fresh_page(browser, url) as b:
+    with fresh_page(browser, url) as a, fresh_page(browser, url) as b, fresh_page(browser, url) as c:
         tab(a, "Benchmark")
-        a.locator("#bench-n input").fill("1")
+        a.locator("#bench-n input").fill("20")
         a.locator("#bench-btn").click()
-        a.wait_for_selector("#bench-table .progress-text, #bench-table .eta-bar", timeout=LONG)
+        a.wait_for_function("() => /benchmark lane/.test(document.querySelector('#bench-status').innerText)",
+                            timeout=LONG)
+        c.locator("#question textarea").fill("What is the capital of Australia?")
+        c.locator("#target textarea").fill("Canberra is the capital of Australia.")
         b.locator("#question textarea").fill("What is the capital of Turkey?")
         b.locator("#target textarea").fill("Ankara is the capital of Turkey.")
+        c.locator("#edit-btn").click()
         b.locator("#edit-btn").click()
         b.wait_for_function("() => document.querySelector('#edit-btn').innerText.startsWith('Waiting')", timeout=LONG)
         b.wait_for_function("() => /queue/i.test(document.querySelector('#edit-summary').innerText)", timeout=LONG)
         place = b.locator("#edit-summary")
         assert place.bounding_box()["height"] >= 40, place.bounding_box()
         shot(b, "edit_waiting")
-        b.wait_for_selector("#after .melo-after", timeout=600_000)
+        b.wait_for_selector("#after .melo-after", timeout=LONG)
         assert answer_text(b, "#after .melo-after") == "Ankara is the capital of Turkey."
-        b.wait_for_function("() => document.querySelector('#edit-btn').innerText === 'Apply edit'", timeout=LONG)
+        assert lane_children(), "the benchmark ended before the edit: nothing was shown"
+        assert "Running in the benchmark lane" in a.locator("#bench-status").inner_text()
+        shot(a, "benchmark_running")
+        a.locator("#bench-stop").click()
+        a.wait_for_function("() => /Stopped/.test(document.querySelector('#bench-status').innerText)", timeout=LONG)
+        deadline = time.time() + 30
+        while lane_children() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not lane_children()
+
+
+def lane_children() -> list[str]:
+    """The benchmark lane's child processes (their command has --progress), by pid."""
+    out = subprocess.run(["pgrep", "-f", "melo_engine.bench edits .*--progress"], capture_output=True, text=True)
+    return out.stdout.split()
 
 
 def test_show_distances_with_an_empty_box_gives_one_notice(app_server, browser):

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from .callbacks import check_probe_count, probe_lines, user_errors
+from .callbacks import benchmark_choice, check_probe_count, probe_lines, user_errors
+from .lane import Progress
 from .sessions import WorkspacePool
 from .tokens import COOKIE
 
-NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits")
+NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits", "/benchmark")
 
 
 def token_of(request: gr.Request) -> str:
@@ -84,6 +85,25 @@ def edits(pool: WorkspacePool, request: gr.Request) -> list:
     return ed.edits() if ed is not None else []
 
 
+@user_errors
+def benchmark(pool: WorkspacePool, n: int, methods: str, request: gr.Request) -> Iterator[dict]:
+    """A small zsRE run of `n` edits per method (`methods`: comma-separated names) in the
+    benchmark lane: its own low-priority process, one run per client at a time, never
+    ahead of anyone's edit (lane.py). Returns the JSON of `python -m melo_engine.bench edits`."""
+    token = token_of(request)
+    pool.tokens.folder(token)
+    if not isinstance(methods, str):
+        raise ValueError("the methods must be text: names separated by commas")
+    n, chosen = benchmark_choice(n, [m.strip() for m in methods.split(",")])
+    pool.benchmarks.claim(token)
+    pool.benchmarks.take(token)
+    try:
+        for step in pool.benchmarks.run(token, n, chosen):
+            yield None if isinstance(step, Progress) else step      # a gone client stops it here
+    finally:
+        pool.benchmarks.release(token)
+
+
 def bind(fn, pool: WorkspacePool):
     """`fn` with the pool given, described to gradio (which reads the signature and the type
     hints to document the endpoint and to pass the request) without it."""
@@ -101,8 +121,9 @@ def bind(fn, pool: WorkspacePool):
 
 def register(pool: WorkspacePool, answer_queue: dict) -> None:
     """Add the endpoints to the Blocks being built: asks and probes share the page's answer
-    queue, edits and corrections its training queue."""
+    queue, edits and corrections its training queue, benchmarks its benchmark lane."""
     train_queue = {"concurrency_limit": 1, "concurrency_id": "train"}
+    bench_queue = {"concurrency_limit": 1, "concurrency_id": "bench"}
     for fn, queue in [(ask, answer_queue), (edit, train_queue), (correct, train_queue), (probe, answer_queue),
-                      (delete, {}), (edits, {})]:
+                      (delete, {}), (edits, {}), (benchmark, bench_queue)]:
         gr.api(bind(fn, pool), api_name=fn.__name__, **queue)

@@ -19,6 +19,7 @@ from melo_engine.registry import KEY_SOURCES, METHODS
 
 from . import plots, published, render
 from .downloads import ROUTE, Downloads
+from .lane import Progress
 from .sessions import WorkspacePool
 from .tokens import COOKIE
 
@@ -367,40 +368,57 @@ BENCH_MAX_EDITS = 50
 
 @user_errors
 def claim_benchmark(pool: WorkspacePool, token: str) -> None:
-    """Before the benchmark joins the queue: a visitor of this server, with no other
-    benchmark queued or running (sessions.BenchmarkClaims)."""
+    """Before the benchmark joins its queue: a visitor of this server, with no other
+    benchmark queued or running (lane.BenchmarkLane). A busy lane is said, not refused."""
     pool.tokens.folder(token)           # a token this server issued
     pool.benchmarks.claim(token)
+    if pool.benchmarks.busy():
+        gr.Info("Another visitor's benchmark is running: yours starts when it ends (your place shows below). "
+                "Edits and questions are not held up by either.")
+
+
+def stop_benchmark(pool: WorkspacePool, token: str) -> str:
+    """Stop: the visitor's run is killed, or, still waiting for its turn, gives its claim
+    back, so the visitor can start another (the event's cancellation ends the page's part)."""
+    if pool.tokens.valid(token):
+        pool.benchmarks.stop(token)
+    return "Stopped. Nothing of the run is kept; press Run benchmark to start another."
+
+
+def benchmark_choice(n, methods) -> tuple[int, list[str]]:
+    """The run's size and methods, checked (registered methods, in the registry's order)."""
+    try:
+        n = int(n or 0)
+    except (TypeError, ValueError):
+        n = 0
+    if not 1 <= n <= BENCH_MAX_EDITS:
+        raise ValueError(f"choose between 1 and {BENCH_MAX_EDITS} edits")
+    chosen = [m for m in METHODS.names() if m in (methods or [])]
+    if not chosen:
+        raise ValueError("choose at least one method")
+    return n, chosen
 
 
 @user_errors
-def run_benchmark(pool: WorkspacePool, token: str, n, methods, progress=gr.Progress()):
-    """A small zsRE run on the shared model: the same table as `python -m melo_engine.bench edits`,
-    for a visitor who claimed the lane (`claim_benchmark`)."""
+def run_benchmark(pool: WorkspacePool, token: str, n, methods):
+    """A small zsRE run: the same table as `python -m melo_engine.bench edits`, in the
+    benchmark lane's own process (lane.py), for a visitor who claimed it (`claim_benchmark`).
+    Stopping the event (the Stop button, or the page closing) kills the run."""
     pool.tokens.folder(token)
     pool.benchmarks.take(token)
     try:
-        return _benchmark(pool, n, methods, progress)
+        n, methods = benchmark_choice(n, methods)
+        for step in pool.benchmarks.run(token, n, methods):
+            if isinstance(step, Progress):
+                # Shown as text: a streaming event hides gradio's progress bar after its first
+                # update, and each update is where Stop can end the run.
+                yield (f"Running in the benchmark lane: {step.text} ({step.fraction:.0%}). "
+                       f"Edits and questions go on meanwhile; Stop ends the run."), gr.skip(), gr.skip()
+            else:
+                yield (f"Done: {n} edit(s) per method, the same stream for each."), \
+                    published.table_rows(step), plots.retention_figure(step)
     finally:
         pool.benchmarks.release(token)
-
-
-def _benchmark(pool: WorkspacePool, n, methods, progress):
-    from melo_engine.bench import edits_benchmark
-
-    n = int(n or 0)
-    if not 1 <= n <= BENCH_MAX_EDITS:
-        raise ValueError(f"choose between 1 and {BENCH_MAX_EDITS} edits")
-    methods = [m for m in METHODS.names() if m in (methods or [])]
-    if not methods:
-        raise ValueError("choose at least one method")
-    order = {m: i for i, m in enumerate(methods)}
-
-    def report(name, done, total):
-        progress((order[name] * total + done) / (len(methods) * total), desc=f"{name}: {done}/{total} edits")
-
-    res = edits_benchmark("zsre", n, methods, backbone=pool.backbone, show_progress=False, progress=report)
-    return published.table_rows(res), plots.retention_figure(res)
 
 
 @user_errors

@@ -183,8 +183,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 "with one **plain LoRA** adapter trained on every edit in turn. *Retention*: earlier edits still "
                 "hold; *generality*: held-out phrasings get the new answer; *locality*: unrelated questions get "
                 "the original answer. Scores are the share of answer tokens the model gets right given the "
-                "tokens before them (teacher-forced token accuracy, as in the paper). It runs on the shared "
-                "model, queued with everyone's edits; 20 edits take a few minutes.")
+                "tokens before them (teacher-forced token accuracy, as in the paper). A run takes a process "
+                "of its own at low priority, so nobody's edits or questions wait for it; one run at a time "
+                "per visitor, and a run waits while another visitor's is under way. 20 edits take a few "
+                "minutes; Stop ends it at once.")
             runs = published.benchmark_runs()
             with gr.Accordion("Published results (measured on the project's machine, docs/results)",
                               open=True, visible=bool(runs)):
@@ -199,7 +201,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                                     label="Edits per method", elem_id="bench-n")
                 bench_methods = gr.CheckboxGroup(METHODS.names(), value=METHODS.names(),
                                                  label="Methods", elem_id="bench-methods")
-            bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="bench-btn")
+            with gr.Row():
+                bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="bench-btn")
+                bench_stop = gr.Button("Stop", variant="stop", elem_id="bench-stop")
+            bench_status = gr.Markdown(elem_id="bench-status")
             bench_table = gr.Dataframe(headers=published.COLUMNS, interactive=False, elem_id="bench-table")
             bench_plot = gr.Plot(label="Retention", elem_id="bench-plot")
 
@@ -224,8 +229,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         # Everything that generates shares one queue, as wide as the machine has cores (each
-        # request runs on one torch thread, app.py); edits and benchmarks queue one at a
-        # time beside it. Measured in docs/BENCHMARKS.md, "many visitors at once".
+        # request runs on one torch thread, app.py); edits queue one at a time beside it.
+        # Measured in docs/BENCHMARKS.md, "many visitors at once".
         answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
         train_q = {"concurrency_limit": 1, "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):
@@ -249,9 +254,13 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             dist_event(bind(cb.distances), [token, dist_q], dist_plot, **private)
         # One benchmark per visitor at a time: the lane is claimed (a second claim is refused
         # in one line) before the run joins the queue, and the run refuses without a claim.
-        bench_btn.click(bind(cb.claim_benchmark), token, None, queue=False, trigger_mode="once", **private).success(
-            bind(cb.run_benchmark), [token, bench_n, bench_methods], [bench_table, bench_plot],
-            show_progress_on=[bench_table], **train_q, **private)
+        # Runs have their own queue (one at a time, each in its own low-priority process:
+        # lane.py), never the edits'; Stop cancels the event, which kills the process.
+        bench_run = bench_btn.click(bind(cb.claim_benchmark), token, None, queue=False, trigger_mode="once",
+                                    **private).success(
+            bind(cb.run_benchmark), [token, bench_n, bench_methods], [bench_status, bench_table, bench_plot],
+            show_progress_on=[bench_status], concurrency_limit=1, concurrency_id="bench", **private)
+        bench_stop.click(bind(cb.stop_benchmark), token, bench_status, cancels=[bench_run], queue=False, **private)
         run_pick.input(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted], [history_msg, deleted],

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
+from melo_engine.config import DEFAULT_MODEL
 
+from .lane import BenchmarkLane
 from .tokens import WorkspaceTokens
 
 
@@ -57,7 +59,7 @@ class WorkspacePool:
         self._writers: dict[str, int] = {}      # writes in progress, by folder
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.benchmarks = BenchmarkClaims()
+        self.benchmarks = BenchmarkLane(None if backbone.name == DEFAULT_MODEL else backbone.name)
 
     def editor(self, token: str) -> MeloEditor:
         """The editor of the token's workspace, opening (or creating) it on first use."""
@@ -163,34 +165,3 @@ class WorkspacePool:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-class BenchmarkClaims:
-    """At most one benchmark queued or running per visitor: the page claims the lane before
-    it joins the queue (a second claim is refused), the run takes the claim when its turn
-    comes (a run without one is refused at once, costing the queue milliseconds) and gives
-    it back when done. A claim whose run never came (its page closed while it waited)
-    lapses after `lapse_seconds`."""
-
-    def __init__(self, lapse_seconds: float = 3600):
-        self.lapse_seconds = lapse_seconds
-        self._claims: dict[str, tuple[float, bool]] = {}      # token: (since, running)
-        self._lock = threading.Lock()
-
-    def claim(self, token: str) -> None:
-        now = time.time()
-        with self._lock:
-            since, _ = self._claims.get(token, (now - self.lapse_seconds, False))
-            if now - since < self.lapse_seconds:
-                raise ValueError("your benchmark is already queued or running: wait for its table")
-            self._claims[token] = (now, False)
-
-    def take(self, token: str) -> None:
-        with self._lock:
-            if self._claims.get(token, (0.0, True))[1]:
-                raise ValueError("no benchmark waits for this page: press Run benchmark")
-            self._claims[token] = (time.time(), True)
-
-    def release(self, token: str) -> None:
-        with self._lock:
-            self._claims.pop(token, None)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from melo_engine.model import quiet_env
@@ -20,8 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def die_with_parent() -> None:
+    """With MELO_PARENT_PID set (the web app's benchmark lane sets it), exit as soon as that
+    process is gone: a run is nobody's once the app that showed it has died."""
+    parent = os.environ.get("MELO_PARENT_PID")
+    if not parent:
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(1)
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv=None) -> int:
     quiet_env(offline=True)
+    die_with_parent()
     args = build_parser().parse_args(argv)
     res = BENCHMARKS.get(args.what).run(args)
     if isinstance(res, int):          # an error, or a benchmark that wrote its own files

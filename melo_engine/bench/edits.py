@@ -117,10 +117,22 @@ def _add_arguments(p) -> None:
     p.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
                    help="how MELO stores its blocks (default: the engine's, float16)")
     p.add_argument("--model", default=None,
-                   help="hallucination: another model than the bundled default (hub id or folder)")
+                   help="another model than the bundled default (hub id or folder)")
     p.add_argument("--radius", type=float, default=None,
                    help="MELO's init radius (default: calibrated for the key source and prompt mode)")
     p.add_argument("--json", default=None)
+    p.add_argument("--progress", default=None,
+                   help="a file rewritten after every edit with 'METHOD DONE TOTAL' (what a front end watches)")
+
+
+def progress_file(path: str | None):
+    """A progress callback that rewrites `path` after every edit (None: no callback)."""
+    if not path:
+        return None
+
+    def write(name: str, done: int, total: int) -> None:
+        Path(path).write_text(f"{name} {done} {total}\n")
+    return write
 
 
 def _run(args) -> dict | int:
@@ -130,12 +142,17 @@ def _run(args) -> dict | int:
         from .hallucination import run_hallucination
 
         return run_hallucination(args)
-    if args.data or args.model:
-        print("error: --data and --model are for --dataset hallucination", file=sys.stderr)
+    if args.data:
+        print("error: --data is for --dataset hallucination", file=sys.stderr)
         return 2
     try:
-        res = edits_benchmark(args.dataset, args.n or 20, method_names(args.methods), protocol=args.protocol,
-                              melo_settings=melo_settings(args), checkpoint=json_checkpoint(args))
+        methods = method_names(args.methods)
+        from melo_engine.backbone import Backbone
+
+        backbone = Backbone.load(args.model) if args.model else None
+        res = edits_benchmark(args.dataset, args.n or 20, methods, backbone=backbone, protocol=args.protocol,
+                              melo_settings=melo_settings(args), checkpoint=json_checkpoint(args),
+                              progress=progress_file(args.progress))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

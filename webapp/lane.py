@@ -1,0 +1,178 @@
+"""The benchmark lane: a visitor's benchmark runs in a process of its own, at low priority
+on one thread, so that it never holds anyone's edit.
+
+Why a process. A benchmark is minutes of training on the shared cores. Queued with the
+edits, it made every other visitor's edit wait for all of it (343 s behind a default run);
+run as a thread beside them, its forwards would still take a core at the same priority as
+the edits, and GRACE's forward hook would sit on the shared model while other visitors
+ask. A child process has its own copy of the model, one torch thread and a raised nice
+value: the kernel gives the app's edits and asks the cores first, and the visitor who
+started it can stop it at once (the process is killed; nothing of it stays behind).
+
+The child is the benchmark's own command line (`python -m melo_engine.bench edits ...`),
+so what the page shows is exactly what `docs/BENCHMARKS.md` tells a researcher to run. It
+rewrites a progress file after every edit, which the page reads.
+
+At most one run per visitor is queued or running (a claim, taken before the run joins
+gradio's queue); runs of different visitors wait in their own gradio queue, whose place
+the page shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Progress:
+    """How far a run is: `fraction` of all edits of all methods, and a line to show."""
+
+    fraction: float
+    text: str
+
+
+class BenchmarkLane:
+    """Claims (one run per visitor) and the runs themselves, each in a child process.
+
+    `nice`: how much lower the child's priority is than the app's (0-19). A claim whose run
+    never came (its page closed while it waited) lapses after `lapse_seconds`."""
+
+    def __init__(self, model: str | None = None, nice: int = 15, lapse_seconds: float = 3600,
+                 poll_seconds: float = 0.5, abandoned_seconds: float = 60):
+        self.model = model
+        self.nice = nice
+        self.lapse_seconds = lapse_seconds
+        self.poll_seconds = poll_seconds
+        self.abandoned_seconds = abandoned_seconds
+        self._claims: dict[str, tuple[float, bool]] = {}      # token: (since, running)
+        self._running: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    # ---- claims ---------------------------------------------------------------------------
+    def claim(self, token: str) -> None:
+        """Before a run joins the queue; a second claim while one holds is refused."""
+        now = time.time()
+        with self._lock:
+            since, _ = self._claims.get(token, (now - self.lapse_seconds, False))
+            if now - since < self.lapse_seconds:
+                raise ValueError("your benchmark is already queued or running: wait for its table")
+            self._claims[token] = (now, False)
+
+    def take(self, token: str) -> None:
+        """When the run's turn comes: a run nobody claimed is refused at once."""
+        with self._lock:
+            if self._claims.get(token, (0.0, True))[1]:
+                raise ValueError("no benchmark waits for this page: press Run benchmark")
+            self._claims[token] = (time.time(), True)
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._claims.pop(token, None)
+
+    def stop(self, token: str) -> None:
+        """The visitor pressed Stop: a run under way is killed at once; a claim whose run has
+        not started yet is given back, so the visitor can start another."""
+        with self._lock:
+            proc = self._running.get(token)
+            if token in self._claims and not self._claims[token][1]:
+                del self._claims[token]
+        if proc is not None:
+            _kill(proc)
+
+    def busy(self) -> bool:
+        """Whether a run is under way (a new one waits for it)."""
+        with self._lock:
+            return bool(self._running)
+
+    # ---- runs -----------------------------------------------------------------------------
+    def command(self, n: int, methods: list[str], out: Path, progress: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "melo_engine.bench", "edits", "--dataset", "zsre", "--n", str(n),
+               "--methods", ",".join(methods), "--json", str(out), "--progress", str(progress)]
+        return cmd + (["--model", self.model] if self.model else [])
+
+    def run(self, token: str, n: int, methods: list[str]) -> Iterator[Progress | dict]:
+        """Start the child and yield its Progress until it ends, then the result (the JSON of
+        `bench edits`). Closing the iterator, or `stop`, kills the child. A child that fails
+        (or was stopped) raises ValueError with its last line."""
+        tmp = Path(tempfile.mkdtemp(prefix="melo-bench-"))
+        out, progress, log = tmp / "result.json", tmp / "progress", tmp / "log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", MELO_PARENT_PID=str(os.getpid()))
+        nice = self.nice
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(self.command(n, methods, out, progress), cwd=ROOT, env=env,
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=lambda: os.nice(nice))
+        with self._lock:
+            self._running[token] = proc
+        # Whoever iterates pulls the next step at once; a run nobody has pulled from for
+        # `abandoned_seconds` lost its page (a front that never closes the iterator): killed.
+        pulled = [time.monotonic()]
+        watch = threading.Thread(target=self._watch, args=(proc, pulled), name="bench-watch", daemon=True)
+        watch.start()
+        try:
+            order = {m: i for i, m in enumerate(methods)}
+            yield Progress(0.0, "loading the model")
+            while proc.poll() is None:
+                pulled[0] = time.monotonic()
+                time.sleep(self.poll_seconds)
+                seen = _read_progress(progress)
+                if seen:
+                    name, done, of = seen
+                    yield Progress((order.get(name, 0) * of + done) / max(1, len(methods) * of),
+                                   f"{name}: {done}/{of} edits")
+            if proc.returncode != 0 or not out.is_file():
+                last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+                raise ValueError(f"the benchmark stopped: {last[-1][:300] if last else 'no output'}")
+            yield json.loads(out.read_text())
+        finally:
+            with self._lock:
+                self._running.pop(token, None)
+            _kill(proc)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _watch(self, proc: subprocess.Popen, pulled: list[float]) -> None:
+        while proc.poll() is None:
+            if time.monotonic() - pulled[0] > self.abandoned_seconds:
+                _kill(proc)
+                return
+            time.sleep(min(5.0, self.abandoned_seconds / 4))
+
+    def stop_all(self) -> None:
+        """Kill every run (the server is shutting down)."""
+        with self._lock:
+            procs = list(self._running.values())
+        for p in procs:
+            _kill(p)
+
+
+def _read_progress(path: Path) -> tuple[str, int, int] | None:
+    try:
+        name, done, total = path.read_text().split()
+        return name, int(done), int(total)
+    except (OSError, ValueError):
+        return None          # not written yet, or caught mid-write
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
