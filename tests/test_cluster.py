@@ -80,6 +80,38 @@ def test_a_visitor_is_served_by_the_replica_that_holds_the_workspace(front, exam
     assert all(x["id"] != r.edit_id or x["status"] != "active" for x in pool.existing(visitor).edits())
 
 
+def test_the_page_and_the_api_are_a_front_without_the_model(front, example_edits):
+    """The real page and API (layout.py, api.py) over the deployment, through gradio_client."""
+    import socket
+
+    from gradio_client import Client
+
+    from webapp.downloads import Downloads
+    from webapp.layout import build_demo, server_extras
+
+    assert front.backbone is None
+    downloads = Downloads()
+    demo = build_demo(front, downloads, answer_concurrency=2)
+    demo.queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                app_kwargs=server_extras(front, downloads))
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        e = example_edits[6]
+        r = c.predict(e["prompt"], e["target"], api_name="/edit")
+        assert r["block"] is not None
+        assert c.predict(e["paraphrase"], api_name="/ask")["block"] == r["block"]
+        assert [x["id"] for x in c.predict(api_name="/edits")] == [r["edit_id"]]
+        with pytest.raises(Exception, match="unknown edit id"):
+            c.predict("nope", api_name="/delete")
+    finally:
+        demo.close()
+        downloads.close()
+
+
 def test_a_replica_killed_mid_edit_loses_no_committed_edit(front, example_edits):
     pool = front
     visitors = [pool.tokens.new() for _ in range(4)]
@@ -128,6 +160,13 @@ def test_a_replica_killed_mid_edit_loses_no_committed_edit(front, example_edits)
             assert holder_pid(fd) == pool.replica_of(v)
         finally:
             os.close(fd)
+    # Serve starts a replica in place of the dead one.
+    from ray import serve
+
+    deadline = time.time() + 240
+    while serve.status().applications["melo"].deployments["Engine"].replica_states.get("RUNNING", 0) < 2:
+        assert time.time() < deadline, "Serve did not restart the killed replica within 240 s"
+        time.sleep(2)
 
 
 def test_two_apps_on_one_folder_have_one_writer(backbone, example_edits, tmp_path, monkeypatch):
@@ -145,3 +184,24 @@ def test_two_apps_on_one_folder_have_one_writer(backbone, example_edits, tmp_pat
     assert second.sweep(now=time.time() + 10 ** 9) == []       # the other app's open workspace stays
     first.close(visitor)
     assert second.reader(visitor).ask(e["paraphrase"]).block is not None     # caught up from the journal
+
+
+def test_the_default_app_is_one_process_without_ray(monkeypatch):
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    ROOT = Path(__file__).resolve().parent.parent
+    code = ("import sys, app, webapp.layout, webapp.api, webapp.callbacks; "
+            "assert 'ray' not in sys.modules; print(app.engine_choice([]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "MELO_ENGINE"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "('local', None)"
+    import app
+
+    assert app.engine_choice(["--ray-address", "auto"]) == ("ray", "auto")
+    monkeypatch.setenv("MELO_ENGINE", "rays")
+    with pytest.raises(SystemExit, match="MELO_ENGINE='rays': choose one of local, ray"):
+        app.engine_choice([])
