@@ -43,8 +43,10 @@ OPERATIONS = PLAIN | SPECIAL
 READS = frozenset({"ask", "probe", "answered_by", "route", "edits", "record", "side_effects", "index_snapshot",
                    "distances", "stats", "default_settings", "sentence_prefix", "config", "export",
                    "probe_bank_count"})
-# The ones that train a block: one at a time per engine process (one core each).
+# The ones that train a block: one at a time per engine process; and the ones that generate
+# text: as many at a time as the process has cores (as the one-process app queues them).
 TRAINING = frozenset({"train", "train_correction"})
+GENERATING = frozenset({"ask", "probe", "sentence_prefix"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +61,17 @@ class Pending:
 class ServedWorkspace:
     """The engine's side of one visitor's workspace: answers calls by the table over `pool`
     (webapp/sessions.WorkspacePool) and keeps the edits trained but not yet committed.
+    `training` and `answering` are the engine process's, shared by all its workspaces.
     `close` lets go of the workspace and its lock (the pool's `close`) once the calls in
     progress are done; Ray Serve calls it (as `__del__`) when it evicts the workspace."""
 
     MAX_PENDING = 4         # trained edits kept for a commit that may never come (client gone)
 
-    def __init__(self, pool, token: str, training: threading.Lock | None = None):
+    def __init__(self, pool, token: str, training: threading.Lock | None = None,
+                 answering: threading.Semaphore | None = None):
         self.pool, self.token = pool, token
         self.training = training or threading.Lock()
+        self.answering = answering or threading.Semaphore(1)
         self.pending: dict[str, Any] = {}
         self._busy = 0
         self._idle = threading.Condition()
@@ -97,6 +102,9 @@ class ServedWorkspace:
         return None if ed is None else self._run(ed, op, args, kwargs)
 
     def _run(self, ed, op: str, args: tuple, kwargs: dict):
+        if op in GENERATING:
+            with self.answering:
+                return getattr(ed, op)(*args, **kwargs)
         if op in PLAIN:
             return getattr(ed, op)(*args, **kwargs)
         if op == "config":

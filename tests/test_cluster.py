@@ -34,6 +34,21 @@ def front(tmp_path_factory):
         cluster.stop()
 
 
+def _replica_pids() -> set[int]:
+    """The live engine replica processes on this machine (Ray names them in their command line)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ServeReplica:melo:Engine"):
+                    with open(f"/proc/{d}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            out.add(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def _workspace(pool, token):
     return pool.root / pool.tokens.folder(token) / "ws"
 
@@ -160,11 +175,12 @@ def test_a_replica_killed_mid_edit_loses_no_committed_edit(front, example_edits)
             assert holder_pid(fd) == pool.replica_of(v)
         finally:
             os.close(fd)
-    # Serve starts a replica in place of the dead one.
+    # Serve starts a replica in place of the dead one: a new process, and two running again.
     from ray import serve
 
     deadline = time.time() + 240
-    while serve.status().applications["melo"].deployments["Engine"].replica_states.get("RUNNING", 0) < 2:
+    while not (len(_replica_pids() - {victim}) == 2 and
+               serve.status().applications["melo"].deployments["Engine"].replica_states.get("RUNNING", 0) == 2):
         assert time.time() < deadline, "Serve did not restart the killed replica within 240 s"
         time.sleep(2)
 
@@ -205,3 +221,28 @@ def test_the_default_app_is_one_process_without_ray(monkeypatch):
     monkeypatch.setenv("MELO_ENGINE", "rays")
     with pytest.raises(SystemExit, match="MELO_ENGINE='rays': choose one of local, ray"):
         app.engine_choice([])
+
+
+def test_an_evicted_workspace_lets_its_lock_go(backbone, tmp_path):
+    """What a replica does when Serve evicts a workspace from its LRU (calls `__del__`)."""
+    from melo_engine.service import Pending, ServedWorkspace
+    from webapp.sessions import WorkspacePool
+
+    pool = WorkspacePool(backbone, tmp_path)
+    token = pool.tokens.new()
+    served = ServedWorkspace(pool, token)
+    assert served.call("open", "edits") == []
+    lock = WorkspaceLock(_workspace(pool, token), wait=0)
+    with pytest.raises(ValueError, match="in use"):
+        lock.acquire()
+    served.__del__()                                   # as Ray Serve's multiplexer does on eviction
+    lock.acquire()
+    lock.release()
+    with pytest.raises(ValueError, match="closed here"):
+        served.call("read", "edits")
+    again = ServedWorkspace(pool, token)
+    with pytest.raises(ValueError, match="unknown operation"):
+        again.call("read", "close")
+    with pytest.raises(ValueError, match="not applied"):
+        again.call("write", "commit", (Pending("from-another-replica", "q", "t"),))
+    again.close()

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,7 +74,8 @@ class ClusterConfig:
 class Engine:
     """One replica: the model loaded once, visitors' workspaces opened on demand."""
 
-    def __init__(self, root: str, model: str, threads: int, max_workspaces: int):
+    def __init__(self, root: str, model: str, threads: int, max_workspaces: int, cpus: float = 1.0,
+                 max_ongoing: int = 64):
         import torch
         from ray import serve
 
@@ -84,12 +87,19 @@ class Engine:
         warm(backbone)
         # Evictions close workspaces, so the pool never reaches its own cap.
         self.pool = WorkspacePool(backbone, Path(root), max_open=max_workspaces + 8)
-        self.training = threading.Lock()         # one edit trains at a time here (one core)
+        # One edit trains at a time here, beside as many answers as the replica has CPUs: a
+        # Ray CPU is a reservation, not a limit, and more generations at once on one core
+        # only make each slower (docs/BENCHMARKS.md, "many visitors at once").
+        self.training = threading.Lock()
+        self.answering = threading.Semaphore(max(1, round(cpus)))
+        # A thread for every request the replica accepts: one waiting for its turn to answer
+        # never holds up a listing or a commit.
+        self.threads = ThreadPoolExecutor(max_workers=max_ongoing, thread_name_prefix="melo-call")
         self._blank_ready()
 
         async def open_workspace(token: str) -> ServedWorkspace:
             self.pool.tokens.folder(token)       # a token this server issued, or one plain line
-            return ServedWorkspace(self.pool, token, self.training)
+            return ServedWorkspace(self.pool, token, self.training, self.answering)
         self.workspace = serve.multiplexed(max_num_models_per_replica=max_workspaces)(open_workspace)
 
     def _blank_ready(self, tries: int = 60) -> None:
@@ -107,7 +117,8 @@ class Engine:
         from ray import serve
 
         served = await self.workspace(serve.get_multiplexed_model_id())
-        return await asyncio.to_thread(served.call, reach, op, args, kwargs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.threads, functools.partial(served.call, reach, op, args, kwargs))
 
     async def pid(self) -> int:
         """This replica's process id (tests and the cluster benchmark: who holds a token)."""
@@ -141,7 +152,8 @@ def deploy(root: Path, model: str, cfg: ClusterConfig):
     engine = serve.deployment(Engine).options(
         name="Engine", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica})
-    return serve.run(engine.bind(str(root), model, cfg.threads, cfg.max_workspaces_per_replica),
+    return serve.run(engine.bind(str(root), model, cfg.threads, cfg.max_workspaces_per_replica,
+                                 cfg.cpus_per_replica, cfg.max_ongoing_requests),
                      name=APP, route_prefix=None)
 
 
