@@ -25,9 +25,21 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Protocol
 
 REACHES = ("read", "write", "open", "existing")
+
+
+class Workspaces(Protocol):
+    """The interface a front calls, one method per reach. Two implementations:
+    webapp/sessions.WorkspacePool (in-process: hands out MeloEditors) and
+    webapp/cluster.RayPool (hands out RemoteEditors over the Ray Serve deployment)."""
+
+    def reader(self, token: str) -> Any: ...
+    def writing(self, token: str) -> ContextManager[Any]: ...
+    def editor(self, token: str) -> Any: ...
+    def existing(self, token: str) -> Any | None: ...
+    def close(self, token: str) -> None: ...
 
 # MeloEditor methods a front may call remotely, as they are.
 PLAIN = frozenset({
