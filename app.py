@@ -4,6 +4,12 @@ Environment: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (where to listen), MELO_MOD
 model, default the bundled SmolLM2-135M-Instruct), MELO_WORKSPACES (the visitors'
 workspaces), MELO_IDLE_MINUTES (remove a workspace idle this long; default a day),
 MELO_THREADS (torch threads per request; default 1, see below).
+
+MELO_ENGINE=ray (or `--ray-address ADDRESS`, "auto" for the cluster `ray start` made on this
+machine) serves the engine from a Ray Serve deployment instead (webapp/cluster.py; README,
+"More than one machine"): this process is then a front that holds no model. MELO_REPLICAS,
+MELO_CPUS_PER_REPLICA, MELO_WORKSPACES_PER_REPLICA size it. The default (MELO_ENGINE=local)
+is one process and starts no Ray.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import argparse  # noqa: E402
+import signal  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,7 +42,25 @@ def load_backbone(name: str, out: dict) -> None:
         out["error"] = err
 
 
-def main() -> None:
+ENGINES = ("local", "ray")
+
+
+def engine_choice(argv=None) -> tuple[str, str | None]:
+    """(engine, Ray address or None) from the command line and MELO_ENGINE."""
+    p = argparse.ArgumentParser(prog="app.py")
+    p.add_argument("--ray-address", default=None, help='serve the engine from the Ray cluster at this address '
+                                                       '("auto": the one started on this machine)')
+    args, _ = p.parse_known_args(argv)
+    engine = os.environ.get("MELO_ENGINE", "local").strip().lower() or "local"
+    if engine not in ENGINES:
+        raise SystemExit(f"MELO_ENGINE={engine!r}: choose one of {', '.join(ENGINES)}")
+    return ("ray" if args.ray_address else engine), args.ray_address
+
+
+def main(argv=None) -> None:
+    engine, address = engine_choice(argv)
+    if engine == "ray":
+        return front(address)
     # Visitors' asks and edits run side by side (one ask per core and one edit at once),
     # each on one thread: with torch's default of one thread per core, every request would
     # start a team of threads that spin waiting for cores the other requests hold.
@@ -74,6 +100,42 @@ def main() -> None:
     finally:
         pool.benchmarks.stop_all()
         downloads.close()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def front(address: str | None) -> None:
+    """The page and the API over the Ray engine: no model in this process (webapp/cluster.py)."""
+    from webapp import cluster, plots
+    from webapp.downloads import Downloads
+    from webapp.layout import MAX_UPLOAD_MB, build_demo, server_extras
+    from webapp.sessions import default_root
+
+    cfg = cluster.ClusterConfig.from_env()
+    downloads = Downloads()
+    try:
+        pool = cluster.start(default_root(), os.environ.get("MELO_MODEL", DEFAULT_MODEL), cfg, address,
+                             idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
+        # A SIGTERM ends the front like Ctrl-C: the engine is taken down, a local Ray with
+        # it (set after ray.init, which installs a handler of its own that would not).
+        signal.signal(signal.SIGTERM, _interrupt)
+        pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
+        threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
+        demo = build_demo(pool, downloads, answer_concurrency=2 * cfg.replicas)
+        demo.queue(default_concurrency_limit=2 * cfg.replicas)
+        demo.launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+            server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+            css_paths=[str(ROOT / "assets" / "style.css")],
+            footer_links=[],
+            app_kwargs=server_extras(pool, downloads),
+            max_file_size=f"{MAX_UPLOAD_MB}mb",
+        )
+    finally:
+        downloads.close()
+        cluster.stop()
 
 
 if __name__ == "__main__":

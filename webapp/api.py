@@ -119,10 +119,10 @@ def bind(fn, pool: WorkspacePool):
     return call
 
 
-def register(pool: WorkspacePool, answer_queue: dict) -> None:
+def register(pool: WorkspacePool, answer_queue: dict, train_queue: dict | None = None) -> None:
     """Add the endpoints to the Blocks being built: asks and probes share the page's answer
     queue, edits and corrections its training queue, benchmarks its benchmark lane."""
-    train_queue = {"concurrency_limit": 1, "concurrency_id": "train"}
+    train_queue = train_queue or {"concurrency_limit": 1, "concurrency_id": "train"}
     bench_queue = {"concurrency_limit": 1, "concurrency_id": "bench"}
     for fn, queue in [(ask, answer_queue), (edit, train_queue), (correct, train_queue), (probe, answer_queue),
                       (delete, {}), (edits, {}), (benchmark, bench_queue)]:

@@ -4,6 +4,7 @@
     python -m webapp.bench load         # one visitor's edit alone and while four others ask
     python -m webapp.bench map --edits 200   # building the index map for a workspace of N real edits
     python -m webapp.bench frontier STUDY.json OUT.png   # the key study's frontier, drawn in chromium
+    python -m webapp.bench cluster --replicas 1,2 --json OUT   # the Ray engine: visitors served per replica count
 """
 from __future__ import annotations
 
@@ -296,6 +297,115 @@ def workspace_cost(visitors: int = 20, editors: int = 5) -> dict:
     return {"only_asked": per(base, asked, visitors), "one_edit_more": per(asked, edited, editors)}
 
 
+# ---- the Ray engine ------------------------------------------------------------------
+# The real front (app.py, MELO_ENGINE=ray, its own local Ray cluster), each replica one
+# Ray CPU and one torch thread; `visitors` gradio_clients, each asking and editing in its
+# own workspace for `seconds`. Which replica serves a visitor is read from outside: the
+# holder of the workspace's lock (/proc/locks), sampled every second; a move is a change of
+# holder while the earlier one still lived.
+def _lock_holder(path: Path) -> int | None:
+    from melo_engine.lock import holder_pid
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return holder_pid(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def cluster_run(replicas: int, visitors: int = 8, seconds: float = 60, edits_each: int = 2) -> dict:
+    from gradio_client import Client
+
+    from .tokens import COOKIE, WorkspaceTokens
+
+    edits = json.loads((ROOT / "assets" / "example_edits.json").read_text())
+    tmp = Path(tempfile.mkdtemp(prefix="melo-cluster-"))
+    t_start = time.perf_counter()
+    proc, url = start_app(tmp, {"MELO_ENGINE": "ray", "MELO_REPLICAS": str(replicas), "MELO_THREADS": "1",
+                                "MELO_CPUS_PER_REPLICA": "1"})
+    start_seconds = time.perf_counter() - t_start
+    try:
+        clients = [Client(url, verbose=False) for _ in range(visitors)]
+        for c in clients:                                        # every path warm
+            c.predict("What is 1 + 1?", api_name="/ask")
+        tokens = WorkspaceTokens(tmp)
+        locks = [tmp / tokens.folder(c.cookies[COOKIE]) / "ws" / "lock" for c in clients]
+        asks, edit_times, errors, made = [], [], [], [[] for _ in clients]
+        done = threading.Event()
+        holders: list[list[int]] = [[] for _ in clients]
+
+        def watch():
+            while not done.wait(1.0):
+                for k, lock in enumerate(locks):
+                    pid = _lock_holder(lock)
+                    if pid is not None and (not holders[k] or holders[k][-1] != pid):
+                        holders[k].append(pid)
+
+        def visitor(k: int, c: Client, deadline: float):
+            i = 0
+            while time.perf_counter() < deadline:
+                e = edits[(k * edits_each + len(made[k])) % len(edits)]
+                t0 = time.perf_counter()
+                try:
+                    if i % 4 == 1 and len(made[k]) < edits_each:
+                        made[k].append(c.predict(e["prompt"], e["target"], api_name="/edit")["edit_id"])
+                        edit_times.append(time.perf_counter() - t0)
+                    else:
+                        c.predict(LOAD_QUESTIONS[(k + i) % len(LOAD_QUESTIONS)], api_name="/ask")
+                        asks.append((t0, time.perf_counter()))
+                except Exception as err:  # noqa: BLE001 - counted, the run goes on
+                    errors.append(str(err).splitlines()[0][:200])
+                i += 1
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        loops = [threading.Thread(target=visitor, args=(k, c, deadline)) for k, c in enumerate(clients)]
+        for th in loops:
+            th.start()
+        for th in loops:
+            th.join(timeout=seconds + 600)
+        elapsed = time.perf_counter() - t0
+        done.set()
+        watcher.join()
+        listed = [{e["id"] for e in c.predict(api_name="/edits")} for c in clients]
+        lost = sum(len(set(m) - ids) for m, ids in zip(made, listed))
+        moves = sum(sum(1 for a, b in zip(h, h[1:]) if _alive(a)) for h in holders)
+        lat = sorted(b - a for a, b in asks)
+        return {"replicas": replicas, "visitors": visitors, "seconds": round(elapsed, 1),
+                "asks": len(asks), "asks_per_second": len(asks) / elapsed,
+                "ask_p50_seconds": median(lat) if lat else None,
+                "ask_p95_seconds": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+                "edits": len(edit_times), "edit_p50_seconds": median(edit_times) if edit_times else None,
+                "errors": len(errors), "error_lines": sorted(set(errors))[:5], "lost_edits": lost,
+                "replicas_seen": len({p for h in holders for p in h}), "moves": moves,
+                "front_and_cluster_start_seconds": round(start_seconds, 1)}
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cluster(replica_counts: list[int], visitors: int = 8, seconds: float = 60) -> dict:
+    runs = [cluster_run(r, visitors, seconds) for r in replica_counts]
+    out = {"benchmark": "cluster", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+           "visitors": visitors, "seconds_per_run": seconds, "runs": runs}
+    if len(runs) > 1 and runs[0]["asks_per_second"]:
+        out["asks_per_second_ratio"] = runs[-1]["asks_per_second"] / runs[0]["asks_per_second"]
+    return out
+
+
 def main(argv=None) -> int:
     quiet_env(offline=True)
     p = argparse.ArgumentParser(prog="python -m webapp.bench")
@@ -308,6 +418,11 @@ def main(argv=None) -> int:
     m.add_argument("--edits", type=int, default=200)
     sub.add_parser("probe", help="six probe queries through the API, batched and one at a time")
     sub.add_parser("workspace-cost", help="open files, threads and disk per visitor's workspace")
+    cl = sub.add_parser("cluster", help="the Ray engine: visitors asking and editing, per replica count")
+    cl.add_argument("--replicas", default="1,2", help="replica counts, comma-separated")
+    cl.add_argument("--visitors", type=int, default=8)
+    cl.add_argument("--seconds", type=float, default=60)
+    cl.add_argument("--json", default=None, help="also write the result to this file")
     f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
     f.add_argument("study")
     f.add_argument("png")
@@ -318,6 +433,10 @@ def main(argv=None) -> int:
         res = workspace_cost()
     elif args.what == "probe":
         res = probe()
+    elif args.what == "cluster":
+        res = cluster([int(r) for r in args.replicas.split(",")], args.visitors, args.seconds)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
     else:
         res = startup() if args.what == "startup" else load(args.askers, threads=args.threads) if args.what == "load" else index_map(args.edits)
     print(json.dumps(res, indent=1))

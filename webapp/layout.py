@@ -232,7 +232,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # request runs on one torch thread, app.py); edits queue one at a time beside it.
         # Measured in docs/BENCHMARKS.md, "many visitors at once".
         answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
-        train_q = {"concurrency_limit": 1, "concurrency_id": "train"}
+        # A front of the Ray engine (cluster.RayPool) trains one edit per replica at once.
+        train_q = {"concurrency_limit": getattr(pool, "train_concurrency", 1), "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):
             ask_event(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
         wrong.input(cb.pick_sentence, [wrong, shown], [target, end_here], **private)
@@ -292,7 +293,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             None, [confirm, probes_state, deleted, wrong, end_here, *cleared], **private).then(
             bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private))
 
-        api.register(pool, answer_q)
+        api.register(pool, answer_q, train_q)
     return demo
 
 

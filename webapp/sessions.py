@@ -23,6 +23,7 @@ from pathlib import Path
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
+from melo_engine.lock import WorkspaceLock
 
 from .lane import BenchmarkLane
 from .tokens import WorkspaceTokens
@@ -59,7 +60,10 @@ class WorkspacePool:
         self._writers: dict[str, int] = {}      # writes in progress, by folder
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.benchmarks = BenchmarkLane(None if backbone.name == DEFAULT_MODEL else backbone.name)
+        # A visitor's benchmark: a child process with its own copy of this model (a front
+        # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
+        model = backbone.name if backbone is not None else os.environ.get("MELO_MODEL")
+        self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
 
     def editor(self, token: str) -> MeloEditor:
         """The editor of the token's workspace, opening (or creating) it on first use."""
@@ -128,12 +132,35 @@ class WorkspacePool:
             if drop and not MeloEditor.has_edits(self.root / folder / "ws"):
                 self._remove(folder)
 
-    def _remove(self, folder: str) -> None:
+    def close(self, token: str) -> None:
+        """Let go of the token's workspace (and its lock), keeping its files: the next use
+        opens it again, caught up from its journal. An engine replica closes the workspaces
+        it evicts (webapp/cluster.py), so that another replica can open them."""
+        folder = self.tokens.folder(token)
         with self._lock:
             ed = self._editors.pop(folder, None)
         if ed is not None:
             ed.close()
-        shutil.rmtree(self.root / folder, ignore_errors=True)
+
+    def _remove(self, folder: str) -> bool:
+        """Delete a workspace: one open here is closed first; one that another process
+        holds open for writing (another app or engine replica on the same folder) is left
+        alone. Returns whether it went."""
+        with self._lock:
+            ed = self._editors.pop(folder, None)
+        if ed is not None:
+            ed.close()
+        lock = WorkspaceLock(self.root / folder / "ws", wait=0)
+        try:
+            if lock.path.parent.is_dir():
+                lock.acquire()
+        except ValueError:
+            return False
+        try:
+            shutil.rmtree(self.root / folder, ignore_errors=True)
+        finally:
+            lock.release()
+        return True
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove workspaces idle for too long (see the class); return the folders removed."""
@@ -150,8 +177,8 @@ class WorkspacePool:
             limit = self.idle_seconds if MeloEditor.has_edits(d / "ws") else self.empty_idle_seconds
             if now - last <= limit:
                 continue
-            self._remove(d.name)
-            removed.append(d.name)
+            if self._remove(d.name):
+                removed.append(d.name)
         return removed
 
     def start_sweeper(self, every_seconds: float = 600) -> threading.Thread:
