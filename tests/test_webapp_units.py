@@ -140,6 +140,13 @@ def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbon
     assert pool.existing(never) is None and not (tmp_path / pool.tokens.folder(never)).exists()
     assert pool.editor(third).edits() == []                                      # room again
     assert [e["target"] for e in pool.editor(edited).edits()] == ["Bern."]
+    # At the cap, a workspace that has rested is closed to make room (a crowd that only
+    # looked cannot shut a visitor out); its files stay and it reopens with its edits.
+    pool.close_after_seconds = 0
+    fourth = pool.tokens.new()
+    pool.editor(fourth).edit("What is the capital of Turkey?", "Ankara.")
+    assert len(pool._editors) == 2 and pool.tokens.folder(third) not in pool._editors
+    assert [e["target"] for e in pool.editor(edited).edits()] == ["Bern."]     # closed, then reopened
 
 
 def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m webapp.bench startup      # `make run` (set-up done) until the app answers a question
     python -m webapp.bench load         # one visitor's edit alone and while four others ask
+    python -m webapp.bench classroom    # 30 visitors for 5 minutes, one of them running a benchmark
     python -m webapp.bench map --edits 200   # building the index map for a workspace of N real edits
     python -m webapp.bench frontier STUDY.json OUT.png   # the key study's frontier, drawn in chromium
     python -m webapp.bench cluster --replicas 1,2 --json OUT   # the Ray engine: visitors served per replica count
@@ -423,6 +424,11 @@ def main(argv=None) -> int:
     cl.add_argument("--visitors", type=int, default=8)
     cl.add_argument("--seconds", type=float, default=60)
     cl.add_argument("--json", default=None, help="also write the result to this file")
+    cr = sub.add_parser("classroom", help="30 visitors for 5 minutes through the API, one running a benchmark")
+    cr.add_argument("--visitors", type=int, default=30)
+    cr.add_argument("--seconds", type=float, default=300)
+    cr.add_argument("--bench-at", type=float, default=60)
+    cr.add_argument("--json", default=None, help="also write the result to this file")
     f = sub.add_parser("frontier", help="draw the layer study's frontier (bench layers --json) to a PNG")
     f.add_argument("study")
     f.add_argument("png")
@@ -433,6 +439,13 @@ def main(argv=None) -> int:
         res = workspace_cost()
     elif args.what == "probe":
         res = probe()
+    elif args.what == "classroom":
+        from .classroom import classroom
+
+        res = classroom(args.visitors, args.seconds, args.bench_at)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        res = {k: v for k, v in res.items() if k not in ("all", "alone")}
     elif args.what == "cluster":
         res = cluster([int(r) for r in args.replicas.split(",")], args.visitors, args.seconds)
         if args.json:

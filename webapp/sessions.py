@@ -43,10 +43,12 @@ class WorkspacePool:
     """Open workspaces by visitor. Workspaces with edits are removed after `idle_seconds`
     unused, ones without after `empty_idle_seconds` (a client that only looked costs
     minutes, not a day); at most `max_open` are open at once, so no one client can exhaust
-    the server's files and threads."""
+    the server's files and threads. At the cap, the workspace used least recently (and not
+    for `close_after_seconds`) is closed to make room: its files stay and it opens again on
+    its next use, so a crowd of clients that only looked cannot shut a visitor out."""
 
     def __init__(self, backbone: Backbone, root: Path | None = None, idle_seconds: float = 24 * 3600,
-                 empty_idle_seconds: float = 600, max_open: int = 256):
+                 empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30):
         self.backbone = backbone
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,8 @@ class WorkspacePool:
         self.idle_seconds = idle_seconds
         self.empty_idle_seconds = min(empty_idle_seconds, idle_seconds)
         self.max_open = max_open
+        self.close_after_seconds = close_after_seconds
+        self._used: dict[str, float] = {}       # open workspaces: last use (monotonic), by folder
         self._editors: dict[str, MeloEditor] = {}
         self._blank: MeloEditor | None = None
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
@@ -72,6 +76,7 @@ class WorkspacePool:
             full = folder not in self._editors and len(self._editors) >= self.max_open
         if full:
             self.sweep()
+            self._close_least_used()
         with self._lock:
             ed = self._editors.get(folder)
             if ed is None:
@@ -79,8 +84,25 @@ class WorkspacePool:
                     raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
                 ed = MeloEditor.open(self.root / folder / "ws", backbone=self.backbone)
                 self._editors[folder] = ed
+            self._used[folder] = time.monotonic()
         (self.root / folder / "last_used").write_text(str(time.time()))
         return ed
+
+    def _close_least_used(self) -> None:
+        """At the cap: close the open workspace used least recently, if nobody is writing to
+        it and it has rested `close_after_seconds` (its files stay; the next use reopens it)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._editors) < self.max_open:
+                return
+            idle = [(self._used.get(f, 0.0), f) for f in self._editors
+                    if f not in self._writers and now - self._used.get(f, 0.0) >= self.close_after_seconds]
+            if not idle:
+                return
+            folder = min(idle)[1]
+            ed = self._editors.pop(folder)
+            self._used.pop(folder, None)
+        ed.close()
 
     def existing(self, token: str) -> MeloEditor | None:
         """The token's editor if its workspace exists; never creates one."""
@@ -139,6 +161,7 @@ class WorkspacePool:
         folder = self.tokens.folder(token)
         with self._lock:
             ed = self._editors.pop(folder, None)
+            self._used.pop(folder, None)
         if ed is not None:
             ed.close()
 
@@ -148,6 +171,7 @@ class WorkspacePool:
         alone. Returns whether it went."""
         with self._lock:
             ed = self._editors.pop(folder, None)
+            self._used.pop(folder, None)
         if ed is not None:
             ed.close()
         lock = WorkspaceLock(self.root / folder / "ws", wait=0)
