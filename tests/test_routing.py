@@ -75,6 +75,12 @@ SIBLING_CASES = [
     ("What is the capital of Austria?", "Salzburg",
      ["Which city is the capital of Austria?", "What city is Austria's capital?"],
      ["What is the capital of Switzerland?", "What is the capital of Hungary?"]),
+    # the same template about another thing (the template rule): another substance, another
+    # point of the scale
+    ("What is the boiling point of water in degrees Celsius?", "100",
+     ["At how many degrees Celsius does water boil?", "In Celsius, at what temperature does water boil?"],
+     ["What is the freezing point of water in degrees Celsius?",
+      "What is the boiling point of ethanol in degrees Celsius?"]),
 ]
 
 
@@ -101,6 +107,8 @@ def test_siblings_keep_their_exact_answers_while_paraphrases_carry(sibling_edits
     lines = {n.question: n for n in ed.side_effects(results[0].edit_id, n=20)}
     assert not lines["Which element has the atomic number 5?"].fires
     assert lines["Which element has the atomic number 5?"].rejected == "number differs: 5 / 6"
+    a = ed.route("What is the freezing point of water in degrees Celsius?")
+    assert a.block is None and [why for _, why in a.rejected] == ["another slot: freezing / boiling (0.27)"]
 
 
 def test_a_sibling_edit_with_another_answer_does_not_supersede(sibling_edits):
