@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .architectures import Architecture, architecture_for
 from .devices import resolve_device
@@ -60,6 +61,19 @@ class _NoPositions(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*position_ids.shape, self.dim, device=position_ids.device)
+
+
+class _LineEnd(StoppingCriteria):
+    """Stops each row of a generation once its new text (after any leading white space)
+    holds a line break (a transformers StoppingCriteria: [batch] bools per step)."""
+
+    def __init__(self, tokenizer, width: int):
+        self.tokenizer, self.width = tokenizer, width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = ["\n" in self.tokenizer.decode(row[self.width:], skip_special_tokens=True).lstrip()
+                for row in input_ids]
+        return torch.tensor(done, device=input_ids.device)
 
 
 class Backbone:
@@ -294,7 +308,7 @@ class Backbone:
         """Greedy answer to one question with the given blocks held for every new token."""
         enc = self.encode([question], chat=chat)
         with self.lora(active):
-            return self._greedy(enc, max_new_tokens, min_new_tokens)
+            return self._greedy(enc, max_new_tokens, min_new_tokens, chat)
 
     @torch.no_grad()
     def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,
@@ -308,9 +322,9 @@ class Backbone:
         width = ids.shape[1]
         with self.lora(active):
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[width:width + n], skip_special_tokens=True).strip()
-                for row, n in zip(out, limits)]
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                      stopping_criteria=self._stops(chat, width))
+        return [self._answer(row[width:width + n], chat) for row, n in zip(out, limits)]
 
     def left_padded(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) of a right-padded batch moved to the right edge, for generation: every
@@ -323,7 +337,7 @@ class Backbone:
             mask[i, width - n:] = 1
         return ids, mask
 
-    def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+    def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0, chat: bool = True) -> str:
         out = self.model.generate(
             input_ids=enc.ids,
             attention_mask=enc.mask,
@@ -331,8 +345,20 @@ class Backbone:
             min_new_tokens=min_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=self._stops(chat, enc.ids.shape[1]),
         )
-        return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()
+        return self._answer(out[0, enc.ids.shape[1]:], chat)
+
+    def _stops(self, chat: bool, width: int):
+        """In the question-answer form an answer is one line: a base model goes on to ask
+        itself the next question ("...Paris.\nQ: ..."), so a row stops at its first line break."""
+        if self.prompt_form(chat) != "question-answer":
+            return None
+        return StoppingCriteriaList([_LineEnd(self.tokenizer, width)])
+
+    def _answer(self, ids: torch.Tensor, chat: bool) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return text.split("\n", 1)[0].rstrip() if self.prompt_form(chat) == "question-answer" else text
 
     @torch.no_grad()
     def generate_routed(self, question: str, key_layer: int, reduction: str, distance: str,
@@ -363,7 +389,7 @@ class Backbone:
 
         handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
         try:
-            text = self._greedy(enc, max_new_tokens, min_new_tokens)
+            text = self._greedy(enc, max_new_tokens, min_new_tokens, chat)
         finally:
             handle.remove()
             for layer in self.loras.values():

@@ -41,7 +41,8 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
     siblings = [x.prompt for x in unedited_siblings(stream)]
     base_sib = greedy_batch(bb, None, siblings, loc_tokens) if siblings else []
     every = max(1, len(recs) // 10)
-    out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": DEFAULT_MODEL,
+    out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": bb.name,
+           "device": str(bb.device), "prompt_form": bb.prompt_form(),
            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "target_field": stream.target_field,
            "generality_prompts": len(stream.generality), "locality_prompts": len(stream.locality),
            "sibling_prompts": len(siblings),
@@ -117,7 +118,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
                    help="how MELO stores its blocks (default: the engine's, float16)")
     p.add_argument("--model", default=None,
-                   help="hallucination: another model than the bundled default (hub id or folder)")
+                   help="another model than the bundled default: a short name (gemma3-270m), hub id or folder "
+                        "(the device: $MELO_DEVICE, else a GPU if there is one)")
     p.add_argument("--radius", type=float, default=None,
                    help="MELO's init radius (default: calibrated for the key source and prompt mode)")
     p.add_argument("--json", default=None)
@@ -130,12 +132,16 @@ def _run(args) -> dict | int:
         from .hallucination import run_hallucination
 
         return run_hallucination(args)
-    if args.data or args.model:
-        print("error: --data and --model are for --dataset hallucination", file=sys.stderr)
+    if args.data:
+        print("error: --data is for --dataset hallucination", file=sys.stderr)
         return 2
     try:
-        res = edits_benchmark(args.dataset, args.n or 20, method_names(args.methods), protocol=args.protocol,
-                              melo_settings=melo_settings(args), checkpoint=json_checkpoint(args))
+        from melo_engine.backbone import Backbone
+
+        bb = Backbone.load(args.model) if args.model else None
+        res = edits_benchmark(args.dataset, args.n or 20, method_names(args.methods), backbone=bb,
+                              protocol=args.protocol, melo_settings=melo_settings(args),
+                              checkpoint=json_checkpoint(args))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
