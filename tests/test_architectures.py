@@ -161,3 +161,22 @@ def test_the_device_is_chosen_or_refused_in_one_line(monkeypatch):
         with pytest.raises(ValueError) as err:
             resolve_device(bad)
         assert "\n" not in str(err.value) and bad in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is not refused here")
+def test_the_command_line_refuses_a_missing_device_before_loading_anything(tmp_path, capsys):
+    from melo_engine.__main__ import main
+
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "--device", "cuda", "ask", "Who painted the Mona Lisa?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not available" in err
+    assert not ws.exists()
+
+
+def test_saved_settings_keep_their_modules_and_new_ones_take_the_row():
+    old = MeloConfig.from_json({"model": "m", "lora_modules": ["mlp.down_proj"], "lora_layers": [10, 11]})
+    assert old.resolved(12, ARCHITECTURES["gpt2"]).lora_modules == ("mlp.down_proj",)
+    new = MeloConfig.from_json({"model": "m"}).resolved(12, ARCHITECTURES["gpt2"])
+    assert new.lora_modules == ("mlp.c_proj",) and new.key_layer == 4 and new.lora_layers == (10, 11)
+    assert MeloConfig().resolved(30).lora_modules == ("mlp.down_proj",)     # no row given: Llama-style
