@@ -279,6 +279,14 @@ class MeloEditor:
     def stats(self) -> dict:
         return inspection.stats(self)
 
+    def model_info(self) -> dict:
+        """The workspace's model, how a question reaches it (Backbone.prompt_form: "chat
+        template", "question-answer" or "plain text") and its licence."""
+        from .model import licence
+
+        return {"model": self.config.model, "prompt_form": self.backbone.prompt_form(self.chat),
+                "licence": licence(self.config.model), "device": str(self.backbone.device)}
+
     # ---- settings ------------------------------------------------------------------------
     def default_settings(self) -> dict:
         """The settings a new workspace of this model and key source starts with."""

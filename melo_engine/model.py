@@ -80,6 +80,12 @@ def bundled_gguf(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def licence(name: str) -> str:
+    """The licence the page names for a model: a bundled one's, else where it came from."""
+    info = BUNDLED.get(name)
+    return info["licence"] if info else "the licence of its source (not a bundled model)"
+
+
 def installed_models() -> list[str]:
     """The bundled models that load here without a hub: the package installed, or the
     converted copy already in the cache."""

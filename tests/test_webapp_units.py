@@ -288,3 +288,10 @@ def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
 
     fig = plots.retention_figure(published.benchmark_run("zsre-paper-1000-melo"))
     assert fig.layout.xaxis.dtick == 100      # not one per edit: the browser stalled on a thousand
+
+
+def test_about_names_the_model_its_licence_and_how_questions_reach_it(backbone, tmp_path):
+    pool = WorkspacePool(backbone, root=tmp_path)
+    text = callbacks.key_info(pool, pool.tokens.new())
+    assert "**Model: smollm2-135m-instruct** (Apache-2.0), on cpu" in text
+    assert "as a user's turn of its chat template" in text
