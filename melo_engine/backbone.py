@@ -233,6 +233,15 @@ class Backbone:
                 if start > 0 and arch.position_embedding in view._modules:
                     # Hidden states entering layer `start` carry their positions already.
                     view._modules[arch.position_embedding] = _NoPositions(view._modules[arch.position_embedding])
+                types = getattr(getattr(view, "config", None), "layer_types", None)
+                if isinstance(types, (list, tuple)) and len(types) == self.num_layers:
+                    # Models that mix attention kinds (Gemma 2/3: sliding and full, each with
+                    # its own rotary base) look a layer's kind up by its index in the list:
+                    # the view's own config says the kinds of its own layers.
+                    config = copy.copy(view.config)
+                    config.layer_types = list(types)[start:stop]
+                    config.num_hidden_layers = stop - start
+                    view.config = config
                 self._parts[(start, stop, final_norm)] = view
             return view
 

@@ -180,3 +180,17 @@ def test_saved_settings_keep_their_modules_and_new_ones_take_the_row():
     new = MeloConfig.from_json({"model": "m"}).resolved(12, ARCHITECTURES["gpt2"])
     assert new.lora_modules == ("mlp.c_proj",) and new.key_layer == 4 and new.lora_layers == (10, 11)
     assert MeloConfig().resolved(30).lora_modules == ("mlp.down_proj",)     # no row given: Llama-style
+
+
+def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
+    """Gemma 3 looks each layer's attention kind (sliding or full, each with its own rotary
+    base) up by its index: a view of the upper layers must keep their own kinds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  sliding_window=4, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    bb = Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer, "tiny-mixed")
+    assert all(bb.split_is_exact(start) for start in (1, 2, 3))
