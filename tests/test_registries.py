@@ -80,7 +80,7 @@ def test_each_architecture_row_names_real_modules(kind):
     layers = model.get_submodule(arch.layers)
     assert isinstance(layers, nn.ModuleList) and len(layers) == 2
     out = layers[0].get_submodule(arch.ffn_out)
-    # GPT-2's Conv1D is the one the LoRA layers cannot wrap yet (architectures.py).
+    # GPT-2 keeps its FFN output in a Conv1D (weight stored transposed; lora.py wraps both).
     assert type(out).__name__ == ("Conv1D" if kind == "gpt2" else "Linear")
     assert out in set(layers[0].get_submodule(arch.grace).modules())
 

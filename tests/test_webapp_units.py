@@ -335,3 +335,10 @@ def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_ki
     [child] = lane._running.values()
     child.wait(timeout=30)            # nobody pulls: the watch kills it
     run.close()
+
+
+def test_about_names_the_model_its_licence_and_how_questions_reach_it(backbone, tmp_path):
+    pool = WorkspacePool(backbone, root=tmp_path)
+    text = callbacks.key_info(pool, pool.tokens.new())
+    assert "**Model: smollm2-135m-instruct** (Apache-2.0), on cpu" in text
+    assert "as a user's turn of its chat template" in text

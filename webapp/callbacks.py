@@ -318,9 +318,21 @@ def key_info(pool: WorkspacePool, token: str) -> str:
         return ""
     source = KEY_SOURCES.get(c.key_source)
     figures = published.key_figures(c.key_source, c.whitened)
+    info = pool.reader(token).model_info()
     return (f"**Your workspace routes by {source.summary}.** {source.why} {figures} Radius {c.init_radius:.3f}, "
             f"calibrated for this key (key distances run from 0, the same question, to 2, the opposite). You "
-            f"can change the key under Settings while the workspace has no edits.").replace("  ", " ")
+            f"can change the key under Settings while the workspace has no edits.\n\n"
+            f"**Model: {info['model']}** ({info['licence']}), on {info['device']}. Your questions reach it "
+            f"{PROMPT_FORMS[info['prompt_form']]}.").replace("  ", " ")
+
+
+# How a question reaches the model (Backbone.prompt_form), in About.
+PROMPT_FORMS = {
+    "chat template": "as a user's turn of its chat template",
+    "question-answer": "in a question-answer form (\"Q: your question\", then \"A:\"), because it is a base "
+                       "model without a chat template",
+    "plain text": "as plain text it continues (completion mode)",
+}
 
 
 def _reroute(ed, setting: str, value: str, setter):

@@ -41,7 +41,8 @@ def edits_benchmark(dataset: str, n: int, methods: list[str], backbone=None, pro
     siblings = [x.prompt for x in unedited_siblings(stream)]
     base_sib = greedy_batch(bb, None, siblings, loc_tokens) if siblings else []
     every = max(1, len(recs) // 10)
-    out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": DEFAULT_MODEL,
+    out = {"dataset": dataset, "protocol": stream.protocol, "n": len(recs), "model": bb.name,
+           "device": str(bb.device), "prompt_form": bb.prompt_form(),
            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "target_field": stream.target_field,
            "generality_prompts": len(stream.generality), "locality_prompts": len(stream.locality),
            "sibling_prompts": len(siblings),
@@ -117,7 +118,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--block-dtype", choices=["float16", "float32"], default=None,
                    help="how MELO stores its blocks (default: the engine's, float16)")
     p.add_argument("--model", default=None,
-                   help="another model than the bundled default (hub id or folder)")
+                   help="another model than the bundled default: a short name (gemma3-270m), hub id or folder "
+                        "(the device: $MELO_DEVICE, else a GPU if there is one)")
     p.add_argument("--radius", type=float, default=None,
                    help="MELO's init radius (default: calibrated for the key source and prompt mode)")
     p.add_argument("--json", default=None)
@@ -146,13 +148,13 @@ def _run(args) -> dict | int:
         print("error: --data is for --dataset hallucination", file=sys.stderr)
         return 2
     try:
-        methods = method_names(args.methods)
         from melo_engine.backbone import Backbone
 
-        backbone = Backbone.load(args.model) if args.model else None
-        res = edits_benchmark(args.dataset, args.n or 20, methods, backbone=backbone, protocol=args.protocol,
-                              melo_settings=melo_settings(args), checkpoint=json_checkpoint(args),
-                              progress=progress_file(args.progress))
+        methods = method_names(args.methods)
+        bb = Backbone.load(args.model) if args.model else None
+        res = edits_benchmark(args.dataset, args.n or 20, methods, backbone=bb,
+                              protocol=args.protocol, melo_settings=melo_settings(args),
+                              checkpoint=json_checkpoint(args), progress=progress_file(args.progress))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,29 +16,30 @@ from .data import ROOT
 from .machine import machine
 
 
-def _load_seconds(cache: str) -> float:
-    """Time to load the default model in a fresh process with MELO_CACHE=cache."""
-    code = ("import time; t=time.perf_counter(); from melo_engine.model import load_model; load_model(); "
-            "print(time.perf_counter()-t)")
+def _load_seconds(cache: str, model: str) -> float:
+    """Time to load `model` in a fresh process with MELO_CACHE=cache."""
+    code = ("import time; t=time.perf_counter(); from melo_engine.model import load_model; "
+            f"load_model({model!r}); print(time.perf_counter()-t)")
     env = dict(os.environ, MELO_CACHE=cache, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None) -> dict:
+def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None, model: str | None = None) -> dict:
     from melo_engine import MeloEditor
     from melo_engine.backbone import Backbone
     from melo_engine.config import DEFAULT_MODEL, MeloConfig
 
+    model = model or DEFAULT_MODEL
     with tempfile.TemporaryDirectory() as tmp:
-        cold = _load_seconds(tmp)          # converts the GGUF into the empty cache
-        cached = _load_seconds(tmp)        # loads the safetensors written just before
+        cold = _load_seconds(tmp, model)   # converts the GGUF into the empty cache
+        cached = _load_seconds(tmp, model)  # loads the safetensors written just before
 
-    bb = Backbone.load(DEFAULT_MODEL)
+    bb = Backbone.load(model)          # on $MELO_DEVICE, else a GPU if there is one
     edits = json.loads((ROOT / "assets" / "example_edits.json").read_text())[:n_edits]
     unrelated = json.loads((ROOT / "assets" / "unrelated_questions.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        ed = MeloEditor.open(Path(tmp) / "ws", backbone=bb, config=MeloConfig(**(settings or {})))
+        ed = MeloEditor.open(Path(tmp) / "ws", model=model, backbone=bb, config=MeloConfig(**(settings or {})))
         empty = ed.store.disk_bytes()
         results = [ed.edit(e["prompt"], e["target"]) for e in edits]
         grown = (ed.store.disk_bytes() - empty) // len(results)
@@ -74,7 +75,9 @@ def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None)
     return {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "model": DEFAULT_MODEL,
+        "model": model,
+        "device": str(bb.device),
+        "prompt_form": bb.prompt_form(ed.chat),
         "key": key_name,
         "edits": len(per_edit),
         "median_seconds_per_edit": statistics.median(per_edit),
@@ -99,11 +102,12 @@ def _add_arguments(p) -> None:
     p.add_argument("--edits", type=int, default=10)
     add_router(p)
     p.add_argument("--key-source", choices=key_source_choices(), default=None)
+    p.add_argument("--model", default=None, help="another model than the bundled default (e.g. gemma3-270m)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
 
 
 def _run(args) -> dict:
-    res = speed(args.edits, settings=melo_settings(args))
+    res = speed(args.edits, settings=melo_settings(args), model=args.model)
     print_table(res)
     return res
 

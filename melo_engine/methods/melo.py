@@ -16,7 +16,7 @@ class MeloMethod(EditingMethod):
     name = "melo"
 
     def __init__(self, backbone: Backbone, workspace: Path, config: MeloConfig | None = None, ends: bool = True):
-        self.editor = MeloEditor.open(workspace, config=config, backbone=backbone)
+        self.editor = MeloEditor.open(workspace, model=backbone.name, config=config, backbone=backbone)
         self.backbone = backbone
         self.ends = ends
 
