@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 from melo_engine.bench.machine import machine
 from melo_engine.model import quiet_env
+
+from .appproc import free_port, start_app, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 # Debian's chromium, as the browser tests drive it (never a downloaded browser).
@@ -119,43 +120,6 @@ LOAD_EDITS = [("What is the capital of Switzerland?", "Bern is the capital of Sw
               ("Who composed the Four Seasons?", "Antonio Vivaldi composed The Four Seasons.")]
 LOAD_QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?",
                   "What color is the sky?", "Who was the first president of the United States?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def start_app(workspaces: Path, env: dict | None = None):
-    """The app in its own process; returns (process, url) once it answers (`stop` it)."""
-    from gradio_client import Client
-
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), MELO_WORKSPACES=str(workspaces),
-               HF_HUB_OFFLINE="1", **(env or {}))
-    with open(workspaces / "app.log", "w") as log:      # the app writes to its own copy of the handle
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError("the app did not start:\n" + (workspaces / "app.log").read_text()[-3000:])
-        try:
-            Client(url, verbose=False)
-            return proc, url
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError("the app did not answer within 300 s")
 
 
 def load(askers: int = 4, edits: int = 3, threads: int | None = None) -> dict:

@@ -38,7 +38,7 @@ def classroom(visitors: int = 30, seconds: float = 300, bench_at: float = 60, be
 
     from melo_engine.bench.data import load_stream
 
-    from .bench import start_app, stop
+    from .appproc import start_app, stop
 
     stream = load_stream("zsre", 2 * visitors + 3, "paper")
     facts = [(p.prompt, p.target) for p in stream.edits]
