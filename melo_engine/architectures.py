@@ -40,6 +40,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # GPT-2's c_proj is a Conv1D, not an nn.Linear: the LoRA layers refuse it until they
     # learn Conv1D (its weight is stored transposed). A base model: plain-text prompts.
     "gpt2": Architecture(layers="transformer.h", ffn_out="mlp.c_proj", grace="mlp", prompt="completion"),
+    # BERT-style encoders (the classifier: all-MiniLM-L6-v2 loaded as a bare BertModel, so
+    # the layers sit at encoder.layer; `output.dense` is each layer's FFN output, an nn.Linear).
+    "bert": Architecture(layers="encoder.layer", ffn_out="output.dense", grace="output", prompt="completion"),
 }
 
 
