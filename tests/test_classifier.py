@@ -105,3 +105,16 @@ def test_benchmark_short_stream(classifier):
     melo = res["methods"]["melo"]
     assert melo["edit_success"] == 1.0 and melo["err"] == 1.0
     assert melo["trr"] == res["base"]["trr"]        # routed nowhere: the test texts see the unedited model
+
+
+def test_cli_refuses_a_bad_label_in_one_line_and_leaves_no_workspace(tmp_path, capsys):
+    from melo_engine.__main__ import main
+
+    ws = tmp_path / "cls"
+    rc = main(["-w", str(ws), "--model", "minilm-wordnet", "edit", "a small furry animal", "--label", "vegetable"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "unknown label 'vegetable' (labels: act, animal, artifact," in err
+    assert not ws.exists()
+    assert main(["-w", str(ws), "edit", "a question?"]) == 2          # neither a target nor a label
+    assert "TEXT --label LABEL" in capsys.readouterr().err

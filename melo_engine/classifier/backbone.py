@@ -94,10 +94,12 @@ class ClassifierBackbone:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, name: str = "minilm-wordnet") -> "ClassifierBackbone":
+        import transformers
         from transformers import AutoModel, AutoTokenizer
 
         from ..keysources.sentence import SentenceEncoder
 
+        transformers.utils.logging.disable_progress_bar()     # a refused command prints one line
         spec = CLASSIFIERS.get(name)
         if spec is None:
             raise ValueError(f"unknown classifier {name!r} ({', '.join(CLASSIFIERS)})")

@@ -26,6 +26,23 @@ from ..train import Trained, new_block
 from .backbone import ClassifierBackbone, is_classifier
 
 
+def is_classifier_workspace(workspace, model: str | None = None) -> bool:
+    """Whether `workspace` is (or, new, will be with `model`) a classifier workspace: its
+    saved settings name a classifier as the model."""
+    import json
+    from pathlib import Path
+
+    from .. import store
+
+    saved = Path(workspace).expanduser() / store.CONFIG
+    if saved.is_file():
+        try:
+            return is_classifier(json.loads(saved.read_text()).get("model"))
+        except (OSError, ValueError, AttributeError):
+            return False            # MeloEditor.open says what is wrong with it
+    return is_classifier(model)
+
+
 def classifier_config(model: str = "minilm-wordnet", **changes) -> MeloConfig:
     """A classifier workspace's defaults: the paper's BERT recipe scaled to 6 layers (key:
     layer 2's output, the paper's layer 4 of 12; blocks on the FFN output of the top two
