@@ -118,3 +118,19 @@ def test_cli_refuses_a_bad_label_in_one_line_and_leaves_no_workspace(tmp_path, c
     assert not ws.exists()
     assert main(["-w", str(ws), "edit", "a question?"]) == 2          # neither a target nor a label
     assert "TEXT --label LABEL" in capsys.readouterr().err
+
+
+def test_the_sentence_key_routes_a_classifier_too(classifier, rows, tmp_path):
+    from melo_engine.classifier.editor import ClassifierEditor, classifier_config
+
+    ed = ClassifierEditor.open(tmp_path / "s", config=classifier_config(key_source="sentence"), backbone=classifier)
+    try:
+        r = next(r for r in rows if r["split"] == "edit" and r["label"] == "animal")
+        other = "food"
+        res = ed.edit(r["text"], other)
+        got = ed.classify(r["text"], compare_base=True)
+        assert got.label == other and got.block == res.block and got.base_label != other
+        unrelated = next(x["text"] for x in rows if x["split"] == "test" and x["label"] == "location")
+        assert ed.classify(unrelated).block is None
+    finally:
+        ed.close()

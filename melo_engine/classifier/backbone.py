@@ -15,19 +15,18 @@ classifier workspace reuses the index, the journal, undo and export unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import architecture_for
+from ..backbone import Backbone
 from ..lora import ActiveBlocks, inject_block_lora
 from ..model import cache_dir, cached_tensors, model_fingerprint
 
@@ -155,12 +154,9 @@ class ClassifierBackbone:
         labels = json.loads(meta["labels"])
         return head, labels, {k: v for k, v in meta.items() if k not in ("labels", "fingerprint")}
 
-    def companion(self, name: str, load: Callable[[], object]):
-        """A model that works beside this one (as Backbone.companion)."""
-        with self.lock:
-            if name not in self._companions:
-                self._companions[name] = load()
-            return self._companions[name]
+    # The same as the decoder's: they use only `lock`, `_companions` and `loras`.
+    companion = Backbone.companion
+    lora = Backbone.lora
 
     # ---- structure -----------------------------------------------------------------------
     @property
@@ -175,17 +171,6 @@ class ClassifierBackbone:
         with self.lock:
             self.loras.update(inject_block_lora(self.model, names))
         return names
-
-    @contextlib.contextmanager
-    def lora(self, active: dict[str, ActiveBlocks] | None):
-        """Hold these blocks in the LoRA layers for this thread's forwards inside."""
-        for name, layer in self.loras.items():
-            layer.active = active.get(name) if active else None
-        try:
-            yield
-        finally:
-            for layer in self.loras.values():
-                layer.active = None
 
     # ---- running parts of the encoder ----------------------------------------------------
     def encode(self, texts: list[str]) -> Batch:

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from .. import answering, editing
 from ..config import MeloConfig
-from ..lora import ActiveBlocks
 from ..editor import MeloEditor
 from ..records import EditResult, TrainedEdit
-from ..train import Trained, new_block
+from ..train import Trained, fit_block
 from .backbone import ClassifierBackbone, is_classifier
 
 
@@ -81,34 +80,14 @@ def train_label_block(bb: ClassifierBackbone, text: str, label: int, modules: li
     batch = bb.encode([text])
     with torch.no_grad():
         hidden = bb.lower(batch, first)
-    scale = cfg.lora_alpha / cfg.rank_per_block
-    if start_from is None:
-        block = new_block(bb, modules, cfg.rank_per_block, seed)
-    else:
-        block = {m: (a.clone().requires_grad_(), (b / scale).clone().requires_grad_()) for m, (a, b) in start_from.items()}
-    params = [t for pair in block.values() for t in pair]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.max_iters // 2), gamma=0.5)
     target = torch.tensor([label])
-    keep = torch.ones(1, dtype=torch.bool)
-    losses, acc = [], 0.0
-    for step in range(cfg.max_iters):
-        active = {m: ActiveBlocks(a=a[None], b=(b * scale)[None], keep=keep) for m, (a, b) in block.items()}
+
+    def loss_of(active):
         with bb.lora(active):
             logits = bb.upper(hidden, batch, first)
-        loss = F.cross_entropy(logits, target)
-        acc = float(logits.argmax(-1).item() == label)
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, losses[-1])
-        if acc == 1.0 and losses[-1] < cfg.stop_loss:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    matrices = {m: (a.detach().clone(), (b * scale).detach().clone()) for m, (a, b) in block.items()}
-    return Trained(matrices, losses, acc, sum(p.numel() for p in params))
+        return F.cross_entropy(logits, target), float(logits.argmax(-1).item() == label)
+
+    return fit_block(bb, modules, cfg, loss_of, seed, progress, start_from)
 
 
 class ClassifierEditor(MeloEditor):
