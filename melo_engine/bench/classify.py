@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .base import Benchmark, json_checkpoint
+from .base import Benchmark, json_checkpoint, key_source_choices
 from .machine import machine
 
 
@@ -117,6 +117,8 @@ def run_classification(args) -> dict | int:
 def _add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=None, help="edits (default 20)")
     p.add_argument("--methods", default="melo,grace,lora")
+    p.add_argument("--key-source", choices=key_source_choices(), default=None,
+                   help="MELO's key source (default: model, the paper's neuron index)")
     p.add_argument("--radius", type=float, default=None, help="MELO's init radius (default: calibrated)")
     p.add_argument("--json", default=None)
 

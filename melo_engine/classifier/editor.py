@@ -45,10 +45,11 @@ def is_classifier_workspace(workspace, model: str | None = None) -> bool:
 def classifier_config(model: str = "minilm-wordnet", **changes) -> MeloConfig:
     """A classifier workspace's defaults: the paper's BERT recipe scaled to 6 layers (key:
     layer 2's output, the paper's layer 4 of 12; blocks on the FFN output of the top two
-    layers, the paper's 9-11 of 12), the neuron index unwhitened, lr and steps as the paper."""
+    layers, the paper's 9-11 of 12), the neuron index unwhitened, lr and steps as the paper.
+    The prompt mode means nothing to a classifier; it stays "chat" so that the radius is
+    calibrated by the question rule (calibrate.py), not by the passage rule of completion mode."""
     base = dict(model=model, key_source="model", key_whitening=False, key_layer=2, key_reduction="mean",
-                lora_layers=(4, 5), lora_modules=("output.dense",), lr=1e-2, max_iters=50, stop_loss=0.1,
-                prompt_mode="completion")
+                lora_layers=(4, 5), lora_modules=("output.dense",), lr=1e-2, max_iters=50, stop_loss=0.1)
     return MeloConfig(**dict(base, **changes))
 
 
