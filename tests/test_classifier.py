@@ -134,3 +134,12 @@ def test_the_sentence_key_routes_a_classifier_too(classifier, rows, tmp_path):
         assert ed.classify(unrelated).block is None
     finally:
         ed.close()
+
+
+def test_the_benchmark_is_reached_from_the_edits_command_and_by_its_own_name():
+    from melo_engine.bench.__main__ import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["edits", "--dataset", "classification", "--n", "7", "--methods", "melo,lora"])
+    assert (args.dataset, args.n, args.methods) == ("classification", 7, "melo,lora")
+    assert p.parse_args(["classify", "--key-source", "sentence"]).key_source == "sentence"
