@@ -1,5 +1,8 @@
 """Command line: python -m melo_engine --workspace WS {ask,edit,list,delete,export,import,stats,compact,repair}.
 
+A classifier workspace (--model minilm-wordnet when new) has `classify TEXT` instead of
+`ask`, and its edit is `edit TEXT --label LABEL`.
+
 Bad input prints one line on stderr and exits with status 2; the workspace is unchanged.
 """
 from __future__ import annotations
@@ -43,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("question")
     a.add_argument("--base", action="store_true", help="also show the unedited model's answer")
     a.add_argument("--sentences", action="store_true", help="number the answer's sentences (for `correct`)")
-    e = sub.add_parser("edit", help="make the model answer PROMPT with TARGET")
+    e = sub.add_parser("edit", help="make the model answer PROMPT with TARGET (a classifier: TEXT --label LABEL)")
     e.add_argument("prompt")
-    e.add_argument("target")
+    e.add_argument("target", nargs="?", default=None)
+    e.add_argument("--label", default=None, help="a classifier workspace: the label TEXT should get")
     e.add_argument("--prefix", default=None,
                    help="correct one sentence: the answer's text before it, kept exactly; TARGET replaces the sentence")
     c = sub.add_parser("correct", help="replace sentence N of the answer to QUESTION by SENTENCE, keeping what came before")
@@ -53,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("number", type=int, help="which sentence, 1 for the first (see ask --sentences)")
     c.add_argument("sentence")
     c.add_argument("--end", action="store_true", help="the answer stops after the corrected sentence")
+    k = sub.add_parser("classify", help="a classifier workspace: the label of TEXT and the block that fired")
+    k.add_argument("text")
+    k.add_argument("--base", action="store_true", help="also show the unedited classifier's label")
     sub.add_parser("list", help="list the edits")
     d = sub.add_parser("delete", help="undo one edit")
     d.add_argument("edit_id")
@@ -80,24 +87,32 @@ def run(args) -> object:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("an argument is not valid UTF-8 text") from None
-    texts = {"ask": [("question", "the question")], "edit": [("prompt", "the prompt"), ("target", "the target")],
+    texts = {"ask": [("question", "the question")], "edit": [("prompt", "the prompt")], "classify": [("text", "the text")],
              "correct": [("question", "the question"), ("sentence", "the corrected sentence")],
              "delete": [("edit_id", "the edit id")]}.get(args.command, [])
+    if args.command == "edit" and args.target is not None:
+        texts["edit"].append(("target", "the target"))
+    if args.command == "edit" and (args.target is None) == (args.label is None):
+        raise ValueError("edit takes PROMPT TARGET, or for a classifier TEXT --label LABEL")
     for attr, what in texts:                 # refused before the model is loaded
         clean_text(getattr(args, attr), what, limit=10 ** 9)
     if args.command == "repair":
         return MeloEditor.repair(args.workspace)
     if args.command == "correct" and args.number < 1:
         raise ValueError("the sentence number starts at 1")
+    from melo_engine.classifier.editor import ClassifierEditor, classifier_config, is_classifier_workspace
+
     modules = tuple(m.strip() for m in args.lora_modules.split(",") if m.strip()) if args.lora_modules else None
     new = {k: v for k, v in (("key_source", args.key_source), ("prompt_mode", args.prompt_mode),
                              ("layers_path", args.layers_path), ("lora_modules", modules)) if v}
-    config = MeloConfig(**new) if new else None
+    classifier = is_classifier_workspace(args.workspace, args.model)
+    editor = ClassifierEditor if classifier else MeloEditor
+    config = (classifier_config(args.model or "minilm-wordnet", **new) if classifier else MeloConfig(**new)) if new else None
     # Commands that only read open an existing workspace read-only: not a byte is written,
     # so they work on a read-only workspace and never touch what they cannot account for.
-    reading = args.command in ("ask", "list", "export", "stats", "probes") and (Path(args.workspace) / store.HEADER).is_file()
+    reading = args.command in ("ask", "classify", "list", "export", "stats", "probes") and (Path(args.workspace) / store.HEADER).is_file()
     new_workspace = not os.path.lexists(args.workspace)
-    ed = MeloEditor.open(args.workspace, model=args.model, config=config, read_only=reading, device=args.device)
+    ed = editor.open(args.workspace, model=args.model, config=config, read_only=reading, device=args.device)
     try:
         return command(ed, args)
     except BaseException:
@@ -125,7 +140,18 @@ def command(ed, args) -> object:
 
             return {"answer": answer.text, **{str(i): s for i, s in enumerate(split_sentences(answer.text), 1)}}
         return answer
+    labels = getattr(ed, "labels", None)       # a classifier workspace
+    if args.command == "classify":
+        if labels is None:
+            raise ValueError("this workspace answers questions; classify needs a classifier workspace "
+                             "(--model minilm-wordnet)")
+        return ed.classify(args.text, compare_base=args.base)
     if args.command == "edit":
+        if (labels is None) != (args.label is None):
+            raise ValueError("a classifier workspace edits TEXT --label LABEL" if labels is not None
+                             else "--label is for a classifier workspace; give PROMPT TARGET")
+        if labels is not None:
+            return ed.edit(args.prompt, args.label)
         return ed.edit(args.prompt, args.target, prefix=args.prefix)
     if args.command == "correct":
         return ed.correct(args.question, args.number, args.sentence, end=args.end)
@@ -164,7 +190,15 @@ def probes(ed, action: str, what: str | None) -> dict:
 def show(result) -> str:
     """Human-readable text for a command's result."""
     from melo_engine import Answer, EditResult
+    from melo_engine.classifier.editor import Classified
 
+    if isinstance(result, Classified):
+        fired = f"block {result.block}" if result.block is not None else "none: original classifier"
+        where = "" if result.distance is None else f" (distance {result.distance:.3f}, radius {result.radius:.3f})"
+        bars = "\n".join(f"  {k:14s} {v:6.3f} {'#' * round(40 * v)}"
+                         for k, v in sorted(result.probabilities.items(), key=lambda kv: -kv[1]))
+        out = f"{result.label}\n[{fired}{where}]\n{bars}"
+        return out + (f"\n[unedited] {result.base_label}" if result.base_label is not None else "")
     if isinstance(result, Answer):
         fired = f"block {result.block}" if result.block is not None else "none: original model"
         where = "" if result.distance is None else f" (distance {result.distance:.3f}, radius {result.radius:.3f})"

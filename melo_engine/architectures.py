@@ -45,6 +45,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # reads its shape accordingly). A base model: no chat template.
     "gpt2": Architecture(layers="transformer.h", ffn_out="mlp.c_proj", grace="mlp", prompt="completion",
                          final_norm="ln_f", position_embedding="wpe"),
+    # BERT-style encoders (the classifier: all-MiniLM-L6-v2 loaded as a bare BertModel, so
+    # the layers sit at encoder.layer; `output.dense` is each layer's FFN output, an nn.Linear).
+    "bert": Architecture(layers="encoder.layer", ffn_out="output.dense", grace="output", prompt="completion"),
 }
 
 

@@ -81,4 +81,5 @@ BENCHMARKS = Registry("benchmark", {
     "scale": "melo_engine.bench.scale:BENCH",
     "probebank": "melo_engine.bench.probebank:BENCH",
     "siblings": "melo_engine.bench.siblings:BENCH",
+    "classify": "melo_engine.bench.classify:BENCH",
 })

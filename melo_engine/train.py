@@ -63,6 +63,23 @@ def train_block(
     exact = backbone.split_is_exact(first)
     hidden = backbone.lower(enc, first) if exact else None
 
+    def loss_of(active):
+        with backbone.lora(active):
+            logits = (backbone.upper_logits(hidden, enc, first, positions) if exact
+                      else backbone.full_logits(enc, positions))[0]
+        return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
+
+    return fit_block(backbone, modules, cfg, loss_of, seed, progress, start_from)
+
+
+def fit_block(backbone, modules: list[str], cfg: MeloConfig,
+              loss_of: Callable[[dict[str, ActiveBlocks]], tuple[torch.Tensor, float]], seed: int = 0,
+              progress: Callable[[int, float], None] | None = None,
+              start_from: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Trained:
+    """The training loop of one block, whatever it learns: `loss_of(active)` runs the model
+    with the block held and returns (loss, accuracy); Adam on the block alone, step decay,
+    stop once the accuracy is 1 and the loss under cfg.stop_loss. `start_from` continues an
+    existing block (as stored: B already scaled) instead of a fresh one."""
     scale = cfg.lora_alpha / cfg.rank_per_block
     if start_from is None:
         block = new_block(backbone, modules, cfg.rank_per_block, seed)
@@ -77,11 +94,7 @@ def train_block(
     losses, acc = [], 0.0
     for step in range(cfg.max_iters):
         active = {m: ActiveBlocks(a=a[None], b=(b * scale)[None], keep=keep) for m, (a, b) in block.items()}
-        with backbone.lora(active):
-            logits = (backbone.upper_logits(hidden, enc, first, positions) if exact
-                      else backbone.full_logits(enc, positions))[0]
-        loss = F.cross_entropy(logits, targets)
-        acc = (logits.argmax(-1) == targets).float().mean().item()
+        loss, acc = loss_of(active)
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, losses[-1])

@@ -72,9 +72,10 @@ def _tiny_config(kind: str):
 
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_each_architecture_row_names_real_modules(kind):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(_tiny_config(kind))
+    # An encoder is used bare (the classifier loads a BertModel); decoders as causal LMs.
+    model = (AutoModel if kind == "bert" else AutoModelForCausalLM).from_config(_tiny_config(kind))
     arch = architecture_for(model)
     assert arch is ARCHITECTURES[kind]
     layers = model.get_submodule(arch.layers)

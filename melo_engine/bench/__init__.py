@@ -5,6 +5,8 @@
 - `edits`: sequential editing, MELO against GRACE and plain LoRA;
 - `hallucination`: the paper's third task, wrong sentences of passages corrected in place,
   measured by perplexity (and the stand-in passages it runs on here);
+- `classify`: the paper's first task, a BERT classifier edited on a shifted split (also
+  `edits --dataset classification`);
 - `keys`: which key source routes paraphrases best at a fixed locality;
 - `routing`: where the index of N edits sends prompts and held-out phrasings, no training;
 - `speed`: cost of editing and routing on this machine.

@@ -104,7 +104,7 @@ def print_edits_table(res: dict) -> None:
 
 
 def _add_arguments(p) -> None:
-    p.add_argument("--dataset", choices=list(PROTOCOLS) + ["hallucination"], default="zsre")
+    p.add_argument("--dataset", choices=list(PROTOCOLS) + ["hallucination", "classification"], default="zsre")
     p.add_argument("--data", default=None,
                    help="hallucination: the WikiBio hallucination set as a file (JSON or JSON lines with "
                         "gpt3_sentences, annotation, wiki_bio_text); default: the bundled stand-in")
@@ -138,12 +138,16 @@ def progress_file(path: str | None):
 
 
 def _run(args) -> dict | int:
-    """`--dataset hallucination` is the paper's third task (hallucination.py), under the
-    same command as the other two."""
+    """`--dataset hallucination` is the paper's third task (hallucination.py) and
+    `--dataset classification` its first (classify.py), under the same command as zsRE."""
     if args.dataset == "hallucination":
         from .hallucination import run_hallucination
 
         return run_hallucination(args)
+    if args.dataset == "classification":         # the paper's first task (classify.py)
+        from .classify import run_classification
+
+        return run_classification(args)
     if args.data:
         print("error: --data is for --dataset hallucination", file=sys.stderr)
         return 2
