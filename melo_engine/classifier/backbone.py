@@ -89,6 +89,7 @@ class ClassifierBackbone:
         self.lock = threading.RLock()
         self.loras: dict = {}
         self._companions: dict[str, object] = {}
+        self.device = torch.device("cpu")      # a small encoder: the CPU (editor.open says so)
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -154,9 +155,10 @@ class ClassifierBackbone:
         labels = json.loads(meta["labels"])
         return head, labels, {k: v for k, v in meta.items() if k not in ("labels", "fingerprint")}
 
-    # The same as the decoder's: they use only `lock`, `_companions` and `loras`.
+    # The same as the decoder's: they use only `lock`, `_companions`, `loras` and `device`.
     companion = Backbone.companion
     lora = Backbone.lora
+    on_device = Backbone.on_device
 
     # ---- structure -----------------------------------------------------------------------
     @property
