@@ -91,7 +91,7 @@ def run(args) -> object:
              "correct": [("question", "the question"), ("sentence", "the corrected sentence")],
              "delete": [("edit_id", "the edit id")]}.get(args.command, [])
     if args.command == "edit" and args.target is not None:
-        texts["edit"].append(("target", "the target"))
+        texts.append(("target", "the target"))
     if args.command == "edit" and (args.target is None) == (args.label is None):
         raise ValueError("edit takes PROMPT TARGET, or for a classifier TEXT --label LABEL")
     for attr, what in texts:                 # refused before the model is loaded
