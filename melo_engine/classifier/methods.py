@@ -10,7 +10,6 @@ label; predict labels), so the classification benchmark measures them alike.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lora import ActiveBlocks
+from ..methods.grace import Codebook
 from .backbone import ClassifierBackbone
 from .editor import ClassifierEditor, classifier_config, train_label_block
 
@@ -88,14 +88,6 @@ class LoRAClassifier(ClassifierMethod):
         return [self.bb.labels[i] for i in self.bb.logits(texts, active).argmax(-1).tolist()]
 
 
-@dataclasses.dataclass
-class Entry:
-    key: torch.Tensor
-    value: torch.Tensor
-    radius: float
-    label: str
-
-
 class GraceClassifier(ClassifierMethod):
     name = "grace"
 
@@ -109,7 +101,7 @@ class GraceClassifier(ClassifierMethod):
         probe = classifier_config(bb.name, key_layer=self.layer - 1, distance="l2",
                                   lora_layers=(bb.num_layers - 1,))
         self.init_radius = s["init_radius"] or calibrated_radius(bb, probe)
-        self.entries: list[Entry] = []
+        self.codebook = Codebook()
 
     def keys(self, texts):
         return self.bb.keys_of(texts, self.layer - 1, "mean", "l2")
@@ -134,13 +126,6 @@ class GraceClassifier(ClassifierMethod):
         finally:
             handle.remove()
 
-    def _nearest(self, key):
-        if not self.entries:
-            return None, float("inf")
-        d = torch.stack([e.key for e in self.entries]).sub(key).norm(dim=-1)
-        i = int(d.argmin())
-        return i, float(d[i])
-
     def edit(self, text, label):
         t0 = time.perf_counter()
         bb = self.bb
@@ -161,30 +146,17 @@ class GraceClassifier(ClassifierMethod):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        i, d = self._nearest(key)
-        entry = Entry(key, value.detach().clone(), self.init_radius, label)
-        if i is not None and d <= self.entries[i].radius + self.init_radius:
-            near = self.entries[i]
-            if near.label == label:
-                near.radius = max(near.radius, d)
-                entry = None
-            else:
-                near.radius = entry.radius = d / 2
-        if entry is not None:
-            self.entries.append(entry)
+        self.codebook.add(key, value.detach().clone(), self.init_radius, label)
         return {"seconds": time.perf_counter() - t0, "params": int(value.numel())}
 
     def predict(self, texts):
-        values = []
-        for k in self.keys(texts):
-            i, d = self._nearest(k)
-            values.append(self.entries[i].value if i is not None and d <= self.entries[i].radius else None)
+        values = [self.codebook.value(k) for k in self.keys(texts)]
         with self._replacing(values):
             logits = self.bb.logits(texts)
         return [self.bb.labels[i] for i in logits.argmax(-1).tolist()]
 
     def summary(self):
-        return {"entries": len(self.entries), "init_radius": self.init_radius, "layer": self.layer}
+        return {"entries": len(self.codebook), "init_radius": self.init_radius, "layer": self.layer}
 
 
 # The classification benchmark's methods by name (the same names as registry.METHODS).

@@ -29,6 +29,42 @@ class GraceEntry:
     label: str
 
 
+class Codebook:
+    """GRACE's codebook: entries of (key, replacement value, radius, label). A query takes
+    the value of the nearest entry whose radius covers it; a new entry near one with the
+    same label widens that one instead, near one with another label both shrink to half
+    the distance. Shared by the decoder's GRACE and the classifier's."""
+
+    def __init__(self):
+        self.entries: list[GraceEntry] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def nearest(self, key: torch.Tensor) -> tuple[int | None, float]:
+        if not self.entries:
+            return None, float("inf")
+        d = torch.stack([e.key for e in self.entries]).sub(key).norm(dim=-1)
+        i = int(d.argmin())
+        return i, float(d[i])
+
+    def value(self, key: torch.Tensor) -> torch.Tensor | None:
+        """The replacement for a query's key, or None where no entry covers it."""
+        i, d = self.nearest(key)
+        return self.entries[i].value if i is not None and d <= self.entries[i].radius else None
+
+    def add(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: str) -> None:
+        i, d = self.nearest(key)
+        entry = GraceEntry(key, value, radius, label)
+        if i is not None and d <= self.entries[i].radius + radius:
+            near = self.entries[i]
+            if near.label == label:
+                near.radius = max(near.radius, d)      # widen the entry to cover the new key
+                return
+            near.radius = entry.radius = d / 2         # split between the two answers
+        self.entries.append(entry)
+
+
 @dataclasses.dataclass
 class GraceConfig:
     layer: int | None = None          # None: two thirds of the depth (20 of 30)
@@ -56,7 +92,7 @@ class GraceMethod(EditingMethod):
                                prompt_mode="chat" if chat else "completion")
             c.init_radius = calibrated_radius(backbone, probe)
         self.config = c
-        self.entries: list[GraceEntry] = []
+        self.codebook = Codebook()
         self.mlp = backbone.layers[c.layer].get_submodule(backbone.architecture.grace)
 
     @classmethod
@@ -100,13 +136,6 @@ class GraceMethod(EditingMethod):
             finally:
                 handle.remove()
 
-    def _nearest(self, key: torch.Tensor) -> tuple[int | None, float]:
-        if not self.entries:
-            return None, float("inf")
-        d = torch.stack([e.key for e in self.entries]).sub(key).norm(dim=-1)
-        i = int(d.argmin())
-        return i, float(d[i])
-
     def edit(self, prompt: str, target: str) -> dict:
         t0 = time.perf_counter()
         c, bb = self.config, self.backbone
@@ -135,27 +164,14 @@ class GraceMethod(EditingMethod):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        i, d = self._nearest(key)
-        entry = GraceEntry(key, value.detach().clone(), c.init_radius, label)
-        if i is not None and d <= self.entries[i].radius + c.init_radius:
-            near = self.entries[i]
-            if near.label == label:
-                near.radius = max(near.radius, d)      # widen the entry to cover the new key
-                entry = None
-            else:
-                near.radius = entry.radius = d / 2     # split between the two answers
-        if entry is not None:
-            self.entries.append(entry)
+        self.codebook.add(key, value.detach().clone(), c.init_radius, label)
         return {"seconds": time.perf_counter() - t0, "params": int(value.numel())}
 
     @contextlib.contextmanager
     def applied(self, prompts: list[str], last: list[int]):
-        values = []
-        for k in self.keys(prompts):
-            i, d = self._nearest(k)
-            values.append(self.entries[i].value if i is not None and d <= self.entries[i].radius else None)
+        values = [self.codebook.value(k) for k in self.keys(prompts)]
         with self._replacing(values, last):
             yield
 
     def summary(self) -> dict:
-        return {"entries": len(self.entries), "settings": dataclasses.asdict(self.config)}
+        return {"entries": len(self.codebook), "settings": dataclasses.asdict(self.config)}
