@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     loader.start()
     from webapp import plots
     from webapp.downloads import Downloads
-    from webapp.layout import MAX_UPLOAD_MB, build_demo, server_extras
+    from webapp.layout import build_demo
     from webapp.sessions import WorkspacePool
 
     loader.join()
@@ -89,17 +89,25 @@ def main(argv=None) -> None:
     demo = build_demo(pool, downloads)
     demo.queue(default_concurrency_limit=4)
     try:
-        demo.launch(
-            server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-            server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-            css_paths=[str(ROOT / "assets" / "style.css")],
-            footer_links=[],
-            app_kwargs=server_extras(pool, downloads),
-            max_file_size=f"{MAX_UPLOAD_MB}mb",
-        )
+        serve(demo, pool, downloads)
     finally:
         pool.benchmarks.stop_all()
         downloads.close()
+
+
+def serve(demo, pool, downloads) -> None:
+    """Serve the page and the API (blocks until the server stops), the same way for the
+    one-process app and the Ray front."""
+    from webapp.layout import MAX_UPLOAD_MB, server_extras
+
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        css_paths=[str(ROOT / "assets" / "style.css")],
+        footer_links=[],
+        app_kwargs=server_extras(pool, downloads),
+        max_file_size=f"{MAX_UPLOAD_MB}mb",
+    )
 
 
 def _interrupt(*_) -> None:
@@ -110,7 +118,7 @@ def front(address: str | None) -> None:
     """The page and the API over the Ray engine: no model in this process (webapp/cluster.py)."""
     from webapp import cluster, plots
     from webapp.downloads import Downloads
-    from webapp.layout import MAX_UPLOAD_MB, build_demo, server_extras
+    from webapp.layout import build_demo
     from webapp.sessions import default_root
 
     cfg = cluster.ClusterConfig.from_env()
@@ -125,14 +133,7 @@ def front(address: str | None) -> None:
         threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
         demo = build_demo(pool, downloads, answer_concurrency=2 * cfg.replicas)
         demo.queue(default_concurrency_limit=2 * cfg.replicas)
-        demo.launch(
-            server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-            server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-            css_paths=[str(ROOT / "assets" / "style.css")],
-            footer_links=[],
-            app_kwargs=server_extras(pool, downloads),
-            max_file_size=f"{MAX_UPLOAD_MB}mb",
-        )
+        serve(demo, pool, downloads)
     finally:
         downloads.close()
         cluster.stop()
