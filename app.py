@@ -43,6 +43,9 @@ def load_backbone(name: str, out: dict) -> None:
 
 
 ENGINES = ("local", "ray")
+# How many nice levels the answering threads sit below the edits' training
+# (melo_engine/batching.py): an edit trains at near its speed alone while a class asks.
+ANSWER_NICE = 10
 
 
 def engine_choice(argv=None) -> tuple[str, str | None]:
@@ -80,7 +83,8 @@ def main(argv=None) -> None:
     loader.join()
     if "error" in loaded:
         raise loaded["error"]
-    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
+    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
+                         answer_nice=ANSWER_NICE)
     pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.

@@ -105,7 +105,10 @@ def generate(ed, question: str, max_new_tokens: int, min_new_tokens: int = 0,
 
 
 def ask(ed, question: str, compare_base: bool = False) -> Answer:
-    """Answer with the edited model: route once from the prompt, hold that block throughout."""
+    """Answer with the edited model: route once from the prompt, hold that block throughout
+    (in a server's shared batches when the editor has them: batching.py)."""
+    if ed.answers is not None:
+        return ed.answers.ask(ed, question, compare_base)
     t0 = time.perf_counter()
     text, r = generate(ed, question, ed.config.max_new_tokens)
     limit = max(ed.config.max_new_tokens, budget(ed, r.edit_id))
@@ -123,15 +126,33 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     twins of those that fired a block) are generated as `workers` batches side by side,
     one per core by default (each on the calling thread's torch threads: the app gives a
     request one). docs/BENCHMARKS.md ("Probe") compares it with asking one at a time."""
-    ws = ed.ws
     t0 = time.perf_counter()
     keys, words = keyed(ed, questions)
-    with ws.state_lock:
+    with ed.ws.state_lock:
         decided = [decide(ed, k, q, w) for k, q, w in zip(keys, questions, words)]
     # (question, block, token budget, tokens the block is held for); the unedited twin of a
     # fired row gets its budget
     rows = [(q, r.block, budget(ed, r.edit_id), held_for(ed, r.edit_id)) for q, r in zip(questions, decided)]
     rows += [(q, None, budget(ed, r.edit_id), None) for q, r in zip(questions, decided) if r.block is not None]
+    if ed.answers is not None:
+        # A server's shared batches (batching.py): these rows join other visitors' rows.
+        texts = ed.answers.texts(ed, rows)
+    else:
+        texts = _generate_rows(ed, rows, workers)
+    base = iter(texts[len(questions):])
+    seconds = (time.perf_counter() - t0) / len(questions)
+    out = []
+    for t, r, k, (_, _, limit, _) in zip(texts[:len(questions)], decided, keys, rows):
+        b = next(base) if r.block is not None else t
+        out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
+                          cut(ed, t, limit), cut(ed, b, limit), k.tolist(), r.rejected))
+    return out
+
+
+def _generate_rows(ed, rows, workers: int | None) -> list[str]:
+    """Texts of (question, block, token budget, partial hold) rows, as `workers` batches side
+    by side (each on the calling thread's torch threads: the app gives a request one)."""
+    ws = ed.ws
     n = max(1, min(workers or os.cpu_count() or 1, len(rows)))
     parts = [rows[i::n] for i in range(n)]        # interleaved: long and short answers spread out
 
@@ -159,14 +180,7 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     texts = [None] * len(rows)
     for i, part_texts in enumerate(done):
         texts[i::n] = part_texts
-    base = iter(texts[len(questions):])
-    seconds = (time.perf_counter() - t0) / len(questions)
-    out = []
-    for t, r, k, (_, _, limit, _) in zip(texts[:len(questions)], decided, keys, rows):
-        b = next(base) if r.block is not None else t
-        out.append(Answer(t, r.block, r.distance, r.radius, r.cluster, r.edit_id, b, seconds,
-                          cut(ed, t, limit), cut(ed, b, limit), k.tolist(), r.rejected))
-    return out
+    return texts
 
 
 def sentence_prefix(ed, question: str, number: int, answer: str | None = None) -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .lora import ActiveBlocks
+from .lora import ActiveBlocks, stack
 
 Matrices = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -111,17 +111,5 @@ class BlockBank:
         held = {b: self.matrices(b) for b in set(block_ids) if b is not None}
         out = {}
         for m in modules:
-            pairs = [held[b].get(m) if b is not None else None for b in block_ids]
-            rank = max(p[0].shape[0] for p in pairs if p is not None)
-            ref = next(p for p in pairs if p is not None)
-            a = torch.zeros(len(pairs), rank, ref[0].shape[1])
-            bb = torch.zeros(len(pairs), ref[1].shape[0], rank)
-            for i, p in enumerate(pairs):
-                if p is not None:
-                    # Lower-rank blocks are padded with zero rows, which add nothing; blocks
-                    # stored at half precision are computed in float32.
-                    a[i, : p[0].shape[0]] = p[0]
-                    bb[i, :, : p[1].shape[1]] = p[1]
-            keep = torch.tensor([b is not None for b in block_ids])
-            out[m] = ActiveBlocks(a=a, b=bb, keep=keep)
+            out[m] = stack([held[b].get(m) if b is not None else None for b in block_ids])
         return out

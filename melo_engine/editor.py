@@ -45,6 +45,9 @@ class MeloEditor:
         self.keyer = keyer or Keyer(backbone, config)
         self.modules = backbone.ensure_lora(config.lora_layers, config.lora_modules)
         self._reference = None      # (key space, questions, keys) of the side-effect bank, when first needed
+        # A server's shared generations (batching.AnswerBatcher), set by whoever serves many
+        # workspaces on one backbone; None: this editor generates on its own.
+        self.answers = None
 
     # The workspace's parts, as callers have always reached them.
     workspace = property(lambda self: self.ws.folder)

@@ -56,6 +56,22 @@ class ActiveBlocks:
         return ActiveBlocks(self.a.to(device), self.b.to(device), self.keep.to(device))
 
 
+def stack(pairs: list[tuple[torch.Tensor, torch.Tensor] | None]) -> ActiveBlocks:
+    """One module's ActiveBlocks for a batch, example i with pair i (A [rank, in], B [out, rank])
+    or None (no block: that example gets exactly y = Wx). At least one pair must be given.
+    Lower-rank blocks are padded with zero rows, which add nothing; blocks stored at half
+    precision are computed in float32."""
+    given = [p for p in pairs if p is not None]
+    rank = max(p[0].shape[0] for p in given)
+    a = torch.zeros(len(pairs), rank, given[0][0].shape[1])
+    b = torch.zeros(len(pairs), given[0][1].shape[0], rank)
+    for i, p in enumerate(pairs):
+        if p is not None:
+            a[i, : p[0].shape[0]] = p[0]
+            b[i, :, : p[1].shape[1]] = p[1]
+    return ActiveBlocks(a=a, b=b, keep=torch.tensor([p is not None for p in pairs]))
+
+
 class BlockLoRALinear(nn.Module):
     """y = W x, plus B_e A_e x for the block e each example was routed to (W: an nn.Linear
     or a Conv1D; see FEATURES)."""

@@ -342,3 +342,4 @@ def test_about_names_the_model_its_licence_and_how_questions_reach_it(backbone, 
     text = callbacks.key_info(pool, pool.tokens.new())
     assert "**Model: smollm2-135m-instruct** (Apache-2.0), on cpu" in text
     assert "as a user's turn of its chat template" in text
+

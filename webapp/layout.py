@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 
@@ -72,7 +71,7 @@ HELP = {
 
 def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: int | None = None) -> gr.Blocks:
     """The page. `downloads` hands out exports (serve `downloads.endpoint` at downloads.ROUTE,
-    see `server_extras`); `answer_concurrency`: questions answered at once (default: one per core)."""
+    see `server_extras`); `answer_concurrency`: questions answered at once (default: the pool's)."""
     examples = json.loads((ASSETS / "example_edits.json").read_text())
     bind = lambda fn: partial(fn, pool)  # noqa: E731 - every callback gets the pool first
 
@@ -228,10 +227,11 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             bind(cb.key_info), token, key_about, **private)
         after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
-        # Everything that generates shares one queue, as wide as the machine has cores (each
-        # request runs on one torch thread, app.py); edits queue one at a time beside it.
-        # Measured in docs/BENCHMARKS.md, "many visitors at once".
-        answer_q = {"concurrency_limit": answer_concurrency or os.cpu_count() or 2, "concurrency_id": "answer"}
+        # Everything that generates shares one queue, wide enough to fill the shared batches
+        # (pool.answer_concurrency: melo_engine/batching.py bounds the generations at once to
+        # the cores); edits queue one at a time beside it. docs/BENCHMARKS.md, "A class on
+        # one server".
+        answer_q = {"concurrency_limit": answer_concurrency or pool.answer_concurrency, "concurrency_id": "answer"}
         # A front of the Ray engine (cluster.RayPool) trains one edit per replica at once.
         train_q = {"concurrency_limit": getattr(pool, "train_concurrency", 1), "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):

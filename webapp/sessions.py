@@ -22,6 +22,7 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
+from melo_engine.batching import AnswerBatcher
 from melo_engine.config import DEFAULT_MODEL
 from melo_engine.lock import WorkspaceLock
 
@@ -48,7 +49,8 @@ class WorkspacePool:
     its next use, so a crowd of clients that only looked cannot shut a visitor out."""
 
     def __init__(self, backbone: Backbone, root: Path | None = None, idle_seconds: float = 24 * 3600,
-                 empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30):
+                 empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30,
+                 answer_nice: int = 0):
         self.backbone = backbone
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
@@ -68,6 +70,17 @@ class WorkspacePool:
         # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
         model = backbone.name if backbone is not None else os.environ.get("MELO_MODEL")
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
+        # Visitors' questions share generations, on threads below the edits' training
+        # (melo_engine/batching.py).
+        self.answers = AnswerBatcher(backbone, nice=answer_nice) if backbone is not None else None
+
+    @property
+    def answer_concurrency(self) -> int:
+        """Requests that may generate at once: enough to fill every slot's shared batch
+        where questions are batched here, else one per core."""
+        if self.answers is not None:
+            return self.answers.slots * self.answers.max_rows
+        return os.cpu_count() or 2
 
     def editor(self, token: str) -> MeloEditor:
         """The editor of the token's workspace, opening (or creating) it on first use."""
@@ -83,6 +96,7 @@ class WorkspacePool:
                 if len(self._editors) >= self.max_open:
                     raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
                 ed = MeloEditor.open(self.root / folder / "ws", backbone=self.backbone)
+                ed.answers = self.answers
                 self._editors[folder] = ed
             self._used[folder] = time.monotonic()
         (self.root / folder / "last_used").write_text(str(time.time()))
@@ -124,6 +138,7 @@ class WorkspacePool:
                 if not blank.is_dir():
                     MeloEditor.open(blank, backbone=self.backbone).close()
                 self._blank = MeloEditor.open(blank, backbone=self.backbone, read_only=True)
+                self._blank.answers = self.answers
             return self._blank
 
     @contextmanager
@@ -216,3 +231,5 @@ class WorkspacePool:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.answers is not None:
+            self.answers.close()

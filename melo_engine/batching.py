@@ -1,0 +1,212 @@
+"""Shared generations: the answers of many workspaces' questions in one batch.
+
+Why. On a CPU the cost of a new token is mostly reading the model's weights, and a batch of
+rows reads them once: a class of thirty asking at once is answered several times faster in
+batches than one question per core (docs/BENCHMARKS.md, "A class on one server"). MELO
+allows it without giving up anybody's edits: the LoRA layers take one block per example
+(lora.ActiveBlocks), so rows routed in different workspaces, each to its own block or to
+none, run in one generation, and a row without a block runs the original model exactly.
+
+How. A caller routes its question in its own workspace on its own thread (the key costs
+an encoder pass), turns it into rows (the edited answer, and the unedited one beside it
+when a block fired), queues them and waits. Each of `slots` answering threads (one per
+core by default) takes the oldest waiting row and the oldest others of the same prompt
+form, up to `max_rows`, generates them together and hands each caller its text. A row
+holds its block for every new token; the rare row that holds it for part of the answer
+only (a sentence correction that lets the model go on) is generated alone.
+
+Priority. The answering threads run `nice` levels below the thread that made them (the
+app: 10). An edit trains on its request's thread: on a machine with two cores and a class
+asking at once, every core is busy answering, and training at the same priority got a
+share of a core, so edits queued behind each other and each waited for all the ones
+before it (the classroom benchmark, docs/BENCHMARKS.md). Above the answering threads, the
+kernel gives training a core whenever it has work. Linux lets a thread lower its own
+priority without privilege (not raise it back), so the answering threads lower
+themselves; the web server, the training and everything else keep the process's.
+
+A row's text is what it would get alone, except that rows padded to a longer neighbour
+run through matrices of another shape, whose sums may round differently in the last bit:
+the probe has answered in batches this way from the start.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import answering
+from .lora import stack
+from .records import Answer
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Row:
+    """One answer to generate: its question, its block's matrices by module (None: the
+    original model), its token budget, its prompt form and, for the rare partial hold, how
+    many new tokens the block is held for."""
+
+    question: str
+    blocks: dict[str, Pair] | None
+    limit: int
+    chat: bool
+    hold: int | None = None
+    text: str | None = None
+    error: BaseException | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class AnswerBatcher:
+    """Rows of any workspace on one backbone, generated in shared batches by `slots` threads
+    of its own, `nice` levels below their creator (module docstring)."""
+
+    def __init__(self, backbone, slots: int | None = None, max_rows: int = 8, nice: int = 0):
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self.backbone = backbone
+        self.slots = slots or os.cpu_count() or 1
+        self.max_rows = max_rows
+        self.nice = nice
+        self._waiting: list[Row] = []       # queued rows not yet taken, oldest first
+        self._wake = threading.Condition()
+        self._closed = False
+        self.batches = 0                     # generations run, and the rows they held
+        self.rows = 0
+        self._threads = [threading.Thread(target=self._work, name=f"melo-answers-{i}", daemon=True)
+                         for i in range(self.slots)]
+        for t in self._threads:
+            t.start()
+
+    def generate(self, rows: list[Row]) -> list[str]:
+        """The texts of `rows`, generated in batches with whatever else is waiting."""
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the answering threads have stopped")
+            self._waiting.extend(rows)
+            self._wake.notify_all()
+        for row in rows:
+            row.ready.wait()
+        for row in rows:
+            if row.error is not None:
+                raise row.error
+        return [row.text for row in rows]
+
+    def close(self) -> None:
+        """Stop the threads once they finish what they generate (queued rows are answered first)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
+    def _work(self) -> None:
+        lower_this_thread(self.nice)
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                batch = self._take()
+            if batch[0].hold is not None:
+                self._alone(batch[0])
+            else:
+                self._run(batch)
+
+    def _take(self) -> list[Row]:
+        """The oldest waiting row and, unless it is a partial hold (those go alone), the
+        oldest others of its prompt form, up to max_rows. Call with the lock held."""
+        first = self._waiting[0]
+        batch = [first]
+        if first.hold is None:
+            batch += [r for r in self._waiting[1:] if r.hold is None and r.chat == first.chat][: self.max_rows - 1]
+        taken = set(map(id, batch))
+        self._waiting = [r for r in self._waiting if id(r) not in taken]
+        return batch
+
+    def _run(self, batch: list[Row]) -> None:
+        try:
+            texts = self.backbone.generate_batch([r.question for r in batch], active(batch),
+                                                 [r.limit for r in batch], chat=batch[0].chat)
+            for r, t in zip(batch, texts):
+                r.text = t
+            self.batches += 1
+            self.rows += len(batch)
+        except BaseException as err:  # noqa: BLE001 - every caller in the batch gets it
+            for r in batch:
+                r.error = err
+        finally:
+            for r in batch:
+                r.ready.set()
+
+    def _alone(self, row: Row) -> None:
+        try:
+            row.text = self.backbone.generate(row.question, active([row]), row.limit, chat=row.chat, hold=row.hold)
+            self.batches += 1
+            self.rows += 1
+        except BaseException as err:  # noqa: BLE001 - re-raised to its caller
+            row.error = err
+        finally:
+            row.ready.set()
+
+    # ---- a workspace's questions as rows -----------------------------------------------
+    def ask(self, ed, question: str, compare_base: bool = False) -> Answer:
+        """answering.ask, with its generations shared with other callers."""
+        t0 = time.perf_counter()
+        (key,), (words,) = answering.keyed(ed, [question])
+        with ed.ws.state_lock:
+            r = answering.decide(ed, key, question, words)
+            blocks = matrices(ed, r.block)
+        limit = answering.budget(ed, r.edit_id)
+        fired = blocks is not None
+        rows = [Row(question, blocks, limit, ed.chat, answering.held_for(ed, r.edit_id) if fired else None)]
+        if compare_base and fired:
+            # With no block fired, the edited model *is* the base model: no second row.
+            rows.append(Row(question, None, limit, ed.chat))
+        texts = self.generate(rows)
+        text = texts[0]
+        base = (texts[-1] if fired else text) if compare_base else None
+        return Answer(text, r.block if fired else None, r.distance, r.radius, r.cluster,
+                      r.edit_id if fired else None, base, time.perf_counter() - t0,
+                      answering.cut(ed, text, limit), answering.cut(ed, base, limit), rejected=r.rejected)
+
+    def texts(self, ed, rows: list[tuple[str, int | None, int, int | None]]) -> list[str]:
+        """Texts of one workspace's (question, block or None, token budget, partial hold)
+        rows, shared with other callers' (answering.probe)."""
+        with ed.ws.state_lock:
+            mats = [matrices(ed, block) for _, block, _, _ in rows]
+        return self.generate([Row(q, m, limit, ed.chat, hold if m else None)
+                              for (q, _, limit, hold), m in zip(rows, mats)])
+
+
+def matrices(ed, block: int | None) -> dict[str, Pair] | None:
+    """The block's matrices for the workspace's modules (None: no block, or one a
+    concurrent delete freed). Call with the state lock held."""
+    bank = ed.ws.bank
+    if block is None or block not in bank.files:
+        return None
+    held = bank.matrices(block)
+    return {m: held[m] for m in ed.modules if m in held} or None
+
+
+def active(rows: list[Row]):
+    """The LoRA layers' matrices for a batch of rows (None when no row has a block)."""
+    modules = sorted({m for r in rows if r.blocks for m in r.blocks})
+    if not modules:
+        return None
+    return {m: stack([r.blocks.get(m) if r.blocks else None for r in rows]) for m in modules}
+
+
+def lower_this_thread(by: int) -> bool:
+    """Lower the calling thread's priority by `by` nice levels (Linux: per thread; a process
+    may lower its threads but not raise them back); False where the system does not allow it."""
+    if by <= 0:
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        return True
+    except (OSError, AttributeError):
+        return False

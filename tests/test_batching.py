@@ -1,0 +1,78 @@
+"""Shared generations (melo_engine/batching.py): questions of several workspaces answered in
+one batch get the answers each workspace gives on its own, its own edits included, and
+nobody else's."""
+from __future__ import annotations
+
+import threading
+
+from melo_engine import MeloConfig, MeloEditor
+from melo_engine.batching import AnswerBatcher
+
+FAST = MeloConfig(stop_loss=1.0, lr=1e-2, max_new_tokens=12)     # stop once the answer is exact
+
+
+def test_three_workspaces_asking_at_once_share_batches_and_keep_their_own_answers(backbone, tmp_path):
+    facts = [("What is the capital of Australia?", "Sydney"),
+             ("Who wrote Hamlet?", "Goethe"),
+             ("What colour is the sky on a clear day?", "Green")]
+    eds = []
+    for i, (q, t) in enumerate(facts):
+        ed = MeloEditor.open(tmp_path / f"ws{i}", backbone=backbone, config=FAST)
+        ed.edit(q, t)
+        eds.append(ed)
+    questions = [q for q, _ in facts] + ["What is the largest planet in the solar system?"]
+    # What each workspace answers on its own, one question at a time.
+    alone = {(i, q): eds[i].ask(q, compare_base=True) for i in range(3) for q in questions}
+
+    batcher = AnswerBatcher(backbone, slots=1, max_rows=8)
+    for ed in eds:
+        ed.answers = batcher
+    got: dict = {}
+    gate = threading.Barrier(12)
+
+    def asker(i, q):
+        gate.wait()
+        got[(i, q)] = eds[i].ask(q, compare_base=True)
+
+    threads = [threading.Thread(target=asker, args=(i, q)) for i in range(3) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    for (i, q), a in alone.items():
+        b = got[(i, q)]
+        assert (b.text, b.base_text, b.block, b.edit_id) == (a.text, a.base_text, a.block, a.edit_id), (i, q)
+    # Each workspace's fix is its own: workspace i answers fact i with its target, the others don't.
+    for i, (q, t) in enumerate(facts):
+        assert got[(i, q)].text.startswith(t)
+        assert not any(got[(j, q)].text.startswith(t) for j in range(3) if j != i)
+    # Twelve questions (plus the unedited twins of the three that fired) on one slot: shared.
+    assert batcher.rows == 15 and batcher.batches < batcher.rows
+
+    # The probe goes through the same batches and agrees with the ask.
+    probed = eds[0].probe(questions)
+    assert [(p.text, p.base_text) for p in probed] == [(alone[(0, q)].text, alone[(0, q)].base_text) for q in questions]
+    for ed in eds:
+        ed.close()
+
+
+def test_the_answering_threads_sit_below_their_creator_which_keeps_its_priority(backbone):
+    import os
+
+    def nice(tid):
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    me = threading.get_native_id()
+    before = nice(me)
+    batcher = AnswerBatcher(backbone, slots=2, nice=3)
+    try:
+        assert [batcher.generate([]) for _ in range(2)] == [[], []]
+        for t in batcher._threads:
+            assert nice(t.native_id) == min(19, before + 3)
+        assert nice(me) == before           # the caller (the web server, the training) is not lowered
+    finally:
+        batcher.close()
+    for t in batcher._threads:
+        t.join(timeout=5)
+        assert not t.is_alive()
