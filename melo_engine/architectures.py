@@ -82,6 +82,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     # BERT-style encoders (the classifier: all-MiniLM-L6-v2 loaded as a bare BertModel, so
     # the layers sit at encoder.layer; `output.dense` is each layer's FFN output, an nn.Linear).
     "bert": Architecture(layers="encoder.layer", ffn_out="output.dense", grace="output", prompt="completion"),
+    # T5, the paper's zsRE backbone (T5-small as google/t5-small-ssm-nq: 8 encoder and 8
+    # decoder blocks). The encoder reads the question, the decoder writes the answer; the
+    # blocks sit on the decoder's FFN output (layer.2 of a decoder block is its FFN, after
+    # self- and cross-attention), GRACE wraps that FFN. Paper settings (MELO_SPEC section 2):
+    # the key from encoder block 4 of 8 (a half of the depth; the paper reads that block's
+    # FFN `wo` output, we the block's output, as for every family), blocks on decoder
+    # blocks 5-6 of 8 (the paper puts them on both `wi` and `wo`; here `wo`, the FFN output,
+    # as for every family). No chat template: the question itself is the encoder's input.
+    "t5": Architecture(layers="decoder.block", ffn_out="layer.2.DenseReluDense.wo", grace="layer.2.DenseReluDense",
+                       key_layer_fraction=4 / 8, prompt="completion", final_norm="final_layer_norm",
+                       kind="seq2seq", encoder_layers="encoder.block", lora_span=(5 / 8, 7 / 8)),
 }
 
 
