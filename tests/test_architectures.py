@@ -9,6 +9,7 @@ input, the key comes from the encoder, the blocks sit in the decoder, and `--mod
 saved T5 folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -233,6 +234,10 @@ def test_t5_is_keyed_by_its_encoder_and_edited_in_its_decoder(tokenizer, example
     with pytest.raises(ValueError) as err:
         bb.split_is_exact(2)
     assert "\n" not in str(err.value)
+    # Opened as a decoder-only model, it is refused in one line that names the way in.
+    with pytest.raises(ValueError, match="Backbone.wrap") as err:
+        Backbone(bb.model, tokenizer, "tiny-t5")
+    assert "\n" not in str(err.value)
 
 
 def test_the_command_line_opens_a_saved_t5_folder(tokenizer, example_edits, unrelated_questions, tmp_path, capsys):
@@ -250,10 +255,15 @@ def test_the_command_line_opens_a_saved_t5_folder(tokenizer, example_edits, unre
     assert json.loads(capsys.readouterr().out)["block"] is None
     assert json.loads((fresh / "config.json").read_text())["lora_modules"] == ["layer.2.DenseReluDense.wo"]
 
+    # Routed by the sentence key, as any model can be (unwhitened, a radius given: no
+    # calibration to wait for).
     ws = tmp_path / "ws"
-    ed = MeloEditor.open(ws, model=str(folder), config=settings("t5"))
+    sentence = dataclasses.replace(settings("t5"), key_source="sentence", key_whitening=False, init_radius=0.3)
+    ed = MeloEditor.open(ws, model=str(folder), config=sentence)
     assert type(ed.backbone).__name__ == "Seq2SeqBackbone"
     assert ed.edit(prompt, TARGET).token_accuracy == 1.0
     ed.close()
     assert main(["-w", str(ws), "--json", "ask", prompt]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == TARGET
+    assert main(["-w", str(ws), "--json", "ask", other]) == 0
+    assert json.loads(capsys.readouterr().out)["block"] is None
