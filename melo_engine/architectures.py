@@ -4,10 +4,17 @@ Models name their decoder layers and feed-forward modules differently; one row p
 model_type says where, instead of probing attribute names (which could pick the wrong list
 silently). A model_type missing here is refused in one line that names the overrides,
 `--layers-path` and `--lora-modules`, with which such a model still runs.
+
+A row's `kind` picks the one path through the engine for its models (registry.BACKBONES):
+"causal", a decoder that continues the prompt (backbone.py), or "seq2seq", an
+encoder-decoder whose encoder reads the question and whose decoder writes the answer
+(seq2seq.py). Nothing else in the engine asks which kind a model is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from .registry import BACKBONES
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,33 @@ class Architecture:
     # Learned absolute positions the decoder adds to inputs_embeds inside its forward (GPT-2's
     # wpe): a view that starts mid-stack must not add them a second time. None: rotary, nothing added.
     position_embedding: str | None = None
+    kind: str = "causal"               # the engine's path for the model: a name in registry.BACKBONES
+    # seq2seq: the encoder's layer list; the model's own key is taken at its key layer (the
+    # encoder has read the whole question before the decoder, and its blocks, run).
+    encoder_layers: str | None = None
+    # The layers that carry blocks by default, as shares [from, to) of the depth (None: the
+    # top 20%, which the layer study measured on SmolLM2).
+    lora_span: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        BACKBONES.check(self.kind)
+        if self.kind == "seq2seq" and not self.encoder_layers:
+            raise ValueError("a seq2seq architecture names its encoder's layer list (encoder_layers)")
+        if self.lora_span is not None and not 0 <= self.lora_span[0] < self.lora_span[1] <= 1:
+            raise ValueError(f"lora_span {self.lora_span} is not a range of shares of the depth")
+
+    @property
+    def key_in_encoder(self) -> bool:
+        """The model's own key comes from an encoder that runs before every decoder layer,
+        so any key layer sits below the blocks."""
+        return self.encoder_layers is not None
+
+    def default_lora_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers that carry blocks when a workspace does not say."""
+        if self.lora_span is None:
+            return tuple(range(num_layers - max(1, round(0.2 * num_layers)), num_layers))
+        first = int(self.lora_span[0] * num_layers)
+        return tuple(range(first, max(first + 1, int(self.lora_span[1] * num_layers))))
 
 
 # Llama-style decoders: a ModuleList `model.layers`, each with an MLP ending in `down_proj`.
@@ -48,6 +82,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     # BERT-style encoders (the classifier: all-MiniLM-L6-v2 loaded as a bare BertModel, so
     # the layers sit at encoder.layer; `output.dense` is each layer's FFN output, an nn.Linear).
     "bert": Architecture(layers="encoder.layer", ffn_out="output.dense", grace="output", prompt="completion"),
+    # T5, the paper's zsRE backbone (T5-small as google/t5-small-ssm-nq: 8 encoder and 8
+    # decoder blocks). The encoder reads the question, the decoder writes the answer; the
+    # blocks sit on the decoder's FFN output (layer.2 of a decoder block is its FFN, after
+    # self- and cross-attention), GRACE wraps that FFN. Paper settings (MELO_SPEC section 2):
+    # the key from encoder block 4 of 8 (a half of the depth; the paper reads that block's
+    # FFN `wo` output, we the block's output, as for every family), blocks on decoder
+    # blocks 5-6 of 8 (the paper puts them on both `wi` and `wo`; here `wo`, the FFN output,
+    # as for every family). No chat template: the question itself is the encoder's input.
+    "t5": Architecture(layers="decoder.block", ffn_out="layer.2.DenseReluDense.wo", grace="layer.2.DenseReluDense",
+                       key_layer_fraction=4 / 8, prompt="completion", final_norm="final_layer_norm",
+                       kind="seq2seq", encoder_layers="encoder.block", lora_span=(5 / 8, 7 / 8)),
 }
 
 

@@ -6,6 +6,10 @@ no edits: an editor passes its own block matrices in for the duration of one cal
 serialises forwards: the injected layers keep their `active` blocks per thread and the
 parts of the stack used for training are views, so visitors' asks and edits run side by
 side (the lock only guards making those views and loading the sentence encoder).
+
+This class is the path for decoder-only ("causal") models; an encoder-decoder takes
+seq2seq.py's subclass. `Backbone.wrap` picks the class by the model's architecture row
+(architectures.py), so the rest of the engine calls the same methods on either.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -23,6 +28,7 @@ from .architectures import Architecture, architecture_for
 from .devices import resolve_device
 from .lora import ActiveBlocks, BlockLoRALinear, inject_block_lora
 from .model import load_model, model_fingerprint
+from .registry import BACKBONES
 
 
 @dataclass
@@ -39,6 +45,10 @@ class Encoded:
     prompt_mask: torch.Tensor
     user_mask: torch.Tensor
 
+    def target_count(self, row: int = 0) -> int:
+        """How many target tokens row `row` carries after its prompt."""
+        return int(self.mask[row].sum() - self.prompt_mask[row].sum())
+
 
 def reduce_key(hidden: torch.Tensor, enc: Encoded, how: str) -> torch.Tensor:
     """One vector per prompt from hidden states [batch, seq, dim], over real tokens only."""
@@ -50,6 +60,13 @@ def reduce_key(hidden: torch.Tensor, enc: Encoded, how: str) -> torch.Tensor:
     pos = torch.arange(m.shape[1], device=m.device)[None].expand_as(m)
     last = torch.where(m.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
+def target_positions(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one prompt followed by its target: the positions whose logits predict the target
+    tokens ([1, n]; the logit at t predicts token t+1), and those target tokens ([n])."""
+    n_prompt, n_total = int(enc.prompt_mask[0].sum()), int(enc.mask[0].sum())
+    return torch.arange(n_prompt - 1, n_total - 1)[None], enc.ids[0, n_prompt:n_total]
 
 
 class _NoPositions(nn.Module):
@@ -79,6 +96,9 @@ class _LineEnd(StoppingCriteria):
 class Backbone:
     """A frozen causal LM with dynamic-LoRA layers injected and helpers to run parts of it."""
 
+    kind = "causal"                        # the architecture rows this class runs (registry.BACKBONES)
+    auto_class = "AutoModelForCausalLM"    # how transformers loads such a model (model.py)
+
     def __init__(self, model: nn.Module, tokenizer, name: str, layers_path: str | None = None,
                  lora_modules: tuple[str, ...] | None = None):
         self.model = model
@@ -91,6 +111,9 @@ class Backbone:
         self.device = next(model.parameters()).device
         self.lock = threading.RLock()
         self.architecture: Architecture = architecture_for(model, layers_path, lora_modules)
+        if self.architecture.kind != self.kind:
+            raise ValueError(f"a {self.architecture.kind} model ({model.config.model_type}) runs on "
+                             f"{BACKBONES.get(self.architecture.kind).__name__}: open it with Backbone.wrap")
         self._inner, self._layers_attr = self._find_layers(model, self.architecture.layers)
         self.loras: dict[str, BlockLoRALinear] = {}
         self._upper_ok: dict[int, bool] = {}
@@ -113,7 +136,15 @@ class Backbone:
         or auto (None: $MELO_DEVICE, else auto; devices.py)."""
         where = resolve_device(device)        # refused before the model is read
         model, tokenizer = load_model(name)
-        return cls(model.to(where), tokenizer, name, layers_path, lora_modules)
+        return cls.wrap(model.to(where), tokenizer, name, layers_path, lora_modules)
+
+    @staticmethod
+    def wrap(model: nn.Module, tokenizer, name: str, layers_path: str | None = None,
+             lora_modules: tuple[str, ...] | None = None) -> "Backbone":
+        """The Backbone of the kind the model's architecture row names (a decoder-only model:
+        this class; an encoder-decoder: seq2seq.py's)."""
+        kind = architecture_for(model, layers_path, lora_modules).kind
+        return BACKBONES.get(kind)(model, tokenizer, name, layers_path, lora_modules)
 
     # ---- structure ---------------------------------------------------------------------
     @staticmethod
@@ -132,6 +163,11 @@ class Backbone:
     @property
     def layers(self) -> nn.ModuleList:
         return getattr(self._inner, self._layers_attr)
+
+    @property
+    def key_layers(self) -> nn.ModuleList:
+        """The layers the model's own key is read from (a decoder-only model: its layers)."""
+        return self.layers
 
     def module_name(self, layer: int, module: str) -> str:
         prefix = [n for n, m in self.model.named_modules() if m is self._inner][0]
@@ -292,6 +328,23 @@ class Backbone:
             self._upper_ok[start] = bool(torch.allclose(a, b, atol=1e-3, rtol=1e-3))
         return self._upper_ok[start]
 
+    def teacher(self, enc: Encoded, first: int) -> Callable[[dict[str, ActiveBlocks]], tuple[torch.Tensor, float]]:
+        """For training a block (train.py): a function of the held blocks that returns
+        (cross-entropy of enc's target tokens, the share of them that are the argmax), for
+        one prompt followed by its target. The layers below `first` (the lowest layer with
+        blocks) never change during training: they run once, here, where the split is exact."""
+        positions, targets = target_positions(enc)
+        exact = self.split_is_exact(first)
+        hidden = self.lower(enc, first) if exact else None
+
+        def loss_of(active):
+            with self.lora(active):
+                logits = (self.upper_logits(hidden, enc, first, positions) if exact
+                          else self.full_logits(enc, positions))[0]
+            return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
+
+        return loss_of
+
     @contextlib.contextmanager
     def lora(self, active: dict[str, ActiveBlocks] | None):
         """Hold these block matrices in the LoRA layers for this thread's calls inside (None:
@@ -323,19 +376,32 @@ class Backbone:
             with self.lora(active):
                 return self._greedy(enc, max_new_tokens, min_new_tokens, chat)
         with self.lora(active):
-            taught = self.model.generate(input_ids=enc.ids, attention_mask=enc.mask, max_new_tokens=hold,
-                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                         stopping_criteria=self._stops(chat, enc.ids.shape[1]))
-        new = taught[0, enc.ids.shape[1]:]
+            new = self._new_tokens(enc, chat, max_new_tokens=hold)[0]
         eos = self.tokenizer.eos_token_id
         if len(new) < hold or (eos is not None and int(new[-1]) == eos):
             return self._answer(new, chat)                                  # it ended there
-        out = self.model.generate(input_ids=taught, attention_mask=torch.ones_like(taught),
-                                  max_new_tokens=max_new_tokens - hold,
-                                  min_new_tokens=max(0, min_new_tokens - hold), do_sample=False,
+        out = self._continued(enc, new, chat, max_new_tokens=max_new_tokens - hold,
+                              min_new_tokens=max(0, min_new_tokens - hold))
+        return self._answer(out[0], chat)
+
+    def _new_tokens(self, enc: Encoded, chat: bool, **generation) -> torch.Tensor:
+        """Greedy new tokens [batch, n] after each prompt of `enc` (rows moved to the right
+        edge: generation continues every row at its end); `generation`: generate's limits."""
+        ids, mask = self.left_padded(enc)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id,
-                                  stopping_criteria=self._stops(chat, enc.ids.shape[1]))
-        return self._answer(out[0, enc.ids.shape[1]:], chat)
+                                  stopping_criteria=self._stops(chat, ids.shape[1]), **generation)
+        return out[:, ids.shape[1]:]
+
+    def _continued(self, enc: Encoded, new: torch.Tensor, chat: bool, **generation) -> torch.Tensor:
+        """Greedy tokens after one prompt that continue from `new` (its first new tokens),
+        `new` included: [1, n]."""
+        width = enc.ids.shape[1]
+        ids = torch.cat([enc.ids, new[None].to(enc.ids.device)], 1)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  stopping_criteria=self._stops(chat, width), **generation)
+        return out[:, width:]
 
     @torch.no_grad()
     def generate_batch(self, questions: list[str], active: dict[str, ActiveBlocks] | None,
@@ -345,13 +411,9 @@ class Backbone:
         a row without a block runs the original model exactly. `max_new_tokens` may be one
         budget per row: every row then stops where it would have stopped alone."""
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(questions)
-        ids, mask = self.left_padded(self.encode(questions, chat=chat))
-        width = ids.shape[1]
         with self.lora(active):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                      stopping_criteria=self._stops(chat, width))
-        return [self._answer(row[width:width + n], chat) for row, n in zip(out, limits)]
+            out = self._new_tokens(self.encode(questions, chat=chat), chat, max_new_tokens=max(limits))
+        return [self._answer(row[:n], chat) for row, n in zip(out, limits)]
 
     def left_padded(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) of a right-padded batch moved to the right edge, for generation: every
@@ -365,16 +427,8 @@ class Backbone:
         return ids, mask
 
     def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0, chat: bool = True) -> str:
-        out = self.model.generate(
-            input_ids=enc.ids,
-            attention_mask=enc.mask,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            stopping_criteria=self._stops(chat, enc.ids.shape[1]),
-        )
-        return self._answer(out[0, enc.ids.shape[1]:], chat)
+        out = self._new_tokens(enc, chat, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        return self._answer(out[0], chat)
 
     def _stops(self, chat: bool, width: int):
         """In the question-answer form an answer is one line: a base model goes on to ask
@@ -414,7 +468,7 @@ class Backbone:
             for name, layer in self.loras.items():
                 layer.active = active.get(name) if active else None
 
-        handle = self.layers[key_layer].register_forward_hook(route_on_prefill)
+        handle = self.key_layers[key_layer].register_forward_hook(route_on_prefill)
         try:
             text = self._greedy(enc, max_new_tokens, min_new_tokens, chat)
         finally:

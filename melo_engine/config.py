@@ -51,7 +51,7 @@ class MeloConfig:
     router: str = "verified"             # "verified" | "radius"
 
     # Dynamic LoRA: which modules carry blocks, and how big a block is.
-    lora_layers: tuple[int, ...] | None = None   # None: the top 20% of the layers
+    lora_layers: tuple[int, ...] | None = None   # None: the row's (architectures.py), the top 20% of the layers
     # None: the FFN output module of the model's row in architectures.py (mlp.down_proj on
     # Llama-style models, GPT-2's mlp.c_proj). A new workspace saves what it resolved to.
     lora_modules: tuple[str, ...] | None = None
@@ -89,14 +89,11 @@ class MeloConfig:
         key_layer = (self.key_layer if self.key_layer is not None
                      else max(1, round(num_layers * arch.key_layer_fraction)))
         lora_modules = tuple(self.lora_modules) if self.lora_modules else (arch.ffn_out,)
-        lora_layers = self.lora_layers
-        if lora_layers is None:
-            first = num_layers - max(1, round(0.2 * num_layers))
-            lora_layers = tuple(range(first, num_layers))
+        lora_layers = self.lora_layers if self.lora_layers is not None else arch.default_lora_layers(num_layers)
         lora_layers = tuple(sorted(int(i) for i in lora_layers))
-        if not lora_layers or min(lora_layers) <= key_layer:
+        if not lora_layers or (min(lora_layers) <= key_layer and not arch.key_in_encoder):
             raise ValueError(f"the key layer ({key_layer}) must sit below every LoRA layer {lora_layers}")
-        if max(lora_layers) >= num_layers or key_layer < 0:
+        if max(lora_layers) >= num_layers or not 0 <= key_layer < num_layers:
             raise ValueError(f"layers must lie in 0..{num_layers - 1}")
         return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers, lora_modules=lora_modules)
 

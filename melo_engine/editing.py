@@ -50,7 +50,7 @@ def train(ed, prompt: str, target: str, progress: Callable[[int, float], None] |
         enc = ed.backbone.encode([prompt], [taught], chat=ed.chat, ends=prefix is None or bool(end))
         trained = train_block(ed.backbone, enc, ed.modules, ed.config, seed=len(ed.ws.entries), progress=progress)
     return TrainedEdit(prompt, target, key, trained, t0, prefix,
-                       int(enc.mask.sum() - enc.prompt_mask.sum()), prefix is not None and bool(end))
+                       enc.target_count(), prefix is not None and bool(end))
 
 
 def commit(ed, pending: TrainedEdit) -> EditResult:

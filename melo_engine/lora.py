@@ -96,6 +96,12 @@ class BlockLoRALinear(nn.Module):
         self._local.active = value
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped projection's weight, for models that read it around the call (T5's
+        FFN casts its input to the dtype of `wo.weight`)."""
+        return self.base.weight
+
+    @property
     def in_features(self) -> int:
         return self._in
 

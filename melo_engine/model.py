@@ -109,14 +109,27 @@ def _made(folder: Path) -> Path:
     return folder
 
 
+def auto_class(config):
+    """The transformers Auto class that loads a model of this config: the one of the Backbone
+    its architecture row names (a decoder: AutoModelForCausalLM; T5: AutoModelForSeq2SeqLM)."""
+    import transformers
+
+    from .architectures import ARCHITECTURES
+    from .registry import BACKBONES
+
+    row = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return getattr(transformers, BACKBONES.get(row.kind if row else "causal").auto_class)
+
+
 def _load_pretrained(source: str, **kwargs):
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    model = auto_class(config).from_pretrained(source, dtype=torch.float32, **kwargs)
     return model, tokenizer
 
 

@@ -70,6 +70,13 @@ METHODS = Registry("method", {
     "lora": "melo_engine.methods.lora:LoRAMethod",
 })
 
+# How the engine runs a model of each kind (architectures.py: a row's `kind`): the Backbone
+# class that encodes, keys, trains and generates for it.
+BACKBONES = Registry("model kind", {
+    "causal": "melo_engine.backbone:Backbone",
+    "seq2seq": "melo_engine.seq2seq:Seq2SeqBackbone",
+})
+
 # Benchmarks: each module names itself and adds its own arguments (bench/__main__.py).
 BENCHMARKS = Registry("benchmark", {
     "speed": "melo_engine.bench.speed:BENCH",

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .backbone import Backbone, Encoded
 from .config import MeloConfig
@@ -19,13 +18,6 @@ class Trained:
     losses: list[float]
     token_accuracy: float
     params: int
-
-
-def target_positions(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one prompt followed by its target: the positions whose logits predict the target
-    tokens ([1, n]; the logit at t predicts token t+1), and those target tokens ([n])."""
-    n_prompt, n_total = int(enc.prompt_mask[0].sum()), int(enc.mask[0].sum())
-    return torch.arange(n_prompt - 1, n_total - 1)[None], enc.ids[0, n_prompt:n_total]
 
 
 def new_block(backbone: Backbone, modules: list[str], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -56,19 +48,9 @@ def train_block(
     `start_from` continues training an existing block (as stored: B already scaled) instead
     of a fresh one: the plain-LoRA baseline trains one adapter on every edit in turn.
     """
-    first = min(cfg.lora_layers)
-    positions, targets = target_positions(enc)
-
-    # The layers below the first LoRA layer never change during training: run them once.
-    exact = backbone.split_is_exact(first)
-    hidden = backbone.lower(enc, first) if exact else None
-
-    def loss_of(active):
-        with backbone.lora(active):
-            logits = (backbone.upper_logits(hidden, enc, first, positions) if exact
-                      else backbone.full_logits(enc, positions))[0]
-        return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
-
+    # The backbone says how its kind of model is taught a target (a decoder: the target
+    # after the prompt; an encoder-decoder: the target as the decoder's labels).
+    loss_of = backbone.teacher(enc, min(cfg.lora_layers))
     return fit_block(backbone, modules, cfg, loss_of, seed, progress, start_from)
 
 

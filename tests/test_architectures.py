@@ -4,9 +4,12 @@ edit's own prompt gives its target, an unrelated prompt keeps its exact answer, 
 restores it, export/import and reopening keep the edit. GPT-2 is the family whose FFN
 output is a Conv1D (weight stored transposed): its blocks and GRACE's codebook are checked
 against the unedited model, and the chosen device (devices.py) is refused in one line when
-it is not there."""
+it is not there. T5 is the encoder-decoder (seq2seq.py): the question is the encoder's
+input, the key comes from the encoder, the blocks sit in the decoder, and `--model` opens a
+saved T5 folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,8 +19,10 @@ from melo_engine import MeloConfig, MeloEditor
 from melo_engine.architectures import ARCHITECTURES
 from melo_engine.backbone import Backbone
 
-FAMILIES = ["gpt2", "llama", "qwen2", "gemma3_text"]
+FAMILIES = ["gpt2", "llama", "qwen2", "gemma3_text", "t5"]
 TARGET = "Jupiter."
+# How a question reaches each family's tiny model (none has a chat template).
+PROMPT_FORMS = {"t5": "question to the encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +41,31 @@ def tokenizer(example_edits, unrelated_questions):
                                    bos_token="<eos>")
 
 
-def tiny_backbone(kind: str, tokenizer) -> Backbone:
-    """Four layers of `kind`, width 32, weights drawn wide enough (initializer_range) that a
-    rank-4 block can move the logits past the final norm."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_model(kind: str, tokenizer):
+    """Four layers of `kind`, width 32, weights drawn wide enough (initializer_range; T5's
+    initializer_factor, which also gives its random decoder words to say) that a rank-4
+    block can move the logits past the final norm."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     common = dict(vocab_size=len(tokenizer), initializer_range=0.3, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    auto = AutoModelForCausalLM
     if kind == "gpt2":
         config = AutoConfig.for_model(kind, n_embd=32, n_layer=4, n_head=2, n_positions=128, **common)
+    elif kind == "t5":
+        config = AutoConfig.for_model(kind, d_model=32, d_kv=16, d_ff=64, num_layers=4, num_heads=2,
+                                      initializer_factor=3.0, decoder_start_token_id=0, **common)
+        auto = AutoModelForSeq2SeqLM
     else:
         config = AutoConfig.for_model(kind, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                       max_position_embeddings=128, **common)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-    return Backbone(model, tokenizer, f"tiny-{kind}")
+    return auto.from_config(config).eval().requires_grad_(False)
+
+
+def tiny_backbone(kind: str, tokenizer) -> Backbone:
+    # wrap: the Backbone of the kind the row names (T5: seq2seq.py's).
+    return Backbone.wrap(tiny_model(kind, tokenizer), tokenizer, f"tiny-{kind}")
 
 
 def settings(kind: str) -> MeloConfig:
@@ -66,7 +81,7 @@ def settings(kind: str) -> MeloConfig:
 def test_an_edit_on_a_tiny_model_of_each_family(kind, tokenizer, example_edits, unrelated_questions, tmp_path):
     bb = tiny_backbone(kind, tokenizer)
     assert bb.model.config.model_type == kind and bb.device.type == "cpu"
-    assert bb.prompt_form() == "question-answer"          # no chat template: the Q/A form
+    assert bb.prompt_form() == PROMPT_FORMS.get(kind, "question-answer")   # no chat template: the Q/A form
     ws = tmp_path / "ws"
     ed = MeloEditor.open(ws, config=settings(kind), backbone=bb)
     row = ARCHITECTURES[kind]
@@ -194,3 +209,61 @@ def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
     torch.manual_seed(0)
     bb = Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer, "tiny-mixed")
     assert all(bb.split_is_exact(start) for start in (1, 2, 3))
+
+
+def test_t5_is_keyed_by_its_encoder_and_edited_in_its_decoder(tokenizer, example_edits):
+    """The model's own key of a question is the mean of the encoder's hidden states at the
+    key layer (over the question's tokens); the blocks are in the decoder's FFN output; the
+    row's default layers are the paper's for T5-small (key: encoder block 4 of 8; blocks on
+    decoder blocks 5-6 of 8)."""
+    from melo_engine.seq2seq import Seq2SeqBackbone
+
+    bb = tiny_backbone("t5", tokenizer)
+    assert isinstance(bb, Seq2SeqBackbone) and bb.key_layers is bb.model.encoder.block
+    q = example_edits[0]["prompt"]
+    enc = bb.encode([q])
+    states = bb.model.encoder(input_ids=enc.ids, attention_mask=enc.mask, output_hidden_states=True).hidden_states
+    mask = enc.user_mask[0].bool()
+    want = states[3][0][mask].mean(0)                     # after encoder block 2
+    assert torch.allclose(bb.keys_of([q], 2, "mean_user", "l2")[0], want, atol=1e-5)
+    paper = MeloConfig(model="t5-small").resolved(8, ARCHITECTURES["t5"])
+    assert paper.key_layer == 4 and paper.lora_layers == (5, 6)
+    assert paper.lora_modules == ("layer.2.DenseReluDense.wo",)
+    assert bb.ensure_lora((3,), paper.lora_modules) == ["decoder.block.3.layer.2.DenseReluDense.wo"]
+    # GRACE's split of a prompt into lower and upper layers has no meaning here: one line.
+    with pytest.raises(ValueError) as err:
+        bb.split_is_exact(2)
+    assert "\n" not in str(err.value)
+    # Opened as a decoder-only model, it is refused in one line that names the way in.
+    with pytest.raises(ValueError, match="Backbone.wrap") as err:
+        Backbone(bb.model, tokenizer, "tiny-t5")
+    assert "\n" not in str(err.value)
+
+
+def test_the_command_line_opens_a_saved_t5_folder(tokenizer, example_edits, unrelated_questions, tmp_path, capsys):
+    """`--model <folder>` loads a T5 through its row (AutoModelForSeq2SeqLM): a new workspace
+    answers, and a workspace edited on that folder gives the edit's target from the shell."""
+    from melo_engine.__main__ import main
+
+    folder = tmp_path / "tiny-t5"
+    tiny_model("t5", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt, other = example_edits[0]["prompt"], unrelated_questions[0]
+
+    fresh = tmp_path / "fresh"
+    assert main(["-w", str(fresh), "--model", str(folder), "--key-source", "model", "--json", "ask", other]) == 0
+    assert json.loads(capsys.readouterr().out)["block"] is None
+    assert json.loads((fresh / "config.json").read_text())["lora_modules"] == ["layer.2.DenseReluDense.wo"]
+
+    # Routed by the sentence key, as any model can be (unwhitened, a radius given: no
+    # calibration to wait for).
+    ws = tmp_path / "ws"
+    sentence = dataclasses.replace(settings("t5"), key_source="sentence", key_whitening=False, init_radius=0.3)
+    ed = MeloEditor.open(ws, model=str(folder), config=sentence)
+    assert type(ed.backbone).__name__ == "Seq2SeqBackbone"
+    assert ed.edit(prompt, TARGET).token_accuracy == 1.0
+    ed.close()
+    assert main(["-w", str(ws), "--json", "ask", prompt]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == TARGET
+    assert main(["-w", str(ws), "--json", "ask", other]) == 0
+    assert json.loads(capsys.readouterr().out)["block"] is None

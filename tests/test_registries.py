@@ -61,6 +61,8 @@ def _tiny_config(kind: str):
 
     if kind == "gpt2":
         return AutoConfig.for_model(kind, vocab_size=128, n_embd=16, n_layer=2, n_head=2)
+    if kind == "t5":
+        return AutoConfig.for_model(kind, vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
     text = dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=8, pad_token_id=0)
     if kind == "gemma3":
@@ -72,11 +74,17 @@ def _tiny_config(kind: str):
 
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_each_architecture_row_names_real_modules(kind):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel
 
-    # An encoder is used bare (the classifier loads a BertModel); decoders as causal LMs.
-    model = (AutoModel if kind == "bert" else AutoModelForCausalLM).from_config(_tiny_config(kind))
+    from melo_engine.model import auto_class
+
+    # An encoder is used bare (the classifier loads a BertModel); the others as their row's
+    # kind loads them (decoders as causal LMs, T5 as a seq2seq LM).
+    config = _tiny_config(kind)
+    model = (AutoModel if kind == "bert" else auto_class(config)).from_config(config)
     arch = architecture_for(model)
+    if arch.encoder_layers:
+        assert len(model.get_submodule(arch.encoder_layers)) == 2
     assert arch is ARCHITECTURES[kind]
     layers = model.get_submodule(arch.layers)
     assert isinstance(layers, nn.ModuleList) and len(layers) == 2

@@ -14,10 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..backbone import Backbone
+from ..backbone import Backbone, target_positions
 from ..config import MeloConfig
 from ..index import normalize_label
-from ..train import target_positions
 from .base import EditingMethod
 
 
