@@ -12,15 +12,17 @@ import pytest
 
 from conftest import tree_digest
 from melo_engine.config import DEFAULT_MODEL
-from test_architectures import tiny_backbone, tokenizer  # noqa: F401 - the fixture, shared
+import test_architectures
+from test_architectures import tiny_backbone
 from webapp.models import ModelChoice, ModelShelf
 from webapp.sessions import WorkspacePool
 
 TINY = "tiny-llama"
+tokenizer = test_architectures.tokenizer          # the fixture: a small tokenizer trained there
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer):  # noqa: F811 - the imported fixture
+def tiny(tokenizer):
     return tiny_backbone("llama", tokenizer)
 
 
