@@ -315,13 +315,16 @@ def model_note(pool: WorkspacePool) -> str:
     its cached copy) and licence, and whether this server has it loaded yet."""
     from melo_engine.model import licence
 
+    from .models import footprint
+
+    shelf = pool.shelf          # None on a front of the Ray engine: its replicas hold the model
     lines = []
     for name in pool.models:
-        fp = pool.shelf.footprint(name) if pool.shelf is not None else None
+        fp = shelf.footprint(name) if shelf is not None else footprint(name)
         size = (f"{fp.parameters / 1e6:,.0f} million parameters, about {fp.weight_bytes / 1e9:.2f} GB of memory "
                 f"for its weights" if fp else "its size shows once it has been converted (on its first use)")
-        loaded = pool.shelf is not None and pool.shelf.loaded(name)
-        state = "loaded on this server" if loaded else "loaded on its first use, then shared"
+        state = ("loaded by the engine's replicas" if shelf is None else
+                 "loaded on this server" if shelf.loaded(name) else "loaded on its first use, then shared")
         lines.append(f"- **{name}**: {size}; {state}. Licence: {licence(name)}.")
     return "\n".join(lines)
 

@@ -125,13 +125,7 @@ class ModelShelf:
         headers of its converted copy in the cache; None when neither is there yet."""
         with self._lock:
             backbone = self._loaded.get(name)
-        model = getattr(backbone, "model", None)
-        if model is not None:
-            params = list(model.parameters())
-            return Footprint(sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params))
-        from melo_engine.model import cache_dir
-
-        return cached_footprint(cache_dir() / "models" / name)
+        return footprint(name, backbone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +134,18 @@ class Footprint:
 
     parameters: int
     weight_bytes: int
+
+
+def footprint(name: str, backbone=None) -> Footprint | None:
+    """A model's size: counted on `backbone`'s weights when it is loaded, else read from the
+    headers of its converted copy in the cache; None when neither is there."""
+    model = getattr(backbone, "model", None)
+    if model is not None:
+        params = list(model.parameters())
+        return Footprint(sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params))
+    from melo_engine.model import cache_dir
+
+    return cached_footprint(cache_dir() / "models" / name)
 
 
 def cached_footprint(folder: Path) -> Footprint | None:
