@@ -64,7 +64,9 @@ class AnswerBatcher:
     """Rows of any workspace on one backbone, generated in shared batches by `slots` threads
     of its own, `nice` levels below their creator (module docstring)."""
 
-    def __init__(self, backbone, slots: int | None = None, max_rows: int = 8, nice: int = 0):
+    MAX_ROWS = 8          # rows per generation (docs/BENCHMARKS.md, "A class on one server")
+
+    def __init__(self, backbone, slots: int | None = None, max_rows: int = MAX_ROWS, nice: int = 0):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.backbone = backbone
