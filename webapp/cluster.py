@@ -31,6 +31,7 @@ from pathlib import Path
 
 from melo_engine.service import READS, TRAINING, Pending, RemoteEditor, ServedWorkspace
 
+from .models import ModelShelf
 from .sessions import WorkspacePool
 
 APP = "melo"
@@ -85,8 +86,9 @@ class Engine:
         torch.set_num_threads(threads)
         backbone = Backbone.load(model)
         warm(backbone)
-        # Evictions close workspaces, so the pool never reaches its own cap.
-        self.pool = WorkspacePool(backbone, Path(root), max_open=max_workspaces + 8)
+        # Evictions close workspaces, so the pool never reaches its own cap. One model: the
+        # one the front offers (RayPool.models).
+        self.pool = WorkspacePool(backbone, Path(root), max_open=max_workspaces + 8, models=ModelShelf(backbone))
         # One edit trains at a time here, beside as many answers as the replica has CPUs: a
         # Ray CPU is a reservation, not a limit, and more generations at once on one core
         # only make each slower (docs/BENCHMARKS.md, "many visitors at once").
@@ -227,6 +229,14 @@ class RayPool(WorkspacePool):
 
     def close(self, token: str) -> None:
         pass                                     # the replicas hold the workspaces
+
+    def set_model(self, token: str, name: str) -> RemoteEditor:
+        """The engine runs one model (every replica loads it): only that one can be chosen."""
+        self.tokens.folder(token)
+        if name not in self.models:
+            raise ValueError(f"this server's engine runs one model, {self.default_model!r}: "
+                             f"it cannot open a workspace on {name!r}")
+        return self.reader(token)
 
     def replica_of(self, token: str) -> int:
         """The process id of the replica that holds (or now opens) the token's workspace."""

@@ -1,4 +1,4 @@
-"""Visitors' workspaces: one MeloEditor per visitor, all on one shared, frozen Backbone.
+"""Visitors' workspaces: one MeloEditor per visitor, on shared, frozen backbones by model name.
 
 A visitor is known by a token only the server can issue (tokens.py): the page keeps it in
 the browser's local storage (so a reload finds the same workspace), API clients get it as a
@@ -8,9 +8,17 @@ A workspace is made on a visitor's first write (an edit, a correction, an import
 setting), never on a read: until then asks, probes and listings are answered by one shared,
 read-only empty workspace per model (`reader`), so a crowd that only looks or is refused fills no
 folder and no place under the cap. A write that is refused removes the workspace it made.
+
+Several models (models.py): `pool.models` lists the names offered (the default first),
+`pool.backbone(name)` is a model's backbone (loaded once per process on first use, then
+shared), `pool.model_of(token)` the model a visitor's workspace was made with (its header
+records it; a workspace reopens on that model), `pool.set_model(token, name)` remakes a
+workspace without edits on another model, `pool.blank(name)` is a model's shared read-only
+empty workspace. A workspace is new on the default model unless `set_model` says otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,10 +30,12 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
-from melo_engine.config import DEFAULT_MODEL
+from melo_engine.config import DEFAULT_MODEL, MeloConfig
 from melo_engine.lock import WorkspaceLock
+from melo_engine.store import CONFIG, read_header
 
 from .lane import BenchmarkLane
+from .models import ModelShelf
 from .tokens import WorkspaceTokens
 
 
@@ -45,11 +55,16 @@ class WorkspacePool:
     minutes, not a day); at most `max_open` are open at once, so no one client can exhaust
     the server's files and threads. At the cap, the workspace used least recently (and not
     for `close_after_seconds`) is closed to make room: its files stay and it opens again on
-    its next use, so a crowd of clients that only looked cannot shut a visitor out."""
+    its next use, so a crowd of clients that only looked cannot shut a visitor out.
 
-    def __init__(self, backbone: Backbone, root: Path | None = None, idle_seconds: float = 24 * 3600,
-                 empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30):
-        self.backbone = backbone
+    `backbone` is the default model's, already loaded; `models` the models offered (default:
+    it and every bundled model installed here, models.ModelShelf.installed). A pool without
+    a backbone (cluster.RayPool, a front) offers the one model its engine runs."""
+
+    def __init__(self, backbone: Backbone | None, root: Path | None = None, idle_seconds: float = 24 * 3600,
+                 empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30,
+                 models: ModelShelf | None = None):
+        self.shelf = models if models is not None else (ModelShelf.installed(backbone) if backbone is not None else None)
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
         self.tokens = WorkspaceTokens(self.root)
@@ -59,32 +74,73 @@ class WorkspacePool:
         self.close_after_seconds = close_after_seconds
         self._used: dict[str, float] = {}       # open workspaces: last use (monotonic), by folder
         self._editors: dict[str, MeloEditor] = {}
-        self._blank: MeloEditor | None = None
+        self._blanks: dict[str, MeloEditor] = {}    # the shared read-only empty workspace, by model
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
         self._writers: dict[str, int] = {}      # writes in progress, by folder
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # A visitor's benchmark: a child process with its own copy of this model (a front
         # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
-        model = backbone.name if backbone is not None else os.environ.get("MELO_MODEL")
+        model = self.default_model
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
 
-    def editor(self, token: str) -> MeloEditor:
-        """The editor of the token's workspace, opening (or creating) it on first use."""
+    # ---- models ------------------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        """The names of the models a workspace can be made with, the default first."""
+        if self.shelf is None:
+            return [os.environ.get("MELO_MODEL") or DEFAULT_MODEL]
+        return self.shelf.names
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    def backbone(self, name: str | None = None):
+        """The named model's backbone (default: the default model's), loaded on first use
+        and shared by every workspace of that model. Unknown names: one line."""
+        if self.shelf is None:
+            raise ValueError("this server's engine runs elsewhere: it holds no model")
+        return self.shelf.get(name)
+
+    def _recorded_model(self, folder: str) -> str:
+        """The model a workspace folder was made with (its header), the default for none."""
+        try:
+            header = read_header(self.root / folder / "ws")
+        except ValueError:
+            header = None                # opening it says what is wrong, in one line
+        return (header or {}).get("model") or self.default_model
+
+    def model_of(self, token: str) -> str:
+        """The model of the token's workspace: the one it was made with, else the default."""
         folder = self.tokens.folder(token)
         with self._lock:
-            full = folder not in self._editors and len(self._editors) >= self.max_open
-        if full:
-            self.sweep()
-            self._close_least_used()
+            ed = self._editors.get(folder)
+        return ed.config.model if ed is not None else self._recorded_model(folder)
+
+    def editor(self, token: str) -> MeloEditor:
+        """The editor of the token's workspace, opening (or creating) it on first use, on
+        the model its header records (a new one: the default model)."""
+        folder = self.tokens.folder(token)
         with self._lock:
             ed = self._editors.get(folder)
-            if ed is None:
-                if len(self._editors) >= self.max_open:
-                    raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                ed = MeloEditor.open(self.root / folder / "ws", backbone=self.backbone)
-                self._editors[folder] = ed
-            self._used[folder] = time.monotonic()
+            if ed is not None:
+                self._used[folder] = time.monotonic()
+            full = ed is None and len(self._editors) >= self.max_open
+        if ed is None:
+            if full:
+                self.sweep()
+                self._close_least_used()
+            name = self._recorded_model(folder)
+            backbone = self.backbone(name)           # a first use loads it: no pool lock held
+            with self._lock:
+                ed = self._editors.get(folder)
+                if ed is None:
+                    if len(self._editors) >= self.max_open:
+                        raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
+                    ed = self.shelf.editor(name).open(self.root / folder / "ws", backbone=backbone)
+                    self._editors[folder] = ed
+                self._used[folder] = time.monotonic()
         (self.root / folder / "last_used").write_text(str(time.time()))
         return ed
 
@@ -116,15 +172,75 @@ class WorkspacePool:
         ed = self.existing(token)
         if ed is not None:
             return ed
+        return self.blank()
+
+    def blank(self, name: str | None = None) -> MeloEditor:
+        """The named model's shared empty workspace (default: the default model's), opened
+        read-only: what a visitor without a workspace reads."""
+        name = self.default_model if name is None else name
+        backbone = self.backbone(name)
         with self._lock:
-            if self._blank is None:
+            if name not in self._blanks:
                 # One per model: a workspace is tied to the model it was made with.
-                mark = hashlib.sha256(json.dumps(self.backbone.fingerprint, sort_keys=True).encode()).hexdigest()
+                mark = hashlib.sha256(json.dumps(backbone.fingerprint, sort_keys=True).encode()).hexdigest()
                 blank = self.root / f".blank-{mark[:16]}" / "ws"
+                opener = self.shelf.editor(name)
                 if not blank.is_dir():
-                    MeloEditor.open(blank, backbone=self.backbone).close()
-                self._blank = MeloEditor.open(blank, backbone=self.backbone, read_only=True)
-            return self._blank
+                    opener.open(blank, model=name, backbone=backbone).close()
+                self._blanks[name] = opener.open(blank, backbone=backbone, read_only=True)
+            return self._blanks[name]
+
+    # Settings that belong to one model's layers and key distances: a workspace remade on
+    # another model takes that model's own (layers from its architecture row, radius calibrated).
+    MODEL_BOUND = ("key_layer", "lora_layers", "lora_modules", "layers_path", "init_radius")
+
+    def set_model(self, token: str, name: str) -> MeloEditor:
+        """Remake the token's workspace on model `name`, only while it has no edits (like
+        the key source: blocks of one model mean nothing on another); refused in one line,
+        with nothing written, otherwise. Settings that do not depend on the model are kept
+        (when both models open with the same editor class). Returns the workspace's editor
+        (the model's shared empty one when there was no workspace and `name` is the default)."""
+        folder = self.tokens.folder(token)
+        if name not in self.models:
+            raise ValueError(f"model {name!r} is not offered here (offered: {', '.join(self.models)})")
+        ws = self.root / folder / "ws"
+        refused = "the model can change only while the workspace has no edits: reset it first"
+        if MeloEditor.has_edits(ws):
+            raise ValueError(refused)
+        current = self.model_of(token)
+        if current == name:
+            return self.existing(token) or self.blank(name)
+        backbone = self.backbone(name)                # loads first: a failed load changes nothing
+        opener = self.shelf.editor(name)
+        with self._lock:                              # no write can start while it is remade
+            if folder in self._writers:
+                raise ValueError("an edit or import is running in this workspace: change the model once it is done")
+            old = self._editors.get(folder)
+            if (old is not None and old.ws.entries) or MeloEditor.has_edits(ws):
+                raise ValueError(refused)
+            config = None
+            if ws.is_dir() and opener is self.shelf.editor(current):
+                try:
+                    kept = old.config if old is not None else MeloConfig.load(ws / CONFIG)
+                    config = dataclasses.replace(kept, model=name, **{k: None for k in self.MODEL_BOUND})
+                except (OSError, ValueError, TypeError):
+                    config = None             # a damaged config: the new model's defaults
+            if ws.is_dir():
+                if old is not None:
+                    del self._editors[folder]
+                    self._used.pop(folder, None)
+                    old.close()
+                lock = WorkspaceLock(ws, wait=0)
+                lock.acquire()                # another process holding it: one line, nothing changed
+                try:
+                    shutil.rmtree(ws)
+                finally:
+                    lock.release()
+            ed = opener.open(ws, model=name, config=config, backbone=backbone)
+            self._editors[folder] = ed
+            self._used[folder] = time.monotonic()
+        (self.root / folder / "last_used").write_text(str(time.time()))
+        return ed
 
     @contextmanager
     def writing(self, token: str):

@@ -1,0 +1,120 @@
+"""The models a server offers, by name, each loaded once per process and then shared.
+
+The default model is loaded at start (app.py) and handed in already loaded; every other
+installed model waits until a visitor's workspace first needs it, is loaded then, under a
+lock of its own (so a second visitor asking for it waits for the same load instead of
+starting another, while visitors of other models never wait), and is kept for the life of
+the process. A workspace is tied to the model it was made with (its header records the
+name and fingerprint), so the pool opens each workspace on the backbone named there.
+
+A model is a `ModelChoice`: how to load its backbone, and which editor class opens a
+workspace on it (MeloEditor for a generating model; melo_engine.classifier's
+ClassifierEditor for a classifier, whose `load` would be ClassifierBackbone.load). Bundled
+generating models that are installed here (melo_engine.model.installed_models) are offered
+by default; `ModelShelf.add` offers another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable
+
+from melo_engine import MeloEditor
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    """One model a workspace can be made with: `load()` returns its backbone (called at
+    most once per process), `editor` opens a workspace on that backbone."""
+
+    name: str
+    load: Callable[[], object]
+    editor: type = MeloEditor
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"a model needs a name, not {self.name!r}")
+        if not callable(self.load):
+            raise ValueError(f"model {self.name!r}: load must be callable")
+        if not (isinstance(self.editor, type) and hasattr(self.editor, "open")):
+            raise ValueError(f"model {self.name!r}: editor must be a class with open()")
+
+
+def generating_model(name: str) -> ModelChoice:
+    """A causal LM by name (a bundled short name, a hub id or a folder), loaded with the
+    sentence encoder of the default key so its first question does not wait for it."""
+
+    def load():
+        from melo_engine.backbone import Backbone
+        from melo_engine.keys import warm
+
+        backbone = Backbone.load(name)
+        warm(backbone)
+        return backbone
+
+    return ModelChoice(name, load)
+
+
+class ModelShelf:
+    """Backbones by model name: `names` (the default first), `default`, `get(name)` (loads
+    on first use), `loaded(name)`, `editor(name)` (the class that opens its workspaces) and
+    `add(choice)`. An unknown name is refused in one line that lists the offered ones."""
+
+    def __init__(self, default_backbone, choices: list[ModelChoice] = ()):
+        self.default = default_backbone.name
+        self._choices: dict[str, ModelChoice] = {}
+        self._loaded: dict[str, object] = {self.default: default_backbone}
+        self._loading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.add(ModelChoice(self.default, lambda: default_backbone))
+        for choice in choices:
+            self.add(choice)
+
+    @classmethod
+    def installed(cls, default_backbone) -> "ModelShelf":
+        """The default backbone, and every other bundled model installed here."""
+        from melo_engine.model import installed_models
+
+        return cls(default_backbone, [generating_model(n) for n in installed_models() if n != default_backbone.name])
+
+    def add(self, choice: ModelChoice) -> None:
+        """Offer one more model (a name already offered keeps its first choice)."""
+        with self._lock:
+            self._choices.setdefault(choice.name, choice)
+            self._loading.setdefault(choice.name, threading.Lock())
+
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._choices)
+
+    def _choice(self, name: str) -> ModelChoice:
+        with self._lock:
+            choice = self._choices.get(name)
+        if choice is None:
+            raise ValueError(f"model {name!r} is not offered here (offered: {', '.join(self.names)})")
+        return choice
+
+    def loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    def get(self, name: str | None = None):
+        """The named model's backbone (default: the default model's), loaded on first use."""
+        name = self.default if name is None else name
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+        choice = self._choice(name)
+        with self._loading[name]:                  # one load per model; others go on
+            with self._lock:
+                if name in self._loaded:
+                    return self._loaded[name]
+            backbone = choice.load()
+            with self._lock:
+                self._loaded[name] = backbone
+            return backbone
+
+    def editor(self, name: str | None = None) -> type:
+        """The class that opens a workspace of the named model."""
+        return self._choice(self.default if name is None else name).editor
