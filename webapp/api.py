@@ -21,7 +21,7 @@ from .lane import Progress
 from .sessions import WorkspacePool
 from .tokens import COOKIE
 
-NAMES = ("/ask", "/classify", "/edit", "/correct", "/probe", "/delete", "/edits", "/benchmark")
+NAMES = ("/model", "/ask", "/classify", "/edit", "/correct", "/probe", "/delete", "/edits", "/benchmark")
 
 
 def token_of(request: gr.Request) -> str:
@@ -36,6 +36,19 @@ def token_of(request: gr.Request) -> str:
 def ask(pool: WorkspacePool, question: str, request: gr.Request) -> dict:
     """Answer with the edited model; routing info: block, distance, radius, cluster."""
     return dataclasses.asdict(pool.reader(token_of(request)).ask(question, compare_base=True))
+
+
+@user_errors
+def model(pool: WorkspacePool, name: str, request: gr.Request) -> dict:
+    """Make this client's workspace one of model `name` (a classifier, such as
+    "minilm-wordnet", makes a classifier workspace), only while it has no edits; returns the
+    model's name, prompt form and licence, and a classifier's labels. The server's models:
+    the Settings tab of the page, or the one-line refusal of a name it does not offer."""
+    if not isinstance(name, str):
+        raise ValueError(f"the model must be text: one of {', '.join(pool.models)}")
+    ed = pool.set_model(token_of(request), name.strip())
+    labels = getattr(ed, "labels", None)
+    return dict(ed.model_info(), **({"labels": labels} if labels is not None else {}))
 
 
 @user_errors
@@ -135,9 +148,11 @@ def bind(fn, pool: WorkspacePool):
 
 def register(pool: WorkspacePool, answer_queue: dict, train_queue: dict | None = None) -> None:
     """Add the endpoints to the Blocks being built: asks and probes share the page's answer
-    queue, edits and corrections its training queue, benchmarks its benchmark lane."""
+    queue, edits, corrections and model changes (a first use loads the model) its training
+    queue, benchmarks its benchmark lane."""
     train_queue = train_queue or {"concurrency_limit": 1, "concurrency_id": "train"}
     bench_queue = {"concurrency_limit": 1, "concurrency_id": "bench"}
-    for fn, queue in [(ask, answer_queue), (classify, answer_queue), (edit, train_queue), (correct, train_queue), (probe, answer_queue),
-                      (delete, {}), (edits, {}), (benchmark, bench_queue)]:
+    for fn, queue in [(model, train_queue), (ask, answer_queue), (classify, answer_queue), (edit, train_queue),
+                      (correct, train_queue), (probe, answer_queue), (delete, {}), (edits, {}),
+                      (benchmark, bench_queue)]:
         gr.api(bind(fn, pool), api_name=fn.__name__, **queue)

@@ -122,8 +122,10 @@ class ClassifierEditor(MeloEditor):
 
     def model_info(self) -> dict:
         """As MeloEditor's, for a classifier: the text reaches the encoder whole, no prompt."""
+        from ..model import licence
+
         return {"model": self.config.model, "prompt_form": "classification", "device": "cpu",
-                "licence": CLASSIFIERS[self.config.model].licence}
+                "licence": licence(self.config.model)}
 
     def default_settings(self) -> dict:
         """The settings a new classifier workspace starts with (classifier_config's)."""
