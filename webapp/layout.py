@@ -55,6 +55,8 @@ def key_source_help() -> str:
 
 
 HELP = {
+    "model": "The model your workspace edits. Each loads once on this server, on its first use, and is then "
+             "shared by every workspace on it. Can change only while the workspace has no edits.",
     "radius": "How far (in key distance) a question may be from an edit and still fire its block. "
               "Key distances run from 0 (the same question) to 2 (opposite); the default is calibrated "
               "halfway between how far rewordings of one question spread and how near questions about "
@@ -172,6 +174,11 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 import_file = gr.File(label="Import a .melo file", file_types=[".melo"], elem_id="import-file")
 
         with gr.Tab("Settings", id="settings"):
+            with gr.Row():
+                model = gr.Radio(cb.model_choices(pool), label="Model", info=HELP["model"], elem_id="model-choice",
+                                 scale=2)
+                model_note = gr.Markdown(elem_id="model-note")
+            model_msg = gr.Markdown(elem_id="model-msg")
             key_source = gr.Radio(cb.key_sources(), label="Key source", info=key_source_help(), elem_id="key-source")
             key_msg = gr.Markdown(elem_id="key-msg")
             prompt_mode = gr.Radio([("Chat (a question, answered in a chat turn)", "chat"),
@@ -248,8 +255,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # The Edit panel and the Probe boxes of the visitor's kind of workspace.
         kind_shown = [question_panel, classifier_panel, cls_label, cls_examples, probe_text, probe_other]
         loaded = demo.load(bind(cb.visitor_token), token, token, **private).then(
-            bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private).then(
-            bind(cb.key_info), token, key_about, **private).then(
+            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
+            bind(cb.key_info), token, key_about, **private).then(bind(cb.model_note), None, model_note, **private).then(
             bind(clsf.panels), token, kind_shown, **private)
         after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
@@ -320,16 +327,22 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             **private).then(lambda: None, None, probe_file, queue=False, **private)
         key_source.input(bind(cb.set_key_source), [token, key_source], [key_msg, radius, key_source],
                          **private).then(bind(cb.key_info), token, key_about, **private)
+        # A first use of a model loads it (seconds; a first conversion, a minute): its message shows the wait.
+        model.input(cb.clear, None, model_msg, queue=False, **private).then(
+            bind(cb.set_model), [token, model], [model_msg, model], show_progress_on=[model_msg], **private).then(
+            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters],
+            **private).then(bind(cb.key_info), token, key_about, **private).then(
+            bind(cb.model_note), None, model_note, **private).then(bind(clsf.panels), token, kind_shown, **private)
         prompt_mode.input(bind(cb.set_prompt_mode), [token, prompt_mode], [mode_msg, radius, prompt_mode], **private)
         # A reset empties every panel that showed the old edits and puts the settings back.
         cleared = [answer, edit_summary, after, side_html, loss_plot, probe_sum, probe_out, probe_copy,
-                   history_msg, side_history, export_link, key_msg, mode_msg, dist_plot, shown,
+                   history_msg, side_history, export_link, key_msg, mode_msg, model_msg, dist_plot, shown,
                    cls_answer, cls_bars, cls_summary, cls_side, cls_loss]
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
             lambda: (False, [], [], gr.update(choices=[("The whole answer", 0)], value=0),
                      gr.update(value=False, visible=False)) + (None,) * len(cleared),
             None, [confirm, probes_state, deleted, wrong, end_here, *cleared], **private).then(
-            bind(cb.settings_values), token, [key_source, prompt_mode, radius, rank, lr, iters], **private).then(
+            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
             bind(clsf.panels), token, kind_shown, **private))
 
         api.register(pool, answer_q, train_q)

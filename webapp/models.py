@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Callable
 
 from melo_engine import MeloEditor
@@ -129,3 +130,51 @@ class ModelShelf:
     def editor(self, name: str | None = None) -> type:
         """The class that opens a workspace of the named model."""
         return self._choice(self.default if name is None else name).editor
+
+    def footprint(self, name: str) -> "Footprint | None":
+        """The named model's size: counted on its loaded weights, else read from the
+        headers of its converted copy in the cache; None when neither is there yet."""
+        with self._lock:
+            backbone = self._loaded.get(name)
+        model = getattr(backbone, "model", None)
+        if model is not None:
+            params = list(model.parameters())
+            return Footprint(sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params))
+        from melo_engine.model import cache_dir
+
+        return cached_footprint(cache_dir() / "models" / name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """A model's parameter count and the bytes its weights take in memory."""
+
+    parameters: int
+    weight_bytes: int
+
+
+def cached_footprint(folder: Path) -> Footprint | None:
+    """Parameters and bytes of the safetensors files in `folder` (read from their headers,
+    nothing loaded); None when there are none."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    params = size = 0
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    piece = st.get_slice(key)
+                    n = 1
+                    for d in piece.get_shape():
+                        n *= int(d)
+                    params += n
+                    size += n * _BYTES.get(piece.get_dtype(), 4)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return Footprint(params, size)
+
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
