@@ -225,7 +225,7 @@ def history(pool: WorkspacePool, token: str, deleted: list | None = None):
         return "", gr.update(choices=[], value=None)
     edits = ed.edits()
     choices = [(f"{e['id']}: {e['prompt'][:60]} → {e['target'][:40]}", e["id"]) for e in reversed(edits)]
-    return render.history_html(edits, deleted or []), gr.update(choices=choices, value=None)
+    return render.history_html(edits, deleted or [], render.words_for(ed)), gr.update(choices=choices, value=None)
 
 
 @user_errors

@@ -130,7 +130,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                         cls_summary = gr.Markdown(elem_id="cls-summary", min_height=72)
                         cls_side = gr.HTML(elem_id="cls-side-effects")
                         cls_loss = gr.Plot(label="Training", elem_id="cls-loss-plot")
-                cls_examples = gr.Dataset(components=[cls_text, cls_label], samples=[], type="values",
+                # The label column shows as text (a dropdown's example shows only values it
+                # knew when the page was built); a click puts it into the dropdown.
+                cls_examples = gr.Dataset(components=[cls_text, gr.Textbox(label="The right label", render=False)],
+                                          samples=[], type="values", samples_per_page=12,
                                           label="Examples: texts the classifier labels wrong; click one to fill "
                                                 "both boxes and see what it says now", elem_id="cls-examples")
 

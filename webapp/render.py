@@ -122,10 +122,10 @@ def answer_html(ans) -> str:
             f' <span class="melo-time">answered in {ans.seconds:.2f} s</span></div></div>')
 
 
-def before_after_html(ans) -> str:
+def before_after_html(ans, words: Words = QUESTIONS) -> str:
     """The question's answer without and with the edit, labelled."""
     after, before = diff_html(ans.text, ans.base_text or ans.text)
-    return (f'<div class="melo-answer"><div class="melo-label">Before (original model)</div>'
+    return (f'<div class="melo-answer"><div class="melo-label">Before ({words.original})</div>'
             f'<div class="melo-text melo-before">{before}</div>'
             f'<div class="melo-label">After (with the edit)</div><div class="melo-text melo-after">{after}</div>'
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
@@ -251,11 +251,12 @@ def history_rows(edits: list[dict], deleted: list[dict] = ()) -> list[list]:
     return rows
 
 
-def history_html(edits: list[dict], deleted: list[dict] = ()) -> str:
+def history_html(edits: list[dict], deleted: list[dict] = (), words: Words = QUESTIONS) -> str:
     rows = history_rows(edits, deleted)
     if not rows:
         return '<div class="melo-same">No edits yet.</div>'
-    head = "".join(f"<th>{c}</th>" for c in HISTORY_COLUMNS)
+    names = {"question": words.item, "answer": words.reach}
+    head = "".join(f"<th>{names.get(c, c)}</th>" for c in HISTORY_COLUMNS)
     body = "".join(f'<tr class="{"melo-deleted" if str(r[3]).startswith("deleted") else ""}">'
                    + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
     return (f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -268,6 +269,11 @@ WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
                  "joined": "It joins an earlier edit of this question with the same answer.",
                  "superseded": "",
                  "conflict": "It split the cluster of an earlier edit with another answer."}
+
+
+def _happened(action: str, words: Words) -> str:
+    """WHAT_HAPPENED in the workspace's words (a text and its label, for a classifier)."""
+    return WHAT_HAPPENED.get(action, "").replace("question", words.item).replace("answer", words.reach)
 
 
 def _quoted(text: str) -> str:
@@ -292,7 +298,7 @@ def edit_summary(ed, r, words: Words = QUESTIONS) -> str:
     target = entry["target"]
     where, then = _sentence_place(entry) or ("", "")
     lines = [f"**Edit `{r.edit_id}` is active:** {words.gets} {_quoted(target)}{where} "
-             f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {WHAT_HAPPENED.get(r.action, '')}".rstrip()]
+             f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {_happened(r.action, words)}".rstrip()]
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
                      f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
@@ -332,4 +338,4 @@ def classified_html(c) -> str:
 
 def label_before_after_html(c) -> str:
     """A text's label without and with the edits."""
-    return before_after_html(label_answer(c))
+    return before_after_html(label_answer(c), TEXTS)
