@@ -489,3 +489,8 @@ def test_a_classifier_workspace_edits_a_label_from_an_example(app_server, browse
         page.wait_for_selector("#history table", timeout=LONG)
         assert page.locator("#history thead").inner_text().split("\t")[1:3] == ["text", "label"]
         assert page.locator("#history tbody tr").first.locator("td").nth(2).inner_text() == label
+        page.locator("#selected-id input").click()
+        page.get_by_role("option").first.click()
+        page.locator("#delete-btn").click()
+        page.wait_for_selector("#history-msg :text('Deleted edit')", timeout=LONG)
+        assert "Its text gets the original classifier's label again." in page.locator("#history-msg").inner_text()

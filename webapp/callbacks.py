@@ -241,8 +241,9 @@ def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None =
     if back:
         msg += f" The earlier edit(s) it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again."
     now = ed.answered_by(record["prompt"])          # routing only: keys, nothing generated
-    msg += (f" Its question is now answered by edit `{now['id']}` (*{html.escape(now['target'])}*)."
-            if now is not None else " Its question gets the original model's answer again.")
+    w = render.words_for(ed)
+    msg += (f" Its {w.item} is now {w.by} by edit `{now['id']}` (*{html.escape(now['target'])}*)."
+            if now is not None else f" Its {w.item} gets the {w.original}'s {w.reach} again.")
     trace = {k: record.get(k) for k in ("id", "prompt", "target", "created", "seconds")}
     return msg, [*(deleted or []), dict(trace, deleted=time.time())]
 

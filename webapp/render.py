@@ -25,13 +25,14 @@ class Words:
     original: str       # what answers without the edits
     gets: str           # after an edit: inputs like this one ...
     reference: str      # the side-effect check's list
-    reach: str          # an edit ... another input
+    reach: str          # an edit ... another input; what an input gets
+    by: str             # an input is now ... by an edit
 
 
 QUESTIONS = Words("question", "answered differently", "answer now", "original model",
-                  "questions like this one now get", "reference questions", "answer")
+                  "questions like this one now get", "reference questions", "answer", "answered")
 TEXTS = Words("text", "labelled differently", "label now", "original classifier",
-              "texts like this one are now labelled", "test texts of the classifier", "label")
+              "texts like this one are now labelled", "test texts of the classifier", "label", "labelled")
 
 
 def words_for(ed) -> Words:
