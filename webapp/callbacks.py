@@ -360,7 +360,7 @@ def key_info(pool: WorkspacePool, token: str) -> str:
     info = pool.reader(token).model_info()
     return (f"**Your workspace routes by {source.summary}.** {source.why} {figures} Radius {c.init_radius:.3f}, "
             f"calibrated for this key (key distances run from 0, the same question, to 2, the opposite). You "
-            f"can change the key under Settings while the workspace has no edits.\n\n"
+            f"can change the key (and the model) under Settings while the workspace has no edits.\n\n"
             f"**Model: {info['model']}** ({info['licence']}), on {info['device']}. Your questions reach it "
             f"{PROMPT_FORMS[info['prompt_form']]}.").replace("  ", " ")
 
