@@ -27,24 +27,27 @@ def classifier_of(ed) -> ClassifierEditor:
     return ed
 
 
-PROBE_BOXES = {
+# The Probe boxes and the Index map's distance box: (label, placeholder) by kind.
+BOXES = {
     render.QUESTIONS: (("Paraphrases (should get the fix)", "Which planet is the biggest in our solar system?"),
-                       ("Unrelated questions (should stay exactly the same)", "What is the capital of France?")),
+                       ("Unrelated questions (should stay exactly the same)", "What is the capital of France?"),
+                       ("True distances for a question", "Which planet is the biggest in our solar system?")),
     render.TEXTS: (("Texts like the edited one (should get its label)", "a small songbird of the finch family"),
-                   ("Unrelated texts (should keep their label exactly)", "a building where a king lives")),
+                   ("Unrelated texts (should keep their label exactly)", "a building where a king lives"),
+                   ("True distances for a text", "a small songbird of the finch family")),
 }
 
 
 def panels(pool: WorkspacePool, token: str):
     """What the Edit tab and the Probe boxes show for the visitor's workspace kind: (the
     question panel, the classifier panel, the label list, the example texts, the two probe
-    boxes)."""
+    boxes, the map's distance box)."""
     try:
         ed = pool.reader(token)
     except ValueError:
-        return (gr.skip(),) * 6
+        return (gr.skip(),) * 7
     kind = render.words_for(ed)
-    boxes = [gr.update(label=label, placeholder=hint) for label, hint in PROBE_BOXES[kind]]
+    boxes = [gr.update(label=label, placeholder=hint) for label, hint in BOXES[kind]]
     if kind is render.QUESTIONS:
         return gr.update(visible=True), gr.update(visible=False), gr.skip(), gr.skip(), *boxes
     return (gr.update(visible=False), gr.update(visible=True), gr.update(choices=ed.labels, value=None),

@@ -255,8 +255,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 event = event.then(fn, ins, out, **private)
             return event
 
-        # The Edit panel and the Probe boxes of the visitor's kind of workspace.
-        kind_shown = [question_panel, classifier_panel, cls_label, cls_examples, probe_text, probe_other]
+        # The Edit panel, the Probe boxes and the map's box of the visitor's kind of workspace.
+        kind_shown = [question_panel, classifier_panel, cls_label, cls_examples, probe_text, probe_other, dist_q]
         loaded = demo.load(bind(cb.visitor_token), token, token, **private).then(
             bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
             bind(cb.key_info), token, key_about, **private).then(bind(cb.model_note), None, model_note, **private).then(
