@@ -52,7 +52,7 @@ bench: setup
 
 # Screenshots of every tab into docs/screenshots, taken by the browser tests.
 screenshots: setup browser
-	MELO_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_webapp_browser.py tests/test_webapp_visitors.py -k "edit_probe or benchmark or contradicting or side_effect or correcting_one_sentence or gemma"
+	MELO_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_webapp_browser.py tests/test_webapp_visitors.py -k "edit_probe or benchmark or contradicting or side_effect or correcting_one_sentence or gemma or classifier"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -263,8 +263,12 @@ class MeloEditor:
         """The reference questions nearest an active edit, and every one that now fires it."""
         space = self.config.key_name()
         if self._reference is None or self._reference[0] != space:
-            self._reference = (space, *reference_keys(self.keyer))
+            self._reference = (space, *reference_keys(self.keyer, self.reference_texts()))
         return inspection.edit_side_effects(self, edit_id, self._reference[1:], n)
+
+    def reference_texts(self) -> list[str] | None:
+        """What every side-effect check runs over (None: the bundled reference questions)."""
+        return None
 
     def probe_bank(self):
         """Your own questions (probebank.ProbeBank: add_file, sources, remove_source), kept

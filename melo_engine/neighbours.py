@@ -36,9 +36,10 @@ def row(question: str, distance: float, radius: float, edit_id: str, route) -> N
     return Neighbour(question, distance, radius, route.edit_id == edit_id, route.edit_id, why)
 
 
-def reference_keys(keyer) -> tuple[list[str], torch.Tensor]:
-    """The bank's questions and their keys under this workspace's key setting (cached)."""
-    questions = side_effect_questions()
+def reference_keys(keyer, questions: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The bank's questions (or `questions`: another workspace kind's reference texts) and
+    their keys under this workspace's key setting (cached)."""
+    questions = side_effect_questions() if questions is None else list(questions)
     digest = hashlib.sha256("\n".join(questions).encode()).hexdigest()[:12]
     cfg = keyer.cfg
     path = cache_dir() / "reference" / f"{cfg.model}-{cfg.key_name()}-{digest}.safetensors"

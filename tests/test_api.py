@@ -29,7 +29,7 @@ def client(app_server):
 
 def test_api_endpoints_are_listed(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/ask", "/edit", "/correct", "/probe", "/delete", "/edits"} <= names
+    assert {"/ask", "/edit", "/correct", "/probe", "/delete", "/edits", "/model", "/classify"} <= names
 
 
 def test_api_edit_ask_probe_delete(client, example_edits):
@@ -116,6 +116,42 @@ def test_concurrent_edits_are_queued_and_asks_still_answered(app_server, example
     assert [e["prompt"] for e in c2.predict(api_name="/edits")] == [e2["prompt"]]
     assert c1.predict(e1["prompt"], api_name="/ask")["text"] == e1["target"]
     assert c2.predict(e1["prompt"], api_name="/ask")["block"] is None
+
+
+def test_api_classifier_workspace_classifies_edits_a_label_and_refuses_a_bad_one(app_server):
+    from conftest import tree_digest
+
+    from melo_engine.config import DEFAULT_MODEL
+
+    url, root = app_server
+    c = Client(url, verbose=False)
+    text = "a drink credited with magical power"
+    with pytest.raises(Exception, match="this workspace answers questions: a classifier workspace is chosen"):
+        c.predict(text, api_name="/classify")
+    with pytest.raises(Exception, match=r"model 'no-such' is not offered here \(offered: .*minilm-wordnet"):
+        c.predict("no-such", api_name="/model")
+    info = c.predict("minilm-wordnet", api_name="/model")
+    assert info["model"] == "minilm-wordnet" and "food" in info["labels"]
+    before = c.predict(text, api_name="/classify")
+    assert before["block"] is None and set(before["probabilities"]) == set(info["labels"])
+    target = "food" if before["label"] != "food" else "plant"
+
+    r = c.predict(text, target, api_name="/edit")
+    after = c.predict(text, api_name="/classify")
+    assert after["label"] == target and after["block"] == r["block"] and after["base_label"] == before["label"]
+    other, edited = c.predict(f"a building where a king lives\n{text}", api_name="/probe")
+    assert other["block"] is None and other["label"] == other["base_label"] and edited["label"] == target
+
+    # A bad label: one line naming the labels, and nothing written in any workspace.
+    workspaces = lambda: {k: v for k, v in tree_digest(root).items() if "/ws/" in k}    # noqa: E731
+    snapshot = workspaces()
+    with pytest.raises(Exception, match=r"unknown label 'vegetable' \(labels: act, animal, .*substance\)") as err:
+        c.predict(text, "vegetable", api_name="/edit")
+    assert "\n" not in str(err.value)
+    assert workspaces() == snapshot
+    assert [e["target"] for e in c.predict(api_name="/edits")] == [target]
+    with pytest.raises(Exception, match="only while the workspace has no edits"):
+        c.predict(DEFAULT_MODEL, api_name="/model")
 
 
 # ---- who reaches a workspace ------------------------------------------------------------

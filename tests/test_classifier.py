@@ -143,3 +143,38 @@ def test_the_benchmark_is_reached_from_the_edits_command_and_by_its_own_name():
     args = p.parse_args(["edits", "--dataset", "classification", "--n", "7", "--methods", "melo,lora"])
     assert (args.dataset, args.n, args.methods) == ("classification", 7, "melo,lora")
     assert p.parse_args(["classify", "--key-source", "sentence"]).key_source == "sentence"
+
+
+def test_examples_are_texts_it_gets_wrong_and_side_effects_run_over_its_test_texts(classifier, rows, tmp_path):
+    from melo_engine.classifier.editor import ClassifierEditor
+
+    ed = ClassifierEditor.open(tmp_path / "ex", backbone=classifier)
+    try:
+        examples = ed.examples()
+        assert len(examples) >= 5 and len({e["label"] for e in examples}) == len(examples)    # one per label
+        for e, c in zip(examples, ed.classify_many([e["text"] for e in examples])):
+            assert c.label == e["predicted"] != e["label"]          # wrong now: worth an edit
+        assert ed.examples(2) == examples[:2]
+        r = ed.edit(examples[0]["text"], examples[0]["label"])
+        test_texts = {x["text"] for x in rows if x["split"] == "test"}
+        near = ed.side_effects(r.edit_id)
+        assert near and all(n.question in test_texts for n in near)
+        assert ed.model_info()["prompt_form"] == "classification"
+        assert ed.default_settings()["lr"] == ed.config.lr          # the classifier's own defaults
+    finally:
+        ed.close()
+
+
+def test_the_label_chart_pairs_the_bars_only_where_a_block_fired():
+    from melo_engine.classifier.editor import Classified
+    from webapp import plots, render
+
+    probs = {"animal": 0.7, "food": 0.2, "plant": 0.1}
+    base = {"animal": 0.1, "food": 0.3, "plant": 0.6}
+    plain = plots.label_bars(Classified("t", "animal", probs, None, None, None, None, "animal", probs))
+    assert len(plain.data) == 1 and list(plain.data[0].x) == [0.1, 0.2, 0.7]      # labels top to bottom
+    fired = plots.label_bars(Classified("t", "animal", probs, 3, "e1", 0.1, 0.4, "plant", base))
+    assert [t.name for t in fired.data] == ["original classifier: plant", "with your edits: animal"]
+    assert fired.layout.meta["pairs"] and "block 3 fired" in fired.layout.title.text
+    html = render.label_before_after_html(Classified("t", "animal", probs, 3, "e1", 0.1, 0.4, "plant", base))
+    assert "plant" in html and "animal" in html and "fix applied (block 3)" in html

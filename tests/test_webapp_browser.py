@@ -487,3 +487,61 @@ def test_an_empty_workspace_switches_to_gemma_and_edits_it(app_server, browser):
         page.get_by_text("reset it first").first.wait_for(timeout=LONG)
         assert page.locator(f'#model-choice input[value="{GEMMA}"]').is_checked()
         assert "Traceback" not in page.content()
+
+
+BARS = """() => { const p = document.querySelector('#cls-bars .js-plotly-plot');
+    return p && p.data ? p.data.map(t => t.name) : null; }"""
+
+
+def test_a_classifier_workspace_edits_a_label_from_an_example(app_server, browser):
+    url, _ = app_server
+    with fresh_page(browser, url) as page:
+        tab(page, "Settings")                       # chosen while the workspace is empty
+        page.locator("#model-choice").get_by_label("minilm-wordnet").check()
+        page.wait_for_function("() => document.querySelector('#model-msg').innerText.includes('now edits minilm')",
+                               timeout=LONG)
+        tab(page, "Edit")
+        page.wait_for_selector("#classifier-panel", state="visible", timeout=LONG)
+        assert not page.locator("#question-panel").is_visible()
+
+        # An example: one click fills the text and its right label, and shows the bars now.
+        page.locator("#cls-examples tr.tr-body").first.click()
+        page.wait_for_function(f"() => {{ const n = ({BARS})(); return n && n.length === 1; }}", timeout=LONG)
+        label = page.locator("#cls-label input").input_value()
+        [predicted] = page.evaluate(BARS)
+        assert label and predicted != label and page.locator("#cls-text textarea").input_value()
+        assert page.locator("#cls-answer .melo-badge").inner_text() == "original model"
+        shot(page, "classifier_example")
+
+        page.locator("#cls-edit-btn").click()
+        page.wait_for_function(f"() => {{ const n = ({BARS})(); return n && n.length === 2; }}", timeout=LONG)
+        assert page.evaluate(BARS) == [f"original classifier: {predicted}", f"with your edits: {label}"]
+        assert f"now labelled “{label}”" in page.locator("#cls-summary").inner_text()
+        assert page.locator("#cls-answer .melo-after").inner_text() == label
+        page.wait_for_selector("#cls-side-effects table", timeout=LONG)
+        page.wait_for_function("() => document.querySelector('#cls-edit-btn').innerText === 'Apply edit'",
+                               timeout=LONG)
+        shot(page, "classifier_edit")
+
+        tab(page, "Probe")                           # each text's label before and after, and the block
+        page.locator("#probe-text textarea").fill(page.locator("#cls-text textarea").input_value())
+        page.locator("#probe-other textarea").fill("a building where a king lives")
+        page.locator("#probe-btn").click()
+        page.wait_for_selector("#probe-out table", timeout=LONG)
+        rows = page.locator("#probe-out tbody tr")
+        assert rows.nth(0).locator("td").nth(2).inner_text() == label
+        assert rows.nth(0).locator("td").nth(3).inner_text() == predicted
+        assert rows.nth(0).locator(".melo-badge").inner_text().startswith("fix applied (block ")
+        assert rows.nth(1).locator(".melo-badge").inner_text() == "original model"
+        assert "0 of 1 unrelated text fired a block" in page.locator("#probe-summary").inner_text()
+        shot(page, "classifier_probe")
+
+        tab(page, "History")
+        page.wait_for_selector("#history table", timeout=LONG)
+        assert page.locator("#history thead").inner_text().split("\t")[1:3] == ["text", "label"]
+        assert page.locator("#history tbody tr").first.locator("td").nth(2).inner_text() == label
+        page.locator("#selected-id input").click()
+        page.get_by_role("option").first.click()
+        page.locator("#delete-btn").click()
+        page.wait_for_selector("#history-msg :text('Deleted edit')", timeout=LONG)
+        assert "Its text gets the original classifier's label again." in page.locator("#history-msg").inner_text()

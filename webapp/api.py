@@ -15,11 +15,13 @@ from collections.abc import Iterator
 import gradio as gr
 
 from .callbacks import benchmark_choice, check_probe_count, probe_lines, user_errors
+from .classifier import classifier_of
+from . import render
 from .lane import Progress
 from .sessions import WorkspacePool
 from .tokens import COOKIE
 
-NAMES = ("/ask", "/edit", "/correct", "/probe", "/delete", "/edits", "/benchmark")
+NAMES = ("/model", "/ask", "/classify", "/edit", "/correct", "/probe", "/delete", "/edits", "/benchmark")
 
 
 def token_of(request: gr.Request) -> str:
@@ -37,8 +39,29 @@ def ask(pool: WorkspacePool, question: str, request: gr.Request) -> dict:
 
 
 @user_errors
+def model(pool: WorkspacePool, name: str, request: gr.Request) -> dict:
+    """Make this client's workspace one of model `name` (a classifier, such as
+    "minilm-wordnet", makes a classifier workspace), only while it has no edits; returns the
+    model's name, prompt form and licence, and a classifier's labels. The server's models:
+    the Settings tab of the page, or the one-line refusal of a name it does not offer."""
+    if not isinstance(name, str):
+        raise ValueError(f"the model must be text: one of {', '.join(pool.models)}")
+    ed = pool.set_model(token_of(request), name.strip())
+    labels = getattr(ed, "labels", None)
+    return dict(ed.model_info(), **({"labels": labels} if labels is not None else {}))
+
+
+@user_errors
+def classify(pool: WorkspacePool, text: str, request: gr.Request) -> dict:
+    """A classifier workspace: the label `text` gets, each label's probability, the block
+    that fired (block, distance, radius) and the unedited classifier's label beside it."""
+    return classifier_of(pool.reader(token_of(request))).classify(text, compare_base=True).to_json()
+
+
+@user_errors
 def edit(pool: WorkspacePool, question: str, target: str, request: gr.Request) -> Iterator[dict]:
-    """Edit the model so `question` gets `target`; returns the edit result."""
+    """Edit the model so `question` gets `target` (a classifier workspace: the text and its
+    right label; an unknown label is refused with the list of labels); returns the edit result."""
     with pool.writing(token_of(request)) as ed:
         pending = ed.train(question, target)
         yield None              # not resumed if the client has gone (see callbacks.edit)
@@ -59,12 +82,16 @@ def correct(pool: WorkspacePool, question: str, number: int, sentence: str, requ
 
 @user_errors
 def probe(pool: WorkspacePool, queries: str, request: gr.Request) -> list:
-    """One query per line: each answered by the edited and the unedited model."""
+    """One query per line: each answered by the edited and the unedited model (a classifier
+    workspace: each text's label with the edits and without)."""
     if not isinstance(queries, str):
         raise ValueError("the queries must be text, one per line")
     qs = [q for _, q in probe_lines(queries, "query")]
     check_probe_count(len(qs))
-    return [dataclasses.asdict(a) for a in pool.reader(token_of(request)).probe(qs)]
+    ed = pool.reader(token_of(request))
+    if render.words_for(ed) is render.TEXTS:             # a classifier workspace: labels
+        return [c.to_json() for c in ed.classify_many(qs)]
+    return [dataclasses.asdict(a) for a in ed.probe(qs)]
 
 
 @user_errors
@@ -121,9 +148,11 @@ def bind(fn, pool: WorkspacePool):
 
 def register(pool: WorkspacePool, answer_queue: dict, train_queue: dict | None = None) -> None:
     """Add the endpoints to the Blocks being built: asks and probes share the page's answer
-    queue, edits and corrections its training queue, benchmarks its benchmark lane."""
+    queue, edits, corrections and model changes (a first use loads the model) its training
+    queue, benchmarks its benchmark lane."""
     train_queue = train_queue or {"concurrency_limit": 1, "concurrency_id": "train"}
     bench_queue = {"concurrency_limit": 1, "concurrency_id": "bench"}
-    for fn, queue in [(ask, answer_queue), (edit, train_queue), (correct, train_queue), (probe, answer_queue),
-                      (delete, {}), (edits, {}), (benchmark, bench_queue)]:
+    for fn, queue in [(model, train_queue), (ask, answer_queue), (classify, answer_queue), (edit, train_queue),
+                      (correct, train_queue), (probe, answer_queue), (delete, {}), (edits, {}),
+                      (benchmark, bench_queue)]:
         gr.api(bind(fn, pool), api_name=fn.__name__, **queue)

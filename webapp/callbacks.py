@@ -160,7 +160,8 @@ def side_effects(pool: WorkspacePool, token: str, edit_id: str) -> str:
     """The side-effect check of an existing edit (History)."""
     if not edit_id:
         raise ValueError("choose an edit first")
-    return render.side_effects_html(edit_id, pool.reader(token).side_effects(edit_id))
+    ed = pool.reader(token)
+    return render.side_effects_html(edit_id, ed.side_effects(edit_id), render.words_for(ed))
 
 
 def probe_lines(text, kind: str) -> list[tuple[str, str]]:
@@ -184,11 +185,13 @@ def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
         raise ValueError("type one or more queries, one per line")
     check_probe_count(len(items))
     kinds, questions = [k for k, _ in items], [q for _, q in items]
-    answers = [render.with_ellipsis(a) for a in ed.probe(questions)]
+    words = render.words_for(ed)
+    answers = ([render.label_answer(c) for c in ed.classify_many(questions)] if words is render.TEXTS
+               else [render.with_ellipsis(a) for a in ed.probe(questions)])
     probes = [{"text": q, "key": a.key, "block": a.block, "cluster": a.cluster, "kind": k,
                "distance": a.distance, "radius": a.radius} for k, q, a in zip(kinds, questions, answers)]
-    return (render.probe_summary(kinds, answers), render.probe_html(kinds, questions, answers),
-            render.probe_tsv(kinds, questions, answers), probes)
+    return (render.probe_summary(kinds, answers, words), render.probe_html(kinds, questions, answers, words),
+            render.probe_tsv(kinds, questions, answers, words), probes)
 
 
 def index_map(pool: WorkspacePool, token: str, probes: list | None):
@@ -222,7 +225,7 @@ def history(pool: WorkspacePool, token: str, deleted: list | None = None):
         return "", gr.update(choices=[], value=None)
     edits = ed.edits()
     choices = [(f"{e['id']}: {e['prompt'][:60]} → {e['target'][:40]}", e["id"]) for e in reversed(edits)]
-    return render.history_html(edits, deleted or []), gr.update(choices=choices, value=None)
+    return render.history_html(edits, deleted or [], render.words_for(ed)), gr.update(choices=choices, value=None)
 
 
 @user_errors
@@ -238,8 +241,9 @@ def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None =
     if back:
         msg += f" The earlier edit(s) it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again."
     now = ed.answered_by(record["prompt"])          # routing only: keys, nothing generated
-    msg += (f" Its question is now answered by edit `{now['id']}` (*{html.escape(now['target'])}*)."
-            if now is not None else " Its question gets the original model's answer again.")
+    w = render.words_for(ed)
+    msg += (f" Its {w.item} is now {w.by} by edit `{now['id']}` (*{html.escape(now['target'])}*)."
+            if now is not None else f" Its {w.item} gets the {w.original}'s {w.reach} again.")
     trace = {k: record.get(k) for k in ("id", "prompt", "target", "created", "seconds")}
     return msg, [*(deleted or []), dict(trace, deleted=time.time())]
 
@@ -370,6 +374,7 @@ PROMPT_FORMS = {
     "question-answer": "in a question-answer form (\"Q: your question\", then \"A:\"), because it is a base "
                        "model without a chat template",
     "plain text": "as plain text it continues (completion mode)",
+    "classification": "whole, as a text to label (a classifier reads no prompt)",
 }
 
 

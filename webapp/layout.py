@@ -11,6 +11,7 @@ from melo_engine.registry import KEY_SOURCES, METHODS
 
 from . import api
 from . import callbacks as cb
+from . import classifier as clsf
 from . import published
 from .downloads import ROUTE, Downloads
 from .guards import UploadedFilesOnly
@@ -86,30 +87,54 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         gr.Markdown("# MELO Studio\nFix a wrong answer of a language model, then check where the fix applies.")
 
         with gr.Tab("Edit", id="edit"):
-            with gr.Row():
-                with gr.Column(scale=3):
-                    question = gr.Textbox(label="Question", placeholder="Ask the model something…", lines=2,
-                                          elem_id="question")
-                    ask_btn = gr.Button("Ask the model", elem_id="ask-btn")
-                    answer = gr.HTML(elem_id="answer")
-                    wrong = gr.Radio([("The whole answer", 0)], value=0, label="What to correct",
-                                     info="A long answer with one wrong sentence: pick that sentence, fix it "
-                                          "below; the sentences before it stay word for word.",
-                                     elem_id="wrong-sentence")
-                    target = gr.Textbox(label="Correct answer", placeholder="What the model should say…", lines=2,
-                                        elem_id="target")
-                    end_here = gr.Checkbox(label="End the answer after the corrected sentence (otherwise the model "
-                                                 "goes on in its own words, which may change)",
-                                           visible=False, elem_id="end-here")
-                    edit_btn = gr.Button(cb.APPLY, variant="primary", elem_id="edit-btn")
-                with gr.Column(scale=2):
-                    # Tall enough to show a waiting visitor their place in the queue.
-                    edit_summary = gr.Markdown(elem_id="edit-summary", min_height=72)
-                    after = gr.HTML(elem_id="after")
-                    side_html = gr.HTML(elem_id="side-effects")
-                    loss_plot = gr.Plot(label="Training", elem_id="loss-plot")
-            gr.Examples([[e["prompt"], e["target"]] for e in examples], inputs=[question, target],
-                        label="Examples: click one to fill both boxes, then ask to see what the model says now")
+            # Both kinds of workspace have their panel; the visitor's kind is shown
+            # (classifier.panels, on load and when Settings changes the model).
+            with gr.Column(elem_id="question-panel") as question_panel:
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        question = gr.Textbox(label="Question", placeholder="Ask the model something…", lines=2,
+                                              elem_id="question")
+                        ask_btn = gr.Button("Ask the model", elem_id="ask-btn")
+                        answer = gr.HTML(elem_id="answer")
+                        wrong = gr.Radio([("The whole answer", 0)], value=0, label="What to correct",
+                                         info="A long answer with one wrong sentence: pick that sentence, fix it "
+                                              "below; the sentences before it stay word for word.",
+                                         elem_id="wrong-sentence")
+                        target = gr.Textbox(label="Correct answer", placeholder="What the model should say…", lines=2,
+                                            elem_id="target")
+                        end_here = gr.Checkbox(label="End the answer after the corrected sentence (otherwise the model "
+                                                     "goes on in its own words, which may change)",
+                                               visible=False, elem_id="end-here")
+                        edit_btn = gr.Button(cb.APPLY, variant="primary", elem_id="edit-btn")
+                    with gr.Column(scale=2):
+                        # Tall enough to show a waiting visitor their place in the queue.
+                        edit_summary = gr.Markdown(elem_id="edit-summary", min_height=72)
+                        after = gr.HTML(elem_id="after")
+                        side_html = gr.HTML(elem_id="side-effects")
+                        loss_plot = gr.Plot(label="Training", elem_id="loss-plot")
+                gr.Examples([[e["prompt"], e["target"]] for e in examples], inputs=[question, target],
+                            label="Examples: click one to fill both boxes, then ask to see what the model says now")
+            with gr.Column(visible=False, elem_id="classifier-panel") as classifier_panel:
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        cls_text = gr.Textbox(label="Text", lines=3, elem_id="cls-text",
+                                              placeholder="A definition to label: what kind of thing does it describe?")
+                        classify_btn = gr.Button("Classify", elem_id="classify-btn")
+                        cls_answer = gr.HTML(elem_id="cls-answer")
+                        cls_bars = gr.Plot(label="Probability of each label", elem_id="cls-bars")
+                        cls_label = gr.Dropdown(choices=[], label="The right label", elem_id="cls-label",
+                                                info="Pick the label this text should get, then apply the edit.")
+                        cls_edit_btn = gr.Button(cb.APPLY, variant="primary", elem_id="cls-edit-btn")
+                    with gr.Column(scale=2):
+                        cls_summary = gr.Markdown(elem_id="cls-summary", min_height=72)
+                        cls_side = gr.HTML(elem_id="cls-side-effects")
+                        cls_loss = gr.Plot(label="Training", elem_id="cls-loss-plot")
+                # The label column shows as text (a dropdown's example shows only values it
+                # knew when the page was built); a click puts it into the dropdown.
+                cls_examples = gr.Dataset(components=[cls_text, gr.Textbox(label="The right label", render=False)],
+                                          samples=[], type="values", samples_per_page=12,
+                                          label="Examples: texts the classifier labels wrong; click one to fill "
+                                                "both boxes and see what it says now", elem_id="cls-examples")
 
         with gr.Tab("Probe", id="probe"):
             gr.Markdown("Does the fix hold for other wordings, and do other answers stay as they were? "
@@ -229,9 +254,12 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                 event = event.then(fn, ins, out, **private)
             return event
 
+        # The Edit panel, the Probe boxes and the map's box of the visitor's kind of workspace.
+        kind_shown = [question_panel, classifier_panel, cls_label, cls_examples, probe_text, probe_other, dist_q]
         loaded = demo.load(bind(cb.visitor_token), token, token, **private).then(
             bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
-            bind(cb.key_info), token, key_about, **private).then(bind(cb.model_note), None, model_note, **private)
+            bind(cb.key_info), token, key_about, **private).then(bind(cb.model_note), None, model_note, **private).then(
+            bind(clsf.panels), token, kind_shown, **private)
         after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         # Everything that generates shares one queue, wide enough to fill the shared batches
@@ -253,6 +281,18 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
                                show_progress_on=[edit_summary], **train_q, **private)
         trained.then(lambda: gr.update(value=cb.APPLY, interactive=True), None, edit_btn, queue=False, **private)
         after_change(trained.success(lambda: None, None, None, **private))
+        # A classifier workspace: classify a text (or an example, one click), pick the label, apply.
+        classify_btn.click(bind(clsf.classify), [token, cls_text], [cls_answer, cls_bars], **answer_q, **private)
+        cls_examples.click(clsf.example, cls_examples, [cls_text, cls_label], queue=False, **private).then(
+            bind(clsf.classify), [token, cls_text], [cls_answer, cls_bars], **answer_q, **private)
+        cls_waiting = cls_edit_btn.click(lambda: gr.update(value=cb.WAITING, interactive=False), None, cls_edit_btn,
+                                         queue=False, trigger_mode="once", **private)
+        cls_trained = cls_waiting.then(bind(clsf.edit), [token, cls_text, cls_label],
+                                       [cls_summary, cls_answer, cls_bars, cls_side, cls_loss, cls_edit_btn],
+                                       show_progress_on=[cls_summary], **train_q, **private)
+        cls_trained.then(lambda: gr.update(value=cb.APPLY, interactive=True), None, cls_edit_btn, queue=False,
+                         **private)
+        after_change(cls_trained.success(lambda: None, None, None, **private))
         probe_ev = probe_btn.click(bind(cb.probe), [token, probe_text, probe_other],
                                    [probe_sum, probe_out, probe_copy, probes_state],
                                    show_progress_on=[probe_sum], **answer_q, **private)
@@ -295,16 +335,18 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             bind(cb.set_model), [token, model], [model_msg, model], show_progress_on=[model_msg], **private).then(
             bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters],
             **private).then(bind(cb.key_info), token, key_about, **private).then(
-            bind(cb.model_note), None, model_note, **private)
+            bind(cb.model_note), None, model_note, **private).then(bind(clsf.panels), token, kind_shown, **private)
         prompt_mode.input(bind(cb.set_prompt_mode), [token, prompt_mode], [mode_msg, radius, prompt_mode], **private)
         # A reset empties every panel that showed the old edits and puts the settings back.
         cleared = [answer, edit_summary, after, side_html, loss_plot, probe_sum, probe_out, probe_copy,
-                   history_msg, side_history, export_link, key_msg, mode_msg, model_msg, dist_plot, shown]
+                   history_msg, side_history, export_link, key_msg, mode_msg, model_msg, dist_plot, shown,
+                   cls_answer, cls_bars, cls_summary, cls_side, cls_loss]
         after_change(reset_btn.click(bind(cb.reset), [token, confirm], settings_msg, **private).success(
             lambda: (False, [], [], gr.update(choices=[("The whole answer", 0)], value=0),
                      gr.update(value=False, visible=False)) + (None,) * len(cleared),
             None, [confirm, probes_state, deleted, wrong, end_here, *cleared], **private).then(
-            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private))
+            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
+            bind(clsf.panels), token, kind_shown, **private))
 
         api.register(pool, answer_q, train_q)
     return demo

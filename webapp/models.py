@@ -56,6 +56,14 @@ def generating_model(name: str) -> ModelChoice:
     return ModelChoice(name, load)
 
 
+def classifier_model(name: str) -> ModelChoice:
+    """A bundled classifier (melo_engine.classifier) by name: its workspaces edit labels."""
+    from melo_engine.classifier.backbone import ClassifierBackbone
+    from melo_engine.classifier.editor import ClassifierEditor
+
+    return ModelChoice(name, lambda: ClassifierBackbone.load(name), ClassifierEditor)
+
+
 class ModelShelf:
     """Backbones by model name: `names` (the default first), `default`, `get(name)` (loads
     on first use), `loaded(name)`, `editor(name)` (the class that opens its workspaces) and
@@ -73,10 +81,13 @@ class ModelShelf:
 
     @classmethod
     def installed(cls, default_backbone) -> "ModelShelf":
-        """The default backbone, and every other bundled model installed here."""
+        """The default backbone, every other bundled model installed here, and the bundled
+        classifiers (their encoder is the default key's, always installed)."""
+        from melo_engine.classifier.backbone import CLASSIFIERS
         from melo_engine.model import installed_models
 
-        return cls(default_backbone, [generating_model(n) for n in installed_models() if n != default_backbone.name])
+        return cls(default_backbone, [generating_model(n) for n in installed_models() if n != default_backbone.name]
+                   + [classifier_model(n) for n in CLASSIFIERS if n != default_backbone.name])
 
     def add(self, choice: ModelChoice) -> None:
         """Offer one more model (a name already offered keeps its first choice)."""

@@ -268,3 +268,34 @@ def frontier(study: dict, default: tuple[int, str, str] = (10, "mean_user", "cos
         yaxis=dict(title="generality (paraphrase routed to its own edit)", rangemode="tozero"),
         legend=dict(font=dict(size=10)))
     return fig
+
+
+def label_bars(c) -> go.Figure:
+    """A classifier's answer for one text (classifier/editor.Classified): each label's
+    probability as a bar, the chosen label's bar full colour. With the unedited classifier's
+    probabilities beside them (after an edit, or where a block fired) the bars come in pairs:
+    grey the original classifier, blue with the edits (the colours of the page's badges)."""
+    labels = list(c.probabilities)[::-1]          # top to bottom in the labels' order
+    now = [c.probabilities[k] for k in labels]
+    pairs = c.base_probabilities is not None and c.block is not None
+    fig = go.Figure()
+    if pairs:
+        fig.add_trace(go.Bar(x=[c.base_probabilities[k] for k in labels], y=labels, orientation="h",
+                             name=f"original classifier: {c.base_label}", marker_color="#b0b0b0",
+                             hovertemplate="%{y}: %{x:.1%} (original)<extra></extra>"))
+    colour = "#2c6fbb" if c.block is not None else "#7f8c8d"
+    fig.add_trace(go.Bar(x=now, y=labels, orientation="h",
+                         name=f"with your edits: {c.label}" if pairs else c.label,
+                         marker=dict(color=colour, opacity=[1.0 if k == c.label else 0.45 for k in labels]),
+                         text=[f"{p:.0%}" if p >= 0.01 else "" for p in now], textposition="outside",
+                         hovertemplate="%{y}: %{x:.1%}<extra></extra>"))
+    who = f"block {c.block} fired" if c.block is not None else "original classifier (no block fired)"
+    fig.update_layout(
+        title=dict(text=f"Predicted: <b>{c.label}</b> ({c.probabilities[c.label]:.0%})<br><sup>{who}</sup>",
+                   font=dict(size=13)),
+        height=140 + 26 * len(labels) + (40 if pairs else 0),
+        template="plotly_white", barmode="group", showlegend=pairs,
+        legend=dict(orientation="h", y=-0.12), margin=dict(l=10, r=30, t=60, b=30),
+        xaxis=dict(title="probability", range=[0, 1.12], tickformat=".0%"), yaxis=dict(automargin=True))
+    fig.layout.meta = {"label": c.label, "base_label": c.base_label, "block": c.block, "pairs": pairs}
+    return fig

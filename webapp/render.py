@@ -7,10 +7,39 @@ import dataclasses
 import difflib
 import html
 import time
+from dataclasses import dataclass
 
 from melo_engine.sentences import sentence_spans
 
 SIDE_EFFECT_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Words:
+    """How the page names a workspace's inputs and what it gives back: questions and
+    answers, or (a classifier workspace) texts and labels."""
+
+    item: str           # one input
+    changed: str        # an input whose output is not the original's
+    now: str            # the output column
+    original: str       # what answers without the edits
+    gets: str           # after an edit: inputs like this one ...
+    reference: str      # the side-effect check's list
+    reach: str          # an edit ... another input; what an input gets
+    by: str             # an input is now ... by an edit
+
+
+QUESTIONS = Words("question", "answered differently", "answer now", "original model",
+                  "questions like this one now get", "reference questions", "answer", "answered")
+TEXTS = Words("text", "labelled differently", "label now", "original classifier",
+              "texts like this one are now labelled", "test texts of the classifier", "label", "labelled")
+
+
+def words_for(ed) -> Words:
+    """How the page names an editor's inputs and outputs."""
+    from melo_engine.classifier.editor import ClassifierEditor
+
+    return TEXTS if isinstance(ed, ClassifierEditor) else QUESTIONS
 HISTORY_COLUMNS = ["id", "question", "answer", "status", "placed", "block", "made", "seconds"]
 
 FIRED, NOT_FIRED = "#2c6fbb", "#7f8c8d"    # blue and grey: which model answered, not right or wrong
@@ -94,10 +123,10 @@ def answer_html(ans) -> str:
             f' <span class="melo-time">answered in {ans.seconds:.2f} s</span></div></div>')
 
 
-def before_after_html(ans) -> str:
+def before_after_html(ans, words: Words = QUESTIONS) -> str:
     """The question's answer without and with the edit, labelled."""
     after, before = diff_html(ans.text, ans.base_text or ans.text)
-    return (f'<div class="melo-answer"><div class="melo-label">Before (original model)</div>'
+    return (f'<div class="melo-answer"><div class="melo-label">Before ({words.original})</div>'
             f'<div class="melo-text melo-before">{before}</div>'
             f'<div class="melo-label">After (with the edit)</div><div class="melo-text melo-after">{after}</div>'
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
@@ -118,21 +147,22 @@ def _neighbour_row(n) -> str:
 NEIGHBOUR_HEAD = "<thead><tr><th>question</th><th>distance</th><th>radius</th><th>now</th></tr></thead>"
 
 
-def side_effects_html(edit_id: str, neighbours) -> str:
+def side_effects_html(edit_id: str, neighbours, words: Words = QUESTIONS) -> str:
     """The reference questions nearest an edit: the ones it now fires for first and marked;
     beyond the first rows, the rest folded under "and N more" (opened with a click)."""
     firing = [n for n in neighbours if n.fires and n.distance > 1e-6]
-    head = (f'<div class="melo-warn">This edit would also answer {len(firing)} other question'
+    head = (f'<div class="melo-warn">This edit would also {words.reach} {len(firing)} other {words.item}'
             f'{"s" if len(firing) != 1 else ""} from the reference list: check them in Probe.</div>'
-            if firing else '<div class="melo-ok">None of the reference questions near this edit would '
+            if firing else f'<div class="melo-ok">None of the {words.reference} near this edit would '
             'get it.</div>')
+    table_head = NEIGHBOUR_HEAD.replace("<th>question</th>", f"<th>{words.item}</th>")
     shown, rest = neighbours[:SIDE_EFFECT_ROWS], neighbours[SIDE_EFFECT_ROWS:]
     more = (f'<details class="melo-more"><summary class="melo-same">and {len(rest)} more that get it</summary>'
-            f'<table class="melo-probe">{NEIGHBOUR_HEAD}<tbody>{"".join(map(_neighbour_row, rest))}</tbody>'
+            f'<table class="melo-probe">{table_head}<tbody>{"".join(map(_neighbour_row, rest))}</tbody>'
             '</table></details>' if rest else "")
     return (f'<div class="melo-side"><div class="melo-label">Side-effect check for edit {html.escape(edit_id)}: '
-            f'reference questions nearest it (keys only, nothing generated)</div>{head}'
-            f'<table class="melo-probe">{NEIGHBOUR_HEAD}<tbody>{"".join(map(_neighbour_row, shown))}</tbody>'
+            f'{words.reference} nearest it (keys only, nothing generated)</div>{head}'
+            f'<table class="melo-probe">{table_head}<tbody>{"".join(map(_neighbour_row, shown))}</tbody>'
             f'</table>{more}</div>')
 
 
@@ -140,7 +170,7 @@ def _plural(n: int, word: str) -> str:
     return f"{word}{'s' if n != 1 else ''}"
 
 
-def probe_summary(kinds: list[str], answers) -> str:
+def probe_summary(kinds: list[str], answers, words: Words = QUESTIONS) -> str:
     """'2 of 3 paraphrases got the fix; 0 of 3 unrelated questions fired a block' (Markdown).
     A block that fired counts even when its text came out the same as the original's."""
     para = [a for k, a in zip(kinds, answers) if k == "paraphrase"]
@@ -152,27 +182,27 @@ def probe_summary(kinds: list[str], answers) -> str:
     if other:
         fired = sum(a.block is not None for a in other)
         changed = sum(a.text != a.base_text for a in other)
-        parts.append(f"**{fired} of {len(other)}** unrelated {_plural(len(other), 'question')} fired a block"
-                     + (f" (should be 0; {changed} of them answered differently)" if fired else ""))
+        parts.append(f"**{fired} of {len(other)}** unrelated {_plural(len(other), words.item)} fired a block"
+                     + (f" (should be 0; {changed} of them {words.changed})" if fired else ""))
     return "; ".join(parts) + "."
 
 
-def probe_html(kinds: list[str], questions: list[str], answers) -> str:
+def probe_html(kinds: list[str], questions: list[str], answers, words: Words = QUESTIONS) -> str:
     rows = []
     for kind, q, a in zip(kinds, questions, answers):
         edited, base = diff_html(a.text, a.base_text or "")
         same = "" if a.text != a.base_text else ' <span class="melo-same">(identical)</span>'
         rows.append(f"<tr><td>{html.escape(q)}</td><td>{kind}</td><td>{edited}</td><td>{base}{same}</td>"
                     f"<td>{routing_badge(a.block, a.distance, a.radius)}</td></tr>")
-    return ('<table class="melo-probe"><thead><tr><th>query</th><th>kind</th><th>answer now</th>'
-            '<th>original model</th><th>what answered</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+    return (f'<table class="melo-probe"><thead><tr><th>query</th><th>kind</th><th>{words.now}</th>'
+            f'<th>{words.original}</th><th>what answered</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
-def probe_tsv(kinds: list[str], questions: list[str], answers) -> str:
+def probe_tsv(kinds: list[str], questions: list[str], answers, words: Words = QUESTIONS) -> str:
     """The results as tab-separated text, to paste into a spreadsheet."""
     def cell(x):
         return str(x).replace("\t", " ").replace("\n", " ")
-    lines = ["query\tkind\tanswer now\toriginal model\tfix applied\tblock\tdistance\tradius"]
+    lines = [f"query\tkind\t{words.now}\t{words.original}\tfix applied\tblock\tdistance\tradius"]
     for kind, q, a in zip(kinds, questions, answers):
         lines.append("\t".join(cell(x) for x in (q, kind, a.text, a.base_text, "yes" if a.block is not None else "no",
                                                   "" if a.block is None else a.block,
@@ -222,11 +252,12 @@ def history_rows(edits: list[dict], deleted: list[dict] = ()) -> list[list]:
     return rows
 
 
-def history_html(edits: list[dict], deleted: list[dict] = ()) -> str:
+def history_html(edits: list[dict], deleted: list[dict] = (), words: Words = QUESTIONS) -> str:
     rows = history_rows(edits, deleted)
     if not rows:
         return '<div class="melo-same">No edits yet.</div>'
-    head = "".join(f"<th>{c}</th>" for c in HISTORY_COLUMNS)
+    names = {"question": words.item, "answer": words.reach}
+    head = "".join(f"<th>{names.get(c, c)}</th>" for c in HISTORY_COLUMNS)
     body = "".join(f'<tr class="{"melo-deleted" if str(r[3]).startswith("deleted") else ""}">'
                    + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
     return (f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -239,6 +270,11 @@ WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
                  "joined": "It joins an earlier edit of this question with the same answer.",
                  "superseded": "",
                  "conflict": "It split the cluster of an earlier edit with another answer."}
+
+
+def _happened(action: str, words: Words) -> str:
+    """WHAT_HAPPENED in the workspace's words (a text and its label, for a classifier)."""
+    return WHAT_HAPPENED.get(action, "").replace("question", words.item).replace("answer", words.reach)
 
 
 def _quoted(text: str) -> str:
@@ -257,17 +293,17 @@ def _sentence_place(entry: dict) -> tuple[str, str] | None:
     return f" {where}", f" {then}"
 
 
-def edit_summary(ed, r) -> str:
+def edit_summary(ed, r, words: Words = QUESTIONS) -> str:
     """What the edit did, in words for a class: what is active now, and what it replaced."""
     entry = ed.record(r.edit_id)
     target = entry["target"]
     where, then = _sentence_place(entry) or ("", "")
-    lines = [f"**Edit `{r.edit_id}` is active:** questions like this one now get {_quoted(target)}{where} "
-             f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {WHAT_HAPPENED.get(r.action, '')}".rstrip()]
+    lines = [f"**Edit `{r.edit_id}` is active:** {words.gets} {_quoted(target)}{where} "
+             f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {_happened(r.action, words)}".rstrip()]
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
                      f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
-                     f"comes back if you undo this one. **Active answer now:** {_quoted(target)}")
+                     f"comes back if you undo this one. **Active {words.reach} now:** {_quoted(target)}")
     if r.forgotten:
         lines.append(f"Earlier edits no longer reached: {', '.join(f'`{e}`' for e in r.forgotten)}.")
     if r.moved:
@@ -286,3 +322,21 @@ def import_summary(report) -> str:
         parts.append(f"{n(len(report.superseded), 'earlier edit')} of the same question replaced (undo the new one "
                      f"to bring it back).")
     return " ".join(parts)
+
+
+def label_answer(c):
+    """A classifier's reading of a text (classifier/editor.Classified) as the page shows an
+    answer: the label is its text, the unedited classifier's label its original."""
+    from melo_engine.records import Answer
+
+    return Answer(c.label, c.block, c.distance, c.radius, c.cluster, c.edit_id, c.base_label, c.seconds, key=c.key)
+
+
+def classified_html(c) -> str:
+    """The label a text gets now, with which model gave it (the bars are in the chart)."""
+    return answer_html(label_answer(c))
+
+
+def label_before_after_html(c) -> str:
+    """A text's label without and with the edits."""
+    return before_after_html(label_answer(c), TEXTS)

@@ -39,6 +39,7 @@ class ClassifierSpec:
 
     encoder: str          # a SentenceEncoder package's model (the only one: all-MiniLM-L6-v2)
     data: Path            # JSON lines with text, label, split (train / test / edit)
+    licence: str = ""    # what the page names (About): the encoder's and the data's
     seed: int = 0
     steps: int = 400
     lr: float = 0.05
@@ -47,7 +48,8 @@ class ClassifierSpec:
 
 # Classifier workspaces name one of these as their model (MeloConfig.model).
 CLASSIFIERS: dict[str, ClassifierSpec] = {
-    "minilm-wordnet": ClassifierSpec(encoder="all-MiniLM-L6-v2", data=DATA),
+    "minilm-wordnet": ClassifierSpec(encoder="all-MiniLM-L6-v2", data=DATA,
+                                     licence="encoder Apache-2.0; data WordNet 3.0 licence (assets/data/README.md)"),
 }
 
 

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import answering, editing
-from ..config import MeloConfig
+from .. import answering, editing, settings
+from ..config import EDIT_SETTINGS, MeloConfig
 from ..editor import MeloEditor
 from ..records import EditResult, TrainedEdit
 from ..train import Trained, fit_block
-from .backbone import ClassifierBackbone, is_classifier
+from .backbone import CLASSIFIERS, ClassifierBackbone, is_classifier, load_rows
 
 
 def is_classifier_workspace(workspace, model: str | None = None) -> bool:
@@ -66,6 +66,9 @@ class Classified:
     radius: float | None
     base_label: str | None = None
     base_probabilities: dict[str, float] | None = None
+    cluster: str | None = None
+    seconds: float = 0.0
+    key: list[float] | None = None      # the text's routing key (probe: for the index map)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,10 +120,54 @@ class ClassifierEditor(MeloEditor):
             return self.backbone.labels.index(label.strip().lower())
         raise ValueError(f"unknown label {label!r} (labels: {', '.join(self.backbone.labels)})")
 
+    def model_info(self) -> dict:
+        """As MeloEditor's, for a classifier: the text reaches the encoder whole, no prompt."""
+        from ..model import licence
+
+        return {"model": self.config.model, "prompt_form": "classification", "device": "cpu",
+                "licence": licence(self.config.model)}
+
+    def default_settings(self) -> dict:
+        """The settings a new classifier workspace starts with (classifier_config's)."""
+        fresh = classifier_config(self.config.model)
+        return dict(settings.default_settings(self), **{k: getattr(fresh, k) for k in EDIT_SETTINGS if k != "init_radius"})
+
+    def reference_texts(self) -> list[str]:
+        """The side-effect check's texts: the upstream test split (the benchmark's TRR texts,
+        which an edit should leave alone; keyed once, then cached on disk)."""
+        return self.backbone.companion("reference texts", lambda: [
+            r["text"] for r in load_rows(CLASSIFIERS[self.config.model].data) if r["split"] == "test"])
+
+    def examples(self, n: int | None = None) -> list[dict]:
+        """Texts worth editing, {text, label, predicted}: from the edit split (the shifted
+        topics), ones the unedited classifier labels wrong, one per true label in label
+        order (the first `n`, default all), so the examples show several kinds of mistake.
+        Computed once per loaded classifier."""
+        def find():
+            rows = [r for r in load_rows(CLASSIFIERS[self.config.model].data) if r["split"] == "edit"]
+            out, seen = [], set()
+            for i in range(0, len(rows), 64):
+                chunk = [r for r in rows[i:i + 64] if r["label"] not in seen]
+                if not chunk:
+                    continue
+                got = self.backbone.logits([r["text"] for r in chunk]).argmax(-1).tolist()
+                for r, g in zip(chunk, got):
+                    predicted = self.backbone.labels[g]
+                    if predicted != r["label"] and r["label"] not in seen:
+                        seen.add(r["label"])
+                        out.append({"text": r["text"], "label": r["label"], "predicted": predicted})
+                if len(seen) == len(self.backbone.labels):
+                    break
+            return sorted(out, key=lambda e: e["label"])
+
+        return self.backbone.companion("classifier examples", find)[:n]
+
     # ---- classifying ---------------------------------------------------------------------
-    def _read(self, texts: list[str], compare_base: bool) -> list[Classified]:
-        routes = answering.routes(self, texts)
+    def _read(self, texts: list[str], compare_base: bool, with_keys: bool = False) -> list[Classified]:
+        t0 = time.perf_counter()
+        keys, words = answering.keyed(self, texts)
         with self.ws.state_lock:
+            routes = [answering.decide(self, k, t, w) for k, t, w in zip(keys, texts, words)]
             active = self.ws.bank.gather([r.block for r in routes], self.modules)
         probs = torch.softmax(self.backbone.logits(texts, active), -1)
         fired = [i for i, r in enumerate(routes) if r.block is not None]
@@ -132,11 +179,17 @@ class ClassifierEditor(MeloEditor):
         out = []
         for i, (t, r) in enumerate(zip(texts, routes)):
             p = dict(zip(labels, probs[i].tolist()))
-            c = Classified(t, labels[int(probs[i].argmax())], p, r.block, r.edit_id, r.distance, r.radius)
+            c = Classified(t, labels[int(probs[i].argmax())], p, r.block, r.edit_id, r.distance, r.radius,
+                           cluster=r.cluster)
             if compare_base:
                 c.base_label = labels[int(base[i].argmax())]
                 c.base_probabilities = dict(zip(labels, base[i].tolist()))
+            if with_keys:
+                c.key = keys[i].float().tolist()
             out.append(c)
+        seconds = (time.perf_counter() - t0) / len(out)
+        for c in out:
+            c.seconds = seconds
         return out
 
     def classify(self, text: str, compare_base: bool = False) -> Classified:
@@ -145,10 +198,10 @@ class ClassifierEditor(MeloEditor):
         return self._read([self._check(text, "the text")], compare_base)[0]
 
     def classify_many(self, texts: list[str]) -> list[Classified]:
-        """Probe: many texts, each with the unedited label beside it."""
+        """Probe: many texts, each with the unedited label beside it and its key (for the map)."""
         if not isinstance(texts, (list, tuple)) or not texts:
             raise ValueError("no texts to classify")
-        return self._read([self._check(t, f"text {i + 1}") for i, t in enumerate(texts)], True)
+        return self._read([self._check(t, f"text {i + 1}") for i, t in enumerate(texts)], True, with_keys=True)
 
     def ask(self, question: str, compare_base: bool = False):
         raise ValueError("a classifier workspace classifies texts: use classify")
