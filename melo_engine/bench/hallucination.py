@@ -215,7 +215,7 @@ def build_calibration_passages(backbone, n: int = 200, tokens: int = 40, batch: 
 # ---- the benchmark -------------------------------------------------------------------------
 def hallucination_benchmark(n: int | None, methods: list[str], data: str | None = None, backbone=None,
                             melo_settings: dict | None = None, show_progress: bool = True, checkpoint=None,
-                            model: str | None = None) -> dict:
+                            model: str | None = None, measured: int | None = None) -> dict:
     """Sequential sentence corrections, MELO against GRACE and plain LoRA, in one run.
 
     Per method: edit PPL of each edit right after it, and of every edit at the end; ARR PPL
@@ -225,6 +225,7 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
     example; a set's figure is the mean over its examples. Prompts are plain text the model
     continues: MELO runs a workspace in completion mode (whose radius is calibrated on
     continuation points of passages, melo_engine/calibrate.py), GRACE and LoRA the same prompts.
+    `measured`: only the first so many accurate sentences and unrelated passages (a short run).
     """
     from tqdm import tqdm
 
@@ -240,16 +241,18 @@ def hallucination_benchmark(n: int | None, methods: list[str], data: str | None 
     bb = backbone or Backbone.load(model or DEFAULT_MODEL)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     prompts, targets = [e.prompt for e in edits], [e.target for e in edits]
-    ap, at = [a.prompt for a in task.accurate], [a.target for a in task.accurate]
+    accurate, locality = task.accurate[:measured], task.locality[:measured]
+    ap, at = [a.prompt for a in accurate], [a.target for a in accurate]
 
     def measure(m):
         return {"edit_ppl": mean(perplexities(bb, m, prompts, targets)),
                 "arr_ppl": mean(perplexities(bb, m, ap, at)),
-                "locality_ppl": mean(passage_perplexities(bb, m, task.locality))}
+                "locality_ppl": mean(passage_perplexities(bb, m, locality))}
 
     settings = dict(melo_settings or {}, model=bb.name)
     out = {"dataset": "hallucination", "data": task.name, "n": len(edits), "model": bb.name,
            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "set": task.notes,
+           "measured": {"accurate": len(accurate), "locality_passages": len(locality)},
            "averaging": "mean over examples of exp(mean token NLL)", "base": measure(None),
            "paper": PAPER, "methods": {}}
     for name in methods:
