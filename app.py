@@ -45,9 +45,6 @@ def load_backbone(name: str, out: dict) -> None:
 
 
 ENGINES = ("local", "ray")
-# How many nice levels the answering threads sit below the edits' training
-# (melo_engine/batching.py): an edit trains at near its speed alone while a class asks.
-ANSWER_NICE = 10
 
 
 def engine_choice(argv=None) -> tuple[str, str | None]:
@@ -85,8 +82,7 @@ def main(argv=None) -> None:
     loader.join()
     if "error" in loaded:
         raise loaded["error"]
-    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
-                         answer_nice=ANSWER_NICE)
+    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
     pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.
@@ -137,7 +133,11 @@ def front(address: str | None) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
         pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
         threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
-        demo = build_demo(pool, downloads, answer_concurrency=2 * cfg.replicas)
+        # Enough questions at once to fill every replica's shared batches (melo_engine/batching.py).
+        from melo_engine.batching import AnswerBatcher
+
+        demo = build_demo(pool, downloads, answer_concurrency=cfg.replicas * max(1, round(cfg.cpus_per_replica))
+                          * AnswerBatcher.MAX_ROWS)
         demo.queue(default_concurrency_limit=2 * cfg.replicas)
         serve(demo, pool, downloads)
     finally:

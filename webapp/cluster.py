@@ -88,12 +88,15 @@ class Engine:
         warm(backbone)
         # Evictions close workspaces, so the pool never reaches its own cap. One model: the
         # one the front offers (RayPool.models).
-        self.pool = WorkspacePool(backbone, Path(root), max_open=max_workspaces + 8, models=ModelShelf(backbone))
-        # One edit trains at a time here, beside as many answers as the replica has CPUs: a
-        # Ray CPU is a reservation, not a limit, and more generations at once on one core
-        # only make each slower (docs/BENCHMARKS.md, "many visitors at once").
+        # One edit trains at a time here, beside as many generations as the replica has CPUs
+        # (a Ray CPU is a reservation, not a limit, and more generations at once on one core
+        # only make each slower), each a shared batch of the visitors' questions
+        # (melo_engine/batching.py): enough answering calls at once to fill them.
+        slots = max(1, round(cpus))
+        self.pool = WorkspacePool(backbone, Path(root), max_open=max_workspaces + 8, models=ModelShelf(backbone),
+                                  answer_slots=slots)
         self.training = threading.Lock()
-        self.answering = threading.Semaphore(max(1, round(cpus)))
+        self.answering = threading.Semaphore(self.pool.answer_concurrency)
         # A thread for every request the replica accepts: one waiting for its turn to answer
         # never holds up a listing or a commit.
         self.threads = ThreadPoolExecutor(max_workers=max_ongoing, thread_name_prefix="melo-call")

@@ -64,7 +64,7 @@ class WorkspacePool:
 
     def __init__(self, backbone: Backbone | None, root: Path | None = None, idle_seconds: float = 24 * 3600,
                  empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30,
-                 models: ModelShelf | None = None, answer_nice: int = 0):
+                 models: ModelShelf | None = None, answer_nice: int = 10, answer_slots: int | None = None):
         self.shelf = models if models is not None else (ModelShelf.installed(backbone) if backbone is not None else None)
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
@@ -85,15 +85,16 @@ class WorkspacePool:
         model = self.default_model
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
         # Visitors' questions share generations, one batcher per generating model, on
-        # threads `answer_nice` levels below the edits' training (melo_engine/batching.py).
-        self.answer_nice = answer_nice
+        # `answer_slots` threads (default: one per core) `answer_nice` levels below the edits'
+        # training (melo_engine/batching.py).
+        self.answer_nice, self.answer_slots = answer_nice, answer_slots
         self._answers: dict[str, AnswerBatcher] = {}
 
     @property
     def answer_concurrency(self) -> int:
         """Requests that may generate at once: enough to fill every answering thread's shared
         batch where this pool holds models, else one per core."""
-        cores = os.cpu_count() or 2
+        cores = self.answer_slots or os.cpu_count() or 2
         return cores * AnswerBatcher.MAX_ROWS if self.shelf is not None else cores
 
     def _shared(self, ed, name: str, backbone):
@@ -101,7 +102,7 @@ class WorkspacePool:
         classifier does not). Call with the pool's lock held."""
         if hasattr(backbone, "generate_batch"):
             if name not in self._answers:
-                self._answers[name] = AnswerBatcher(backbone, nice=self.answer_nice)
+                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
             ed.answers = self._answers[name]
         return ed
 
