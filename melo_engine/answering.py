@@ -55,6 +55,17 @@ def decide(ed, key, question: str, words=None) -> Route:
     return ed.router.route(ed.ws.state, key, question, lambda eid: entries[eid].prompt, words)
 
 
+def matrices(ed, block: int | None) -> dict | None:
+    """The block's matrices for the workspace's modules (None: no block, or one a concurrent
+    delete freed). Call with the state lock held, in the same hold as the route's decision:
+    a freed block id may be given to the next edit."""
+    bank = ed.ws.bank
+    if block is None or block not in bank.files:
+        return None
+    held = bank.matrices(block)
+    return {m: held[m] for m in ed.modules if m in held} or None
+
+
 def keyed(ed, questions: list[str]):
     """(keys, words) of questions, one encoder pass where the router can share it."""
     return ed.router.keys(ed.keyer, questions)
@@ -130,13 +141,16 @@ def probe(ed, questions: list[str], workers: int | None = None) -> list[Answer]:
     keys, words = keyed(ed, questions)
     with ed.ws.state_lock:
         decided = [decide(ed, k, q, w) for k, q, w in zip(keys, questions, words)]
+        mats = [matrices(ed, r.block) for r in decided] if ed.answers is not None else None
     # (question, block, token budget, tokens the block is held for); the unedited twin of a
     # fired row gets its budget
     rows = [(q, r.block, budget(ed, r.edit_id), held_for(ed, r.edit_id)) for q, r in zip(questions, decided)]
     rows += [(q, None, budget(ed, r.edit_id), None) for q, r in zip(questions, decided) if r.block is not None]
     if ed.answers is not None:
-        # A server's shared batches (batching.py): these rows join other visitors' rows.
-        texts = ed.answers.texts(ed, rows)
+        # A server's shared batches (batching.py): these rows join other visitors' rows,
+        # with the matrices gathered in the same hold of the lock as the routes.
+        blocks = mats + [None] * (len(rows) - len(mats))
+        texts = ed.answers.texts(ed, [(q, m, limit, hold) for (q, _, limit, hold), m in zip(rows, blocks)])
     else:
         texts = _generate_rows(ed, rows, workers)
     base = iter(texts[len(questions):])

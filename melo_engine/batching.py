@@ -10,8 +10,9 @@ none, run in one generation, and a row without a block runs the original model e
 How. A caller routes its question in its own workspace on its own thread (the key costs
 an encoder pass), turns it into rows (the edited answer, and the unedited one beside it
 when a block fired), queues them and waits. Each of `slots` answering threads (one per
-core by default) takes the oldest waiting row and the oldest others of the same prompt
-form, up to `max_rows`, generates them together and hands each caller its text. A row
+core by default) takes the next waiting rows of one prompt form, up to `max_rows`, smallest
+calls first (a question's one or two rows are not kept behind a probe's ten; a probe's
+rows fill the rest of the batch), generates them together and hands each caller its text. A row
 holds its block for every new token; the rare row that holds it for part of the answer
 only (a sentence correction that lets the model go on) is generated alone.
 
@@ -55,6 +56,7 @@ class Row:
     limit: int
     chat: bool
     hold: int | None = None
+    size: int = 1                 # rows of the call it belongs to (set by `generate`)
     text: str | None = None
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -85,6 +87,8 @@ class AnswerBatcher:
 
     def generate(self, rows: list[Row]) -> list[str]:
         """The texts of `rows`, generated in batches with whatever else is waiting."""
+        for row in rows:
+            row.size = len(rows)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the answering threads have stopped")
@@ -118,12 +122,15 @@ class AnswerBatcher:
                 self._run(batch)
 
     def _take(self) -> list[Row]:
-        """The oldest waiting row and, unless it is a partial hold (those go alone), the
-        oldest others of its prompt form, up to max_rows. Call with the lock held."""
-        first = self._waiting[0]
+        """The next rows: smallest calls first, in order of arrival among equals (a question
+        of one or two rows is not kept behind a probe of ten), and with the first, unless it
+        is a partial hold (those go alone), the next others of its prompt form, up to
+        max_rows. Call with the lock held."""
+        order = sorted(self._waiting, key=lambda r: r.size)      # stable: arrival among equals
+        first = order[0]
         batch = [first]
         if first.hold is None:
-            batch += [r for r in self._waiting[1:] if r.hold is None and r.chat == first.chat][: self.max_rows - 1]
+            batch += [r for r in order[1:] if r.hold is None and r.chat == first.chat][: self.max_rows - 1]
         taken = set(map(id, batch))
         self._waiting = [r for r in self._waiting if id(r) not in taken]
         return batch
@@ -132,26 +139,31 @@ class AnswerBatcher:
         try:
             texts = self.backbone.generate_batch([r.question for r in batch], active(batch),
                                                  [r.limit for r in batch], chat=batch[0].chat)
-            for r, t in zip(batch, texts):
-                r.text = t
-            self.batches += 1
-            self.rows += len(batch)
-        except BaseException as err:  # noqa: BLE001 - every caller in the batch gets it
+        except Exception:  # noqa: BLE001 - one visitor's row must not fail the others'
+            if len(batch) == 1:
+                return self._alone(batch[0])
             for r in batch:
-                r.error = err
-        finally:
-            for r in batch:
-                r.ready.set()
+                self._alone(r)              # each alone: only a row that fails by itself fails
+            return
+        for r, t in zip(batch, texts):
+            r.text = t
+        self._count(len(batch))
+        for r in batch:
+            r.ready.set()
 
     def _alone(self, row: Row) -> None:
         try:
             row.text = self.backbone.generate(row.question, active([row]), row.limit, chat=row.chat, hold=row.hold)
-            self.batches += 1
-            self.rows += 1
+            self._count(1)
         except BaseException as err:  # noqa: BLE001 - re-raised to its caller
             row.error = err
         finally:
             row.ready.set()
+
+    def _count(self, rows: int) -> None:
+        with self._wake:
+            self.batches += 1
+            self.rows += rows
 
     # ---- a workspace's questions as rows -----------------------------------------------
     def ask(self, ed, question: str, compare_base: bool = False) -> Answer:
@@ -160,7 +172,7 @@ class AnswerBatcher:
         (key,), (words,) = answering.keyed(ed, [question])
         with ed.ws.state_lock:
             r = answering.decide(ed, key, question, words)
-            blocks = matrices(ed, r.block)
+            blocks = answering.matrices(ed, r.block)
         limit = answering.budget(ed, r.edit_id)
         fired = blocks is not None
         rows = [Row(question, blocks, limit, ed.chat, answering.held_for(ed, r.edit_id) if fired else None)]
@@ -174,23 +186,10 @@ class AnswerBatcher:
                       r.edit_id if fired else None, base, time.perf_counter() - t0,
                       answering.cut(ed, text, limit), answering.cut(ed, base, limit), rejected=r.rejected)
 
-    def texts(self, ed, rows: list[tuple[str, int | None, int, int | None]]) -> list[str]:
-        """Texts of one workspace's (question, block or None, token budget, partial hold)
-        rows, shared with other callers' (answering.probe)."""
-        with ed.ws.state_lock:
-            mats = [matrices(ed, block) for _, block, _, _ in rows]
-        return self.generate([Row(q, m, limit, ed.chat, hold if m else None)
-                              for (q, _, limit, hold), m in zip(rows, mats)])
-
-
-def matrices(ed, block: int | None) -> dict[str, Pair] | None:
-    """The block's matrices for the workspace's modules (None: no block, or one a
-    concurrent delete freed). Call with the state lock held."""
-    bank = ed.ws.bank
-    if block is None or block not in bank.files:
-        return None
-    held = bank.matrices(block)
-    return {m: held[m] for m in ed.modules if m in held} or None
+    def texts(self, ed, rows: list[tuple[str, dict | None, int, int | None]]) -> list[str]:
+        """Texts of one workspace's (question, block matrices or None, token budget, partial
+        hold) rows, shared with other callers' (answering.probe)."""
+        return self.generate([Row(q, m, limit, ed.chat, hold if m else None) for q, m, limit, hold in rows])
 
 
 def active(rows: list[Row]):

@@ -76,3 +76,29 @@ def test_the_answering_threads_sit_below_their_creator_which_keeps_its_priority(
     for t in batcher._threads:
         t.join(timeout=5)
         assert not t.is_alive()
+
+
+def test_a_question_is_not_kept_behind_a_probe_of_many_rows(backbone):
+    """With one answering thread taking one row at a time, a one-row question that arrives
+    while a three-row call is being answered goes before that call's remaining rows."""
+    import time
+
+    from melo_engine.batching import Row
+
+    batcher = AnswerBatcher(backbone, slots=1, max_rows=1)
+    done: dict = {}
+
+    def call(name, questions):
+        rows = [Row(q, None, 16, True) for q in questions]
+        batcher.generate(rows)
+        done[name] = time.perf_counter()
+
+    probe = threading.Thread(target=call, args=("probe", ["Who wrote Hamlet?", "What is the capital of Peru?",
+                                                          "What is the largest ocean?"]))
+    probe.start()
+    time.sleep(0.3)                               # the probe's first row is generating
+    call("question", ["Who painted the Mona Lisa?"])
+    probe.join()
+    batcher.close()
+    assert done["question"] < done["probe"]
+    assert batcher.batches == 4

@@ -375,6 +375,7 @@ PROMPT_FORMS = {
                        "model without a chat template",
     "plain text": "as plain text it continues (completion mode)",
     "classification": "whole, as a text to label (a classifier reads no prompt)",
+    "question to the encoder": "as it is, to the encoder (an encoder-decoder: the decoder writes the answer)",
 }
 
 

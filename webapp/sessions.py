@@ -40,6 +40,14 @@ from .models import ModelShelf
 from .tokens import WorkspaceTokens
 
 
+def cores_here() -> int:
+    """The cores this process may run on (a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def default_root() -> Path:
     """$MELO_WORKSPACES, else the user's data directory."""
     env = os.environ.get("MELO_WORKSPACES")
@@ -94,15 +102,20 @@ class WorkspacePool:
     def answer_concurrency(self) -> int:
         """Requests that may generate at once: enough to fill every answering thread's shared
         batch where this pool holds models, else one per core."""
-        cores = self.answer_slots or os.cpu_count() or 2
-        return cores * AnswerBatcher.MAX_ROWS if self.shelf is not None else cores
+        cores = self.answer_slots or cores_here()
+        if self.shelf is None:
+            return cores
+        # Below gradio's 40 jobs at once, so that waiting questions never hold every place
+        # an edit needs.
+        return min(cores * AnswerBatcher.MAX_ROWS, 24)
 
     def _shared(self, ed, name: str, backbone):
         """`ed` answering in its model's shared batches (a model that generates: the
         classifier does not). Call with the pool's lock held."""
         if hasattr(backbone, "generate_batch"):
             if name not in self._answers:
-                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
+                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots or cores_here(),
+                                                    nice=self.answer_nice)
             ed.answers = self._answers[name]
         return ed
 
@@ -160,8 +173,8 @@ class WorkspacePool:
                 if ed is None:
                     if len(self._editors) >= self.max_open:
                         raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                    ed = self._shared(self.shelf.editor(name).open(self.root / folder / "ws", backbone=backbone),
-                                      name, backbone)
+                    ed = self._shared(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
+                                                                   backbone=backbone), name, backbone)
                     self._editors[folder] = ed
                 self._used[folder] = time.monotonic()
         (self.root / folder / "last_used").write_text(str(time.time()))
@@ -337,7 +350,9 @@ class WorkspacePool:
                 last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
             except (OSError, ValueError):
                 last = d.stat().st_mtime
-            limit = self.idle_seconds if MeloEditor.has_edits(d / "ws") else self.empty_idle_seconds
+            # An empty workspace on a model the visitor chose is a choice, kept like edits.
+            kept = MeloEditor.has_edits(d / "ws") or self._recorded_model(d.name) != self.default_model
+            limit = self.idle_seconds if kept else self.empty_idle_seconds
             if now - last <= limit:
                 continue
             if self._remove(d.name):
