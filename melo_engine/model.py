@@ -81,13 +81,9 @@ def bundled_gguf(name: str) -> Path | None:
 
 
 def licence(name: str) -> str:
-    """The licence the page names for a model: a bundled one's (a classifier's: its
-    encoder's and its data's), else where it came from."""
-    from .classifier.backbone import CLASSIFIERS
-
+    """The licence the page names for a model: a bundled one's, else where it came from
+    (a classifier's is in its own table, classifier/backbone.py CLASSIFIERS)."""
     info = BUNDLED.get(name)
-    if name in CLASSIFIERS:
-        return CLASSIFIERS[name].licence
     return info["licence"] if info else "the licence of its source (not a bundled model)"
 
 

@@ -317,9 +317,7 @@ def model_choices(pool: WorkspacePool) -> list[tuple[str, str]]:
 def model_note(pool: WorkspacePool) -> str:
     """Beside the model choice: each offered model's size (counted on its weights, or read from
     its cached copy) and licence, and whether this server has it loaded yet."""
-    from melo_engine.model import licence
-
-    from .models import footprint
+    from .models import footprint, licence
 
     shelf = pool.shelf          # None on a front of the Ray engine: its replicas hold the model
     lines = []

@@ -184,3 +184,12 @@ def cached_footprint(folder: Path) -> Footprint | None:
 
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def licence(name: str) -> str:
+    """The licence of a model the page offers: a classifier's (its encoder's and its data's)
+    or a language model's (melo_engine.model.licence)."""
+    from melo_engine.classifier.backbone import CLASSIFIERS
+    from melo_engine.model import licence as model_licence
+
+    return CLASSIFIERS[name].licence if name in CLASSIFIERS else model_licence(name)

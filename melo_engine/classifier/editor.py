@@ -123,9 +123,11 @@ class ClassifierEditor(MeloEditor):
     def model_info(self) -> dict:
         """As MeloEditor's, for a classifier: the text reaches the encoder whole, no prompt."""
         from ..model import licence
+        from .backbone import CLASSIFIERS
 
+        entry = CLASSIFIERS.get(self.config.model)
         return {"model": self.config.model, "prompt_form": "classification", "device": "cpu",
-                "licence": licence(self.config.model)}
+                "licence": entry.licence if entry else licence(self.config.model)}
 
     def default_settings(self) -> dict:
         """The settings a new classifier workspace starts with (classifier_config's)."""
