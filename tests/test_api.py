@@ -303,7 +303,7 @@ def test_fuzz_through_the_api_and_the_command_line(app_server):
     ws = str(root.parent / "cli-fuzz").encode()
     cases = []
     texts = [t for t in _fuzz_texts(rng) if isinstance(t, str) and "\x00" not in t and len(t) < 2000]
-    for text in rng.sample(texts, 5):       # each call starts python (seconds): a sample
+    for text in rng.sample(texts, 2):       # each call starts python (seconds): a sample
         arg = text.encode("utf-8", "surrogateescape") if not any(0xD800 <= ord(c) < 0xE000 for c in text) \
             else b"\xff\xfe"
         cases += [[b"-w", ws, b"edit", arg, b"x"], [b"-w", ws, b"edit", b"q?", arg], [b"-w", ws, b"ask", arg]]

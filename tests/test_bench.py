@@ -104,7 +104,7 @@ def test_hallucination_sets_follow_the_papers_definitions():
 def test_short_hallucination_benchmark_has_three_perplexities_per_method(backbone, tmp_path):
     from melo_engine.bench import hallucination_benchmark
 
-    res = hallucination_benchmark(4, ["melo", "grace", "lora"], backbone=backbone, show_progress=False, measured=12)
+    res = hallucination_benchmark(3, ["melo", "grace", "lora"], backbone=backbone, show_progress=False, measured=6)
     json.dumps(res)                                   # what --json writes
     keys = ("edit_ppl", "arr_ppl", "locality_ppl")
     assert all(isinstance(res["base"][k], float) and res["base"][k] > 1.0 for k in keys)

@@ -104,7 +104,9 @@ def test_the_page_and_the_api_are_a_front_without_the_model(front, example_edits
     from webapp.downloads import Downloads
     from webapp.layout import build_demo, server_extras
 
-    assert front.backbone is None
+    assert front.shelf is None                         # the front holds no model ...
+    with pytest.raises(ValueError, match="holds no model"):
+        front.backbone()                               # ... and says so in one line
     downloads = Downloads()
     demo = build_demo(front, downloads, answer_concurrency=2)
     demo.queue()
