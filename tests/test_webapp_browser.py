@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tree_digest
+from conftest import tree_digest
 
 # Screenshots go to docs/screenshots when MELO_SCREENSHOTS names that folder (make screenshots).
 SHOTS = Path(os.environ.get("MELO_SCREENSHOTS", "")) if os.environ.get("MELO_SCREENSHOTS") else None
