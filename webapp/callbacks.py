@@ -126,26 +126,41 @@ class FormRefused(Exception):
     """An edit's form that the engine refused before training: a notice, not an error."""
 
 
-def _edit(ed, question, target, choice, shown, end, progress):
-    number = _sentence_number(choice)
-    skip = (gr.skip(),) * (EDIT_OUTPUTS - 1)
+def trained(outputs: int, train, progress, learnt: str):
+    """The steps every edit from the page takes before it is written, for the edit's
+    callback to `yield from` (it returns what was trained): the button says it trains, the
+    progress shows each step, a form the engine refuses becomes a notice (FormRefused), and
+    gradio has a last chance to drop the edit of a visitor who has gone. `train(report)`
+    trains and writes nothing; `outputs` is the callback's number of outputs."""
+    skip = (gr.skip(),) * (outputs - 1)
     # gradio checks at every yield that the visitor is still connected, and never resumes a
     # generator whose visitor has gone: an edit whose page was closed, or whose API client
     # gave up, while it waited in the queue or trained is not trained or not written.
     yield *skip, gr.update(value=TRAINING)
 
     def report(step, loss):
-        progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the answer is learnt)")
+        progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the {learnt} is learnt)")
 
     progress(None, desc="starting")
     try:
-        check_form(question, target, number)
-        pending = (ed.train_correction(question, number, target, answer=answer_shown(question, shown),
-                                       progress=report, end=bool(end)) if number
-                   else ed.train(question, target, progress=report))            # nothing written yet
+        pending = train(report)
     except ValueError as err:
         raise FormRefused(str(err)) from None
     yield skip + (gr.skip(),)
+    return pending
+
+
+def _edit(ed, question, target, choice, shown, end, progress):
+    number = _sentence_number(choice)
+    skip = (gr.skip(),) * (EDIT_OUTPUTS - 1)
+
+    def train(report):
+        check_form(question, target, number)
+        return (ed.train_correction(question, number, target, answer=answer_shown(question, shown),
+                                    progress=report, end=bool(end)) if number
+                else ed.train(question, target, progress=report))
+
+    pending = yield from trained(EDIT_OUTPUTS, train, progress, "answer")
     r = ed.commit(pending)
     side = render.side_effects_html(r.edit_id, ed.side_effects(r.edit_id))    # keys only: milliseconds
     yield render.edit_summary(ed, r), gr.skip(), side, plots.losses_figure(r.losses), *skip[4:], gr.skip()

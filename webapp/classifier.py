@@ -13,7 +13,7 @@ import gradio as gr
 from melo_engine.classifier.editor import ClassifierEditor
 
 from . import plots, render
-from .callbacks import TRAINING, FormRefused, user_errors
+from .callbacks import FormRefused, trained, user_errors
 from .sessions import WorkspacePool
 
 EDIT_OUTPUTS = 6     # summary, label before/after, the bars, side effects, training plot, the button
@@ -78,20 +78,12 @@ def edit(pool: WorkspacePool, token: str, text: str, label: str, progress=gr.Pro
 
 
 def _edit(ed: ClassifierEditor, text: str, label: str, progress):
-    skip = (gr.skip(),) * (EDIT_OUTPUTS - 1)
-    yield *skip, gr.update(value=TRAINING)
-
-    def report(step, loss):
-        progress(None, desc=f"training step {step}, loss {loss:.3f} (stops once the label is learnt)")
-
-    progress(None, desc="starting")
-    try:
+    def train(report):
         if not label:
             raise ValueError("pick the right label from the list first")
-        pending = ed.train(text, label, progress=report)          # nothing written yet
-    except ValueError as err:
-        raise FormRefused(str(err)) from None
-    yield skip + (gr.skip(),)      # not resumed if the visitor has gone (callbacks._edit)
+        return ed.train(text, label, progress=report)
+
+    pending = yield from trained(EDIT_OUTPUTS, train, progress, "label")
     r = ed.commit(pending)
     c = ed.classify(text, compare_base=True)
     yield (render.edit_summary(ed, r, render.TEXTS), render.label_before_after_html(c), plots.label_bars(c),
