@@ -72,7 +72,7 @@ class AnswerBatcher:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.backbone = backbone
-        self.slots = slots or os.cpu_count() or 1
+        self.slots = slots or cores_here()
         self.max_rows = max_rows
         self.nice = nice
         self._waiting: list[Row] = []       # queued rows not yet taken, oldest first
@@ -198,6 +198,14 @@ def active(rows: list[Row]):
     if not modules:
         return None
     return {m: stack([r.blocks.get(m) if r.blocks else None for r in rows]) for m in modules}
+
+
+def cores_here() -> int:
+    """The cores this process may run on (a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def lower_this_thread(by: int) -> bool:

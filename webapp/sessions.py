@@ -30,7 +30,7 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
-from melo_engine.batching import AnswerBatcher
+from melo_engine.batching import AnswerBatcher, cores_here
 from melo_engine.config import DEFAULT_MODEL, MeloConfig
 from melo_engine.lock import WorkspaceLock
 from melo_engine.store import CONFIG, read_header
@@ -38,14 +38,6 @@ from melo_engine.store import CONFIG, read_header
 from .lane import BenchmarkLane
 from .models import ModelShelf
 from .tokens import WorkspaceTokens
-
-
-def cores_here() -> int:
-    """The cores this process may run on (a container's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_root() -> Path:
@@ -114,8 +106,7 @@ class WorkspacePool:
         classifier does not). Call with the pool's lock held."""
         if hasattr(backbone, "generate_batch"):
             if name not in self._answers:
-                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots or cores_here(),
-                                                    nice=self.answer_nice)
+                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
             ed.answers = self._answers[name]
         return ed
 
