@@ -44,8 +44,10 @@ browser:
 run: setup
 	$(PY) app.py
 
+# Two workers, each file whole on one (its fixtures load once); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup browser
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(PY) -m melo_engine.bench speed

@@ -11,6 +11,7 @@ its first use, then deleted; the default model's first start never waits for it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -157,6 +158,22 @@ def _cache_gguf(name: str, gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _converting(target: Path):
+    """Hold an exclusive lock while `target` is made: two processes starting on a cold cache
+    (the app and a command, two test workers) convert once, and the second never deletes the
+    folder the first is reading. flock: the kernel drops it if the converter dies."""
+    import fcntl
+
+    lock = _made(target.parent) / f".{target.name}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _loaded_or_one_line(where: str, what: str):
     """_load_pretrained, with its many-line errors (a missing tokenizer, a hub id while offline,
     a file that is not a model) said in one line."""
@@ -203,18 +220,19 @@ def load_model(name: str = DEFAULT_MODEL):
     if name in BUNDLED:
         gguf = bundled_gguf(name)
         target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file() and gguf is not None:
+            with _converting(target):
+                if not (target / "config.json").is_file():     # another process may have made it
+                    if BUNDLED[name].get("assembled"):
+                        # Joined next to the cache (253 MB for Gemma), converted, then deleted.
+                        work = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=target.parent))
+                        try:
+                            _cache_gguf(name, _assembled_gguf(name, work), target)
+                        finally:
+                            shutil.rmtree(work, ignore_errors=True)
+                    else:
+                        _cache_gguf(name, gguf, target)
         if (target / "config.json").is_file():
-            model, tokenizer = _load_pretrained(str(target))
-        elif gguf is not None:
-            if BUNDLED[name].get("assembled"):
-                # Joined next to the cache (253 MB for Gemma), converted, then deleted.
-                work = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=_made(cache_dir() / "models")))
-                try:
-                    _cache_gguf(name, _assembled_gguf(name, work), target)
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
-            else:
-                _cache_gguf(name, gguf, target)
             model, tokenizer = _load_pretrained(str(target))
         else:
             # No bundled package (e.g. on Spaces): the same weights by hub id.

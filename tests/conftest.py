@@ -17,10 +17,26 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite's probe bank is its own, not the user's (absent until a test loads one).
+# `make test` runs two workers on two cores: one torch thread each (and in what they start),
+# or four threads would spin against each other on two cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MELO_PROBE_BANK", os.path.join(tempfile.gettempdir(), f"melo-test-probes-{os.getpid()}"))
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# The longest files first, so that the two workers of `make test` finish together instead of
+# one running the browser tests alone at the end (xdist hands out files in collection order).
+SLOW_FIRST = ("test_webapp_browser.py", "test_api.py", "test_bench.py", "test_engine.py", "test_sentences.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+    items.sort(key=rank)         # stable: the order inside a file is kept
 
 
 def pytest_configure(config):

