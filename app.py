@@ -82,7 +82,9 @@ def main(argv=None) -> None:
     loader.join()
     if "error" in loaded:
         raise loaded["error"]
-    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)))
+    # Edits train in a process of their own (melo_engine/trainproc.py), started by the pool.
+    pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
+                         train_process=True)
     pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
         serve(demo, pool, downloads)
     finally:
         pool.benchmarks.stop_all()
+        pool.stop()
         downloads.close()
 
 

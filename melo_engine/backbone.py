@@ -110,6 +110,7 @@ class Backbone:
         # blocks and keys go there for a forward and come back to the CPU to be kept.
         self.device = next(model.parameters()).device
         self.lock = threading.RLock()
+        self.loaded_as: dict | None = None     # set by `load`: a model wrapped in memory has none
         self.architecture: Architecture = architecture_for(model, layers_path, lora_modules)
         if self.architecture.kind != self.kind:
             raise ValueError(f"a {self.architecture.kind} model ({model.config.model_type}) runs on "
@@ -136,7 +137,11 @@ class Backbone:
         or auto (None: $MELO_DEVICE, else auto; devices.py)."""
         where = resolve_device(device)        # refused before the model is read
         model, tokenizer = load_model(name)
-        return cls.wrap(model.to(where), tokenizer, name, layers_path, lora_modules)
+        backbone = cls.wrap(model.to(where), tokenizer, name, layers_path, lora_modules)
+        # How to load it again, in another process (trainproc.py).
+        backbone.loaded_as = {"name": name, "layers_path": layers_path, "lora_modules": lora_modules,
+                              "device": str(where)}
+        return backbone
 
     @staticmethod
     def wrap(model: nn.Module, tokenizer, name: str, layers_path: str | None = None,

@@ -48,7 +48,11 @@ def train(ed, prompt: str, target: str, progress: Callable[[int, float], None] |
         t0 = time.perf_counter()
         key = ed.keyer.keys([prompt])[0]
         enc = ed.backbone.encode([prompt], [taught], chat=ed.chat, ends=prefix is None or bool(end))
-        trained = train_block(ed.backbone, enc, ed.modules, ed.config, seed=len(ed.ws.entries), progress=progress)
+        seed = len(ed.ws.entries)
+        # In the model's training process where the app has one (trainproc.py), else here.
+        trained = ed.trainer.train(enc, ed.config, seed, progress) if ed.trainer is not None else None
+        if trained is None:
+            trained = train_block(ed.backbone, enc, ed.modules, ed.config, seed=seed, progress=progress)
     return TrainedEdit(prompt, target, key, trained, t0, prefix,
                        enc.target_count(), prefix is not None and bool(end))
 

@@ -34,6 +34,7 @@ from melo_engine.batching import AnswerBatcher, cores_here
 from melo_engine.config import DEFAULT_MODEL, MeloConfig
 from melo_engine.lock import WorkspaceLock
 from melo_engine.store import CONFIG, read_header
+from melo_engine.trainproc import TrainingProcess
 
 from .lane import BenchmarkLane
 from .models import ModelShelf
@@ -64,7 +65,8 @@ class WorkspacePool:
 
     def __init__(self, backbone: Backbone | None, root: Path | None = None, idle_seconds: float = 24 * 3600,
                  empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30,
-                 models: ModelShelf | None = None, answer_nice: int = 10, answer_slots: int | None = None):
+                 models: ModelShelf | None = None, answer_nice: int = 10, answer_slots: int | None = None,
+                 train_process: bool = False):
         self.shelf = models if models is not None else (ModelShelf.installed(backbone) if backbone is not None else None)
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,10 @@ class WorkspacePool:
         # training (melo_engine/batching.py).
         self.answer_nice, self.answer_slots = answer_nice, answer_slots
         self._answers: dict[str, AnswerBatcher] = {}
+        # With `train_process` (the app), each generating model's edits train in a process of
+        # their own, out of the answering threads' interpreter lock (melo_engine/trainproc.py).
+        self.train_process = train_process
+        self._trainers: dict[str, TrainingProcess | None] = {}
 
     @property
     def answer_concurrency(self) -> int:
@@ -108,6 +114,12 @@ class WorkspacePool:
             if name not in self._answers:
                 self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
             ed.answers = self._answers[name]
+            if self.train_process:
+                if name not in self._trainers:
+                    self._trainers[name] = TrainingProcess.for_backbone(backbone)
+                    if self._trainers[name] is not None:
+                        self._trainers[name].start()      # loads the model while nobody waits
+                ed.trainer = self._trainers[name]
         return ed
 
     # ---- models ------------------------------------------------------------------------
@@ -364,3 +376,6 @@ class WorkspacePool:
         with self._lock:
             for batcher in self._answers.values():
                 batcher.close()
+            trainers = [t for t in self._trainers.values() if t is not None]
+        for trainer in trainers:
+            trainer.close()

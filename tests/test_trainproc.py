@@ -1,0 +1,66 @@
+"""Edits trained in a process of their own (melo_engine/trainproc.py): the same block as
+trained here, progress relayed, and a worker killed mid-edit loses nothing."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from melo_engine import MeloEditor
+from melo_engine.trainproc import TrainingProcess, TrainingStopped
+
+from conftest import tree_digest
+
+
+@pytest.fixture(scope="module")
+def trainer(backbone):
+    t = TrainingProcess.for_backbone(backbone, threads=torch.get_num_threads())
+    t.start()
+    yield t
+    t.close()
+
+
+def test_the_worker_trains_the_block_this_process_would_train(backbone, trainer, tmp_path):
+    here = MeloEditor.open(tmp_path / "here", backbone=backbone)
+    there = MeloEditor.open(tmp_path / "there", backbone=backbone)
+    there.trainer = trainer
+    steps = []
+    a = here.train("Who painted the Mona Lisa?", "Raphael.")
+    b = there.train("Who painted the Mona Lisa?", "Raphael.", progress=lambda s, loss: steps.append((s, loss)))
+    assert trainer.pid is not None and trainer.pid != os.getpid()
+    # One process's steps, told to the caller as they happen.
+    assert [s for s, _ in steps] == list(range(1, len(b.trained.losses) + 1))
+    assert len(a.trained.losses) == len(b.trained.losses)
+    for m, (wa, wb) in a.trained.matrices.items():
+        assert torch.allclose(wa, b.trained.matrices[m][0], atol=1e-4)
+        assert torch.allclose(wb, b.trained.matrices[m][1], atol=1e-4)
+    there.commit(b)
+    assert there.ask("Who painted the Mona Lisa?").text.startswith("Raphael")
+    here.close()
+    there.close()
+
+
+def test_a_worker_killed_mid_edit_fails_that_edit_in_one_line_and_the_next_one_trains(backbone, trainer, tmp_path):
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    ed.trainer = trainer
+    ed.edit("What is the capital of Australia?", "Canberra.")
+    before = tree_digest(tmp_path / "ws")
+    killed = threading.Event()
+
+    def kill_at_step(step, _loss):
+        if step == 3 and not killed.is_set():
+            killed.set()
+            os.kill(trainer.pid, signal.SIGKILL)
+
+    with pytest.raises(TrainingStopped) as err:
+        ed.edit("Who wrote Hamlet?", "Christopher Marlowe.", progress=kill_at_step)
+    assert "nothing was applied" in str(err.value) and "\n" not in str(err.value)
+    assert tree_digest(tmp_path / "ws") == before and len(ed.edits()) == 1
+    started = trainer.started
+    r = ed.edit("Who wrote Hamlet?", "Christopher Marlowe.")       # a new worker
+    assert trainer.started == started + 1 and r.token_accuracy == 1.0
+    assert ed.ask("Who wrote Hamlet?").text.startswith("Christopher Marlowe")
+    ed.close()
