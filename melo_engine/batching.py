@@ -16,12 +16,18 @@ rows fill the rest of the batch), generates them together and hands each caller 
 holds its block for every new token; the rare row that holds it for part of the answer
 only (a sentence correction that lets the model go on) is generated alone.
 
+Express lane. With two answering threads or more, the first takes only questions (calls of
+one or two rows), and runs half as many nice levels down as the others: a visitor's
+question waited for a whole batch of a probe's long answers (9-15 s on two loaded cores)
+before its own began, and then shared the core with it.
+
 Priority. The answering threads run `nice` levels below the thread that made them (the
-app: 10). An edit trains on its request's thread: on a machine with two cores and a class
-asking at once, every core is busy answering, and training at the same priority got a
-share of a core, so edits queued behind each other and each waited for all the ones
-before it (the classroom benchmark, docs/BENCHMARKS.md). Above the answering threads, the
-kernel gives training a core whenever it has work. Linux lets a thread lower its own
+app: 10). An edit trains in the app's training process (trainproc.py), or on its request's
+thread elsewhere: on a machine with two cores and a class asking at once, every core is
+busy answering, and training at the same priority got a share of a core, so edits queued
+behind each other and each waited for all the ones before it (the classroom benchmark,
+docs/BENCHMARKS.md). Above the answering threads, the kernel gives training a core
+whenever it has work. Linux lets a thread lower its own
 priority without privilege (not raise it back), so the answering threads lower
 themselves; the web server, the training and everything else keep the process's.
 
@@ -67,6 +73,7 @@ class AnswerBatcher:
     of its own, `nice` levels below their creator (module docstring)."""
 
     MAX_ROWS = 8          # rows per generation (docs/BENCHMARKS.md, "A class on one server")
+    EXPRESS = 2           # a question's rows: its answer, and the unedited one beside it
 
     def __init__(self, backbone, slots: int | None = None, max_rows: int = MAX_ROWS, nice: int = 0):
         if max_rows < 1:
@@ -80,7 +87,11 @@ class AnswerBatcher:
         self._closed = False
         self.batches = 0                     # generations run, and the rows they held
         self.rows = 0
-        self._threads = [threading.Thread(target=self._work, name=f"melo-answers-{i}", daemon=True)
+        # With two slots or more, the first is the express lane: questions only (calls of at
+        # most EXPRESS rows), a few nice levels above the others, so that a visitor's question
+        # never waits behind a probe's batch of long answers (module docstring).
+        self._threads = [threading.Thread(target=self._work, args=(self.slots > 1 and i == 0,),
+                                          name=f"melo-answers-{i}", daemon=True)
                          for i in range(self.slots)]
         for t in self._threads:
             t.start()
@@ -107,26 +118,30 @@ class AnswerBatcher:
             self._closed = True
             self._wake.notify_all()
 
-    def _work(self) -> None:
-        lower_this_thread(self.nice)
+    def _work(self, express: bool = False) -> None:
+        lower_this_thread(self.nice - self.nice // 2 if express else self.nice)
         while True:
             with self._wake:
-                while not self._waiting and not self._closed:
+                while not self._mine(express) and not self._closed:
                     self._wake.wait()
-                if not self._waiting:
+                if not self._mine(express):
                     return
-                batch = self._take()
+                batch = self._take(express)
             if batch[0].hold is not None:
                 self._alone(batch[0])
             else:
                 self._run(batch)
 
-    def _take(self) -> list[Row]:
+    def _mine(self, express: bool) -> list[Row]:
+        """The waiting rows a slot may take (the express lane: questions' only)."""
+        return [r for r in self._waiting if r.size <= self.EXPRESS] if express else self._waiting
+
+    def _take(self, express: bool = False) -> list[Row]:
         """The next rows: smallest calls first, in order of arrival among equals (a question
         of one or two rows is not kept behind a probe of ten), and with the first, unless it
         is a partial hold (those go alone), the next others of its prompt form, up to
         max_rows. Call with the lock held."""
-        order = sorted(self._waiting, key=lambda r: r.size)      # stable: arrival among equals
+        order = sorted(self._mine(express), key=lambda r: r.size)      # stable: arrival among equals
         first = order[0]
         batch = [first]
         if first.hold is None:

@@ -68,8 +68,8 @@ def test_the_answering_threads_sit_below_their_creator_which_keeps_its_priority(
     batcher = AnswerBatcher(backbone, slots=2, nice=3)
     try:
         assert [batcher.generate([]) for _ in range(2)] == [[], []]
-        for t in batcher._threads:
-            assert nice(t.native_id) == min(19, before + 3)
+        # The express lane (questions only) half as far down as the others.
+        assert [nice(t.native_id) for t in batcher._threads] == [min(19, before + 2), min(19, before + 3)]
         assert nice(me) == before           # the caller (the web server, the training) is not lowered
     finally:
         batcher.close()
@@ -102,3 +102,29 @@ def test_a_question_is_not_kept_behind_a_probe_of_many_rows(backbone):
     batcher.close()
     assert done["question"] < done["probe"]
     assert batcher.batches == 4
+
+
+def test_a_question_takes_the_express_lane_while_a_probe_fills_the_other(backbone):
+    """Two answering threads and a probe of sixteen long rows: without an express lane both
+    threads would take eight of them and a question would wait for one of those batches;
+    with it, the question is answered before the probe is."""
+    import time
+
+    from melo_engine.batching import Row
+
+    batcher = AnswerBatcher(backbone, slots=2, max_rows=8)
+    done: dict = {}
+
+    def call(name, questions, limit):
+        batcher.generate([Row(q, None, limit, True) for q in questions])
+        done[name] = time.perf_counter()
+
+    probe = threading.Thread(target=call, args=("probe", [f"Tell me a long story about the number {i}." for i in range(16)],
+                                                48))
+    probe.start()
+    time.sleep(0.5)                               # the probe's first batch is generating
+    call("question", ["Who painted the Mona Lisa?"], 16)
+    probe.join()
+    batcher.close()
+    assert done["question"] < done["probe"]
+    assert batcher.rows == 17 and batcher.batches == 3      # the probe's rows: two batches, one after the other
