@@ -113,3 +113,16 @@ def test_a_workspace_with_edits_is_refused_a_model_change_and_nothing_is_written
     assert shown == TINY and msg.startswith(f"Your workspace now edits **{TINY}**") and "question-answer" in msg
     assert pool.editor(token).config.model == TINY and pool.editor(token).edits() == []
     assert f"**{TINY}**: 0 million parameters" in callbacks.model_note(pool)       # loaded: counted
+
+
+def test_a_visitors_benchmark_runs_on_their_workspaces_model(backbone, tiny, tmp_path):
+    """The Benchmark tab and /benchmark run the zsRE stream on the model the visitor's
+    workspace was made with (a visitor on Gemma benchmarks Gemma), the default otherwise."""
+    pool = WorkspacePool(backbone, root=tmp_path, models=shelf_with_tiny(backbone, tiny, []))
+    a, b = pool.tokens.new(), pool.tokens.new()
+    pool.set_model(a, TINY)
+    assert pool.benchmark_model(a) == TINY and pool.benchmark_model(b) in (None, DEFAULT_MODEL)
+    out, progress = tmp_path / "out.json", tmp_path / "progress"
+    cmd = pool.benchmarks.command(5, ["melo"], out, progress, pool.benchmark_model(a))
+    assert cmd[cmd.index("--model") + 1] == TINY
+    assert "--model" not in pool.benchmarks.command(5, ["melo"], out, progress, pool.benchmark_model(b))

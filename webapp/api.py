@@ -114,8 +114,8 @@ def edits(pool: WorkspacePool, request: gr.Request) -> list:
 
 @user_errors
 def benchmark(pool: WorkspacePool, n: int, methods: str, request: gr.Request) -> Iterator[dict]:
-    """A small zsRE run of `n` edits per method (`methods`: comma-separated names) in the
-    benchmark lane: its own low-priority process, one run per client at a time, never
+    """A small zsRE run of `n` edits per method (`methods`: comma-separated names) on this
+    client's workspace's model, in the benchmark lane: its own low-priority process, one run per client at a time, never
     ahead of anyone's edit (lane.py). Returns the JSON of `python -m melo_engine.bench edits`."""
     token = token_of(request)
     pool.tokens.folder(token)
@@ -125,7 +125,7 @@ def benchmark(pool: WorkspacePool, n: int, methods: str, request: gr.Request) ->
     pool.benchmarks.claim(token)
     pool.benchmarks.take(token)
     try:
-        for step in pool.benchmarks.run(token, n, chosen):
+        for step in pool.benchmarks.run(token, n, chosen, pool.benchmark_model(token)):
             yield None if isinstance(step, Progress) else step      # a gone client stops it here
     finally:
         pool.benchmarks.release(token)

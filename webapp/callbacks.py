@@ -477,14 +477,16 @@ def run_benchmark(pool: WorkspacePool, token: str, n, methods):
     pool.benchmarks.take(token)
     try:
         n, methods = benchmark_choice(n, methods)
-        for step in pool.benchmarks.run(token, n, methods):
+        model = pool.benchmark_model(token)          # the visitor's workspace's model
+        on = model or pool.default_model
+        for step in pool.benchmarks.run(token, n, methods, model):
             if isinstance(step, Progress):
                 # Shown as text: a streaming event hides gradio's progress bar after its first
                 # update, and each update is where Stop can end the run.
-                yield (f"Running in the benchmark lane: {step.text} ({step.fraction:.0%}). "
+                yield (f"Running in the benchmark lane on {on}: {step.text} ({step.fraction:.0%}). "
                        f"Edits and questions go on meanwhile; Stop ends the run."), gr.skip(), gr.skip()
             else:
-                yield (f"Done: {n} edit(s) per method, the same stream for each."), \
+                yield (f"Done on {on}: {n} edit(s) per method, the same stream for each."), \
                     published.table_rows(step), plots.retention_figure(step)
     finally:
         pool.benchmarks.release(token)

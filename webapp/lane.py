@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from melo_engine.config import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,22 +99,23 @@ class BenchmarkLane:
             return bool(self._running)
 
     # ---- runs -----------------------------------------------------------------------------
-    def command(self, n: int, methods: list[str], out: Path, progress: Path) -> list[str]:
+    def command(self, n: int, methods: list[str], out: Path, progress: Path, model: str | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "melo_engine.bench", "edits", "--dataset", "zsre", "--n", str(n),
                "--methods", ",".join(methods), "--json", str(out), "--progress", str(progress)]
-        return cmd + (["--model", self.model] if self.model else [])
+        model = model or self.model
+        return cmd + (["--model", model] if model and model != DEFAULT_MODEL else [])
 
-    def run(self, token: str, n: int, methods: list[str]) -> Iterator[Progress | dict]:
-        """Start the child and yield its Progress until it ends, then the result (the JSON of
-        `bench edits`). Closing the iterator, or `stop`, kills the child. A child that fails
-        (or was stopped) raises ValueError with its last line."""
+    def run(self, token: str, n: int, methods: list[str], model: str | None = None) -> Iterator[Progress | dict]:
+        """Start the child (on `model`, else the lane's) and yield its Progress until it ends,
+        then the result (the JSON of `bench edits`). Closing the iterator, or `stop`, kills
+        the child. A child that fails (or was stopped) raises ValueError with its last line."""
         tmp = Path(tempfile.mkdtemp(prefix="melo-bench-"))
         out, progress, log = tmp / "result.json", tmp / "progress", tmp / "log"
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", MELO_PARENT_PID=str(os.getpid()))
         nice = self.nice
         with open(log, "wb") as log_file:
-            proc = subprocess.Popen(self.command(n, methods, out, progress), cwd=ROOT, env=env,
+            proc = subprocess.Popen(self.command(n, methods, out, progress, model), cwd=ROOT, env=env,
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=lambda: _lower_child(nice))
         with self._lock:

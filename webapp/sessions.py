@@ -134,6 +134,14 @@ class WorkspacePool:
     def default_model(self) -> str:
         return self.models[0]
 
+    def benchmark_model(self, token: str) -> str | None:
+        """The model a visitor's benchmark (a zsRE run) runs on: their workspace's, where it
+        is a model that answers questions; else None (the lane's own: the default)."""
+        if self.shelf is None:
+            return None
+        name = self.model_of(token)
+        return name if self.shelf.editor(name) is MeloEditor else None
+
     def backbone(self, name: str | None = None):
         """The named model's backbone (default: the default model's), loaded on first use
         and shared by every workspace of that model. Unknown names: one line."""
