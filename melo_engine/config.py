@@ -79,22 +79,30 @@ class MeloConfig:
     max_text_chars: int = 500
     max_new_tokens: int = 48
 
-    def resolved(self, num_layers: int, architecture=None) -> "MeloConfig":
+    def for_backbone(self, backbone) -> "MeloConfig":
+        """`resolved` for this backbone: its depth, its architecture row, its key's stack."""
+        return self.resolved(backbone.num_layers, backbone.architecture, len(backbone.key_layers))
+
+    def resolved(self, num_layers: int, architecture=None, key_layers: int | None = None) -> "MeloConfig":
         """Fill the per-model defaults (layer choices, LoRA modules) for a model with
         `num_layers` layers whose parts sit where `architecture` (architectures.py) says
-        (None: a Llama-style model)."""
+        (None: a Llama-style model). `key_layers`: how many layers the model's own key is
+        read from, where that is another stack (T5: the encoder's; default: num_layers)."""
         from .architectures import ARCHITECTURES
 
         arch = architecture or ARCHITECTURES["llama"]
+        key_layers = num_layers if key_layers is None else key_layers
         key_layer = (self.key_layer if self.key_layer is not None
-                     else max(1, round(num_layers * arch.key_layer_fraction)))
+                     else max(1, round(key_layers * arch.key_layer_fraction)))
         lora_modules = tuple(self.lora_modules) if self.lora_modules else (arch.ffn_out,)
         lora_layers = self.lora_layers if self.lora_layers is not None else arch.default_lora_layers(num_layers)
         lora_layers = tuple(sorted(int(i) for i in lora_layers))
         if not lora_layers or (min(lora_layers) <= key_layer and not arch.key_in_encoder):
             raise ValueError(f"the key layer ({key_layer}) must sit below every LoRA layer {lora_layers}")
-        if max(lora_layers) >= num_layers or not 0 <= key_layer < num_layers:
-            raise ValueError(f"layers must lie in 0..{num_layers - 1}")
+        if max(lora_layers) >= num_layers:
+            raise ValueError(f"the LoRA layers must lie in 0..{num_layers - 1}")
+        if not 0 <= key_layer < key_layers:
+            raise ValueError(f"the key layer must lie in 0..{key_layers - 1}")
         return dataclasses.replace(self, key_layer=key_layer, lora_layers=lora_layers, lora_modules=lora_modules)
 
     @property

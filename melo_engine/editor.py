@@ -106,7 +106,7 @@ class MeloEditor:
             raise ValueError(f"workspace {ws.name} is for model {cfg.model!r}; the loaded model is {backbone.name!r}")
         if header is not None and header.get("fingerprint") != backbone.fingerprint:
             raise ValueError(f"workspace {ws.name} was made with another model than {backbone.name!r} (fingerprints differ)")
-        cfg = cfg.resolved(backbone.num_layers, backbone.architecture)
+        cfg = cfg.for_backbone(backbone)
         keyer = Keyer(backbone, cfg)
         if cfg.init_radius is None:
             cfg = dataclasses.replace(cfg, init_radius=calibrated_radius(backbone, cfg, keyer))

@@ -129,4 +129,4 @@ def warm(backbone, cfg=None) -> Keyer:
     source's own model and the whitening, so a server's first visitor does not wait."""
     from .config import MeloConfig
 
-    return Keyer(backbone, (cfg or MeloConfig()).resolved(backbone.num_layers, backbone.architecture))
+    return Keyer(backbone, (cfg or MeloConfig()).for_backbone(backbone))

@@ -231,6 +231,10 @@ def test_t5_is_keyed_by_its_encoder_and_edited_in_its_decoder(tokenizer, example
     paper = MeloConfig(model="t5-small").resolved(8, ARCHITECTURES["t5"])
     assert paper.key_layer == 4 and paper.lora_layers == (5, 6)
     assert paper.lora_modules == ("layer.2.DenseReluDense.wo",)
+    # The key layer is checked against the encoder's depth, the blocks against the decoder's.
+    assert MeloConfig(key_layer=5).resolved(4, ARCHITECTURES["t5"], key_layers=6).key_layer == 5
+    with pytest.raises(ValueError, match="key layer must lie in 0..3"):
+        MeloConfig(key_layer=5).resolved(8, ARCHITECTURES["t5"], key_layers=4)
     assert bb.ensure_lora((3,), paper.lora_modules) == ["decoder.block.3.layer.2.DenseReluDense.wo"]
     # GRACE's split of a prompt into lower and upper layers has no meaning here: one line.
     with pytest.raises(ValueError) as err:

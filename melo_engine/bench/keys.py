@@ -63,7 +63,7 @@ def key_study(locality: float = LOCALITY) -> dict:
     rows = []
     for source in ("sentence", "model"):
         keyer = Keyer(bb, dataclasses.replace(MeloConfig(key_source=source, key_whitening=False)
-                                              .resolved(bb.num_layers, bb.architecture)))
+                                              .for_backbone(bb)))
         cache = {}
 
         def keys(qs):

@@ -118,7 +118,7 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
 
     t0 = time.perf_counter()
     bb = Backbone.load(DEFAULT_MODEL)
-    cfg = MeloConfig().resolved(bb.num_layers, bb.architecture)
+    cfg = MeloConfig().for_backbone(bb)
     keyer = Keyer(bb, cfg)
     radius = calibrated_radius(bb, cfg, keyer)
     keyer.keys(["warm up"])

@@ -29,7 +29,7 @@ def routing_study(dataset: str, n: int, backbone=None, protocol: str | None = No
     from melo_engine.keys import Keyer
 
     bb = backbone or Backbone.load(DEFAULT_MODEL)
-    cfg = MeloConfig(**(settings or {})).resolved(bb.num_layers, bb.architecture)
+    cfg = MeloConfig(**(settings or {})).for_backbone(bb)
     keyer = Keyer(bb, cfg)
     radius = calibrated_radius(bb, cfg, keyer)
     cfg = dataclasses.replace(cfg, init_radius=radius)

@@ -19,7 +19,7 @@ class LoRAMethod(EditingMethod):
 
     def __init__(self, backbone: Backbone, config: MeloConfig | None = None, chat: bool = True, ends: bool = True):
         self.backbone = backbone
-        self.config = (config or MeloConfig()).resolved(backbone.num_layers, backbone.architecture)
+        self.config = (config or MeloConfig()).for_backbone(backbone)
         self.modules = backbone.ensure_lora(self.config.lora_layers, self.config.lora_modules)
         self.block: dict | None = None
         self.chat, self.ends = chat, ends
