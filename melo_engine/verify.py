@@ -306,7 +306,9 @@ class SameQuestion:
             # Numbers must be the same; an ordinal or superlative only where both texts have
             # one ("the last year of X" / "the year X was dissolved" ask the same).
             for kind in ("number", "ordinal", "superlative"):
-                a, b = q.slots[kind], e.slots[kind]
+                # A value the other text says too, in a name or at the head of its sentence,
+                # agrees ("Three Drives is ..." / "What does Three Drives play?").
+                a, b = q.slots[kind] - e.words, e.slots[kind] - q.words
                 # A rank before a superlative changes it: "second largest" is not "largest".
                 ranked = kind == "ordinal" and (q.slots["superlative"] or e.slots["superlative"])
                 if a != b and (kind == "number" or (a and b) or ranked):
