@@ -44,10 +44,14 @@ browser:
 run: setup
 	$(PY) app.py
 
-# Two workers, each file whole on one (its fixtures load once); TEST_WORKERS=0 runs in one process.
+# Two workers, each file whole on one (its fixtures load once); TEST_WORKERS=0 runs in one
+# process. Then the tests marked solo, alone (tests/conftest.py says why); both parts always run.
 TEST_WORKERS ?= 2
 test: setup browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	status=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not solo" tests || status=1; \
+	$(PY) -m pytest -m solo tests || status=1; \
+	exit $$status
 
 bench: setup
 	$(PY) -m melo_engine.bench speed

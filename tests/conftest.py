@@ -42,6 +42,10 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_configure(config):
     # A quick run leaves the optional second model out: pytest -m "not gemma".
     config.addinivalue_line("markers", "gemma: needs the Gemma 3 270M package (make setup installs it)")
+    # `make test` runs these after the others, alone: what they wait for is the benchmark
+    # lane's child, which sits far below everything else on purpose (webapp/lane.py) and
+    # gets next to no CPU while another test worker keeps both cores busy.
+    config.addinivalue_line("markers", "solo: needs the cores to itself (make test runs it after the rest)")
 
 
 @pytest.fixture(scope="session")

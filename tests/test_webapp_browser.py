@@ -190,6 +190,7 @@ def test_empty_edit_shows_a_message_and_changes_nothing(app_server, browser):
         ctx.close()
 
 
+@pytest.mark.solo
 def test_benchmark_tab_runs_a_small_benchmark(app_server, browser):
     url, _ = app_server
     with fresh_page(browser, url) as page:

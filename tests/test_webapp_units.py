@@ -300,6 +300,7 @@ def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
     assert fig.layout.xaxis.dtick == 100      # not one per edit: the browser stalled on a thousand
 
 
+@pytest.mark.solo
 def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_kills():
     """A visitor's benchmark is `python -m melo_engine.bench edits` in a child process of
     its own (lane.py): its JSON comes back; closing the run (Stop, or the page leaving)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from test_webapp_browser import LONG, answer_text, ask, fresh_page, open_page, shot, tab
 
 
@@ -31,6 +33,7 @@ def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edit
         b.close()
 
 
+@pytest.mark.solo
 def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queue_place(app_server, browser):
     """Visitor A runs a benchmark (its own low-priority process, webapp/lane.py). C's edit
     trains; B's edit waits behind C's (edits go one at a time), and B sees it: the button
@@ -68,8 +71,10 @@ def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queu
 
 
 def lane_children() -> list[str]:
-    """The benchmark lane's child processes (their command has --progress), by pid."""
-    out = subprocess.run(["pgrep", "-f", "melo_engine.bench edits .*--progress"], capture_output=True, text=True)
+    """The benchmark lane's child processes (their progress file is in the lane's own
+    temporary folder: a benchmark started by hand is not one of them), by pid."""
+    out = subprocess.run(["pgrep", "-f", "melo_engine.bench edits .*--progress .*/melo-bench-"],
+                         capture_output=True, text=True)
     return out.stdout.split()
 
 
