@@ -80,8 +80,10 @@ class MeloConfig:
     max_new_tokens: int = 48
 
     def for_backbone(self, backbone) -> "MeloConfig":
-        """`resolved` for this backbone: its depth, its architecture row, its key's stack."""
-        return self.resolved(backbone.num_layers, backbone.architecture, len(backbone.key_layers))
+        """`resolved` for this backbone: its depth, its architecture row, the stack its own key
+        is read from (a backbone without one, the classifier's: its layers)."""
+        stack = getattr(backbone, "key_layers", None)
+        return self.resolved(backbone.num_layers, backbone.architecture, None if stack is None else len(stack))
 
     def resolved(self, num_layers: int, architecture=None, key_layers: int | None = None) -> "MeloConfig":
         """Fill the per-model defaults (layer choices, LoRA modules) for a model with
