@@ -282,12 +282,15 @@ def test_fuzz_through_the_api_and_the_command_line(app_server):
     tried = 0
     values = _fuzz_texts(rng) + list(INVISIBLE.values()) + [True, -1, 0.0, [], {}, [None, 1],
                                                           {"text": "What is 2 + 2?"}]
-    for value in values:
-        for api, args in [("/ask", [value]), ("/edit", [value, "Jupiter."]),
-                          ("/edit", ["What is the largest planet?", value]), ("/probe", [value]),
-                          ("/delete", [value]), ("/correct", [value, 2, "A spider has eight legs."]),
-                          ("/correct", ["How many legs does a spider have?", value, "Eight."]),
-                          ("/correct", ["How many legs does a spider have?", 2, value])]:
+    for i, value in enumerate(values):
+        slots = [("/ask", [value]), ("/edit", [value, "Jupiter."]),
+                 ("/edit", ["What is the largest planet?", value]), ("/probe", [value]),
+                 ("/delete", [value]), ("/correct", [value, 2, "A spider has eight legs."]),
+                 ("/correct", ["How many legs does a spider have?", value, "Eight."]),
+                 ("/correct", ["How many legs does a spider have?", 2, value])]
+        # Each value in three of the eight places, in turn, so every place sees three values in
+        # eight (every value in every place took a minute and a half of the suite's thirty).
+        for api, args in [slots[(3 * i + k) % len(slots)] for k in range(3)]:
             tried += 1
             with pytest.raises(Exception) as err:
                 client.predict(*args, api_name=api)
