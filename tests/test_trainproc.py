@@ -64,3 +64,18 @@ def test_a_worker_killed_mid_edit_fails_that_edit_in_one_line_and_the_next_one_t
     assert trainer.started == started + 1 and r.token_accuracy == 1.0
     assert ed.ask("Who wrote Hamlet?").text.startswith("Christopher Marlowe")
     ed.close()
+
+
+def test_the_apps_pool_trains_every_workspace_of_a_model_in_one_worker_and_stop_ends_it(backbone, tmp_path):
+    from webapp.sessions import WorkspacePool
+
+    pool = WorkspacePool(backbone, root=tmp_path, train_process=True)
+    a, b = pool.tokens.new(), pool.tokens.new()
+    with pool.writing(a) as ea, pool.writing(b) as eb:
+        assert ea.trainer is eb.trainer is not None and ea.trainer.pid not in (None, os.getpid())
+        worker = ea.trainer
+    pool.stop()
+    assert worker.pid is None
+    # Without the flag (the engine's own default, and a tiny model wrapped in memory): none.
+    plain = WorkspacePool(backbone, root=tmp_path / "plain")
+    assert plain.editor(plain.tokens.new()).trainer is None
