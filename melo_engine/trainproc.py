@@ -17,15 +17,20 @@ the same seed, the same steps. Nothing about a workspace lives in the worker; ke
 placement and the commit stay in the app. One edit trains at a time (the app trains one at
 a time: its training queue).
 
-Failure. A worker that dies mid-edit (killed, out of memory) makes that edit fail in one
-line, with nothing written; the next edit starts a new worker. A worker whose parent dies
-reads the end of its pipe and exits. A model that cannot be rebuilt by name (one wrapped in
-memory, as in the tests) has no worker: `for_backbone` returns None and training stays on
-the caller's thread.
+Failure. A worker that dies mid-edit (killed, out of memory), or falls silent for
+STEP_SECONDS, makes that edit fail in one line, with nothing written; the next edit starts a
+new worker. A worker that cannot load the model (an error, or it dies while loading) is
+given up on: that model's edits train on the caller's thread, as without a worker, and the
+log says why. A worker whose parent dies reads the end of its pipe and exits; Ctrl-C on
+the app is left to the app. A model that cannot be rebuilt by name (one wrapped in memory,
+as in the tests) has no worker: `for_backbone` returns None and training stays on the
+caller's thread.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import signal
 import threading
 from typing import Callable
 
@@ -35,6 +40,11 @@ from .backbone import Backbone, Encoded
 from .config import MeloConfig
 from .train import Trained, train_block
 
+# How long a silent worker is waited for: its model's load (a cold cache converts first:
+# minutes on two cores), then each training step (seconds).
+LOAD_SECONDS, STEP_SECONDS = 900.0, 300.0
+STOPPED = "the training process stopped during this edit: nothing was applied, try the edit again"
+
 
 class TrainingStopped(RuntimeError):
     """The training process ended before the edit was trained (nothing was written)."""
@@ -42,25 +52,30 @@ class TrainingStopped(RuntimeError):
 
 def _serve(conn, spec: dict, threads: int) -> None:
     """The worker: load the model once, then train whatever arrives until the pipe closes."""
+    # Ctrl-C on the app reaches its whole process group: the app ends this worker itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
-        backbone = Backbone.load(**spec)
-    except BaseException as err:  # noqa: BLE001 - told to the parent, which trains itself
-        conn.send(("failed", f"{type(err).__name__}: {err}"))
-        return
-    conn.send(("ready", None))
-    while True:
         try:
+            backbone = Backbone.load(**spec)
+        except Exception as err:  # noqa: BLE001 - told to the parent, which trains itself
+            conn.send(("failed", f"{type(err).__name__}: {err}"))
+            return
+        conn.send(("ready", None))
+        while True:
             enc, cfg, seed = conn.recv()
-        except (EOFError, OSError):
-            return                      # the app has gone
-        try:
-            modules = backbone.ensure_lora(cfg.lora_layers, cfg.lora_modules)
-            trained = train_block(backbone, enc, modules, cfg, seed=seed,
-                                  progress=lambda step, loss: conn.send(("step", (step, loss))))
+            try:
+                modules = backbone.ensure_lora(cfg.lora_layers, cfg.lora_modules)
+                trained = train_block(backbone, enc, modules, cfg, seed=seed,
+                                      progress=lambda step, loss: conn.send(("step", (step, loss))))
+            except (EOFError, OSError):
+                raise
+            except Exception as err:  # noqa: BLE001 - the edit's own error, said to its caller
+                conn.send(("error", err if isinstance(err, ValueError) else RuntimeError(f"{type(err).__name__}: {err}")))
+                continue
             conn.send(("done", trained))
-        except Exception as err:  # noqa: BLE001 - the edit's own error, said to its caller
-            conn.send(("error", err if isinstance(err, ValueError) else RuntimeError(f"{type(err).__name__}: {err}")))
+    except (EOFError, OSError):
+        return                          # the app has gone, or closed the pipe: nothing to say
 
 
 class TrainingProcess:
@@ -73,8 +88,10 @@ class TrainingProcess:
         self._lock = threading.Lock()
         self._proc = None
         self._conn = None
+        self._ready = False
+        self._closed = False
         self.started = 0                 # workers started (a restart after a death counts)
-        self.failed: str | None = None   # why the model could not load in a worker (then: trains here)
+        self.failed: str | None = None   # why no worker could load the model (then: trains here)
 
     @classmethod
     def for_backbone(cls, backbone, threads: int | None = None) -> "TrainingProcess | None":
@@ -85,11 +102,13 @@ class TrainingProcess:
     def start(self) -> None:
         """Start the worker now (it loads the model in the background)."""
         with self._lock:
-            self._ensure()
+            if not self._closed:
+                self._ensure()
 
     def _ensure(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             return
+        self._stop()                     # a worker that died while idle: its pipe too
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(theirs, self.spec, self.threads),
@@ -99,37 +118,46 @@ class TrainingProcess:
         self._conn, self._ready = ours, False
         self.started += 1
 
-    def _recv(self):
+    def _recv(self, seconds: float):
         try:
+            if not self._conn.poll(seconds):
+                raise EOFError               # a worker silent that long is taken as stopped
             return self._conn.recv()
         except (EOFError, OSError):
             self._stop()
-            raise TrainingStopped("the training process stopped during this edit: nothing was applied, "
-                                  "try the edit again") from None
+            raise TrainingStopped(STOPPED) from None
+
+    def _give_up(self, why: str) -> None:
+        """No worker can load this model: its edits train on the caller's thread from now on."""
+        self.failed = why
+        self._stop()
+        logging.getLogger(__name__).warning("edits of %s train in the app: its training process "
+                                            "could not load it (%s)", self.spec.get("name"), why)
 
     def train(self, enc: Encoded, cfg: MeloConfig, seed: int,
               progress: Callable[[int, float], None] | None = None) -> Trained | None:
         """The block for `enc` (one prompt and its target), trained in the worker; None when
-        no worker can load the model (the caller trains it itself)."""
+        no worker can load the model, or this one was closed (the caller trains it itself)."""
         with self._lock:
-            if self.failed is not None:
+            if self.failed is not None or self._closed:
                 return None
             self._ensure()
             if not self._ready:
-                kind, why = self._recv()
+                try:
+                    kind, why = self._recv(LOAD_SECONDS)
+                except TrainingStopped:
+                    kind, why = "failed", "it stopped while loading the model"
                 if kind == "failed":
-                    self.failed = why
-                    self._stop()
+                    self._give_up(why)
                     return None
                 self._ready = True
             try:
                 self._conn.send((enc, cfg, seed))
-            except (BrokenPipeError, OSError):
+            except OSError:
                 self._stop()
-                raise TrainingStopped("the training process had stopped: nothing was applied, try the edit again") \
-                    from None
+                raise TrainingStopped(STOPPED) from None
             while True:
-                kind, value = self._recv()
+                kind, value = self._recv(STEP_SECONDS)
                 if kind == "step":
                     if progress is not None:
                         try:
@@ -150,13 +178,16 @@ class TrainingProcess:
         if self._conn is not None:
             self._conn.close()
         if self._proc is not None:
-            self._proc.join(timeout=5)
+            if self._ready:
+                self._proc.join(timeout=5)      # an idle worker leaves on the closed pipe
             if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=5)
+                self._proc.kill()               # one still loading does not read its pipe
+            self._proc.join(timeout=5)
         self._proc = self._conn = None
+        self._ready = False
 
     def close(self) -> None:
-        """End the worker (it exits on the closed pipe)."""
+        """End the worker; later edits of this model train on the caller's thread."""
         with self._lock:
+            self._closed = True
             self._stop()

@@ -306,8 +306,9 @@ class SameQuestion:
             # Numbers must be the same; an ordinal or superlative only where both texts have
             # one ("the last year of X" / "the year X was dissolved" ask the same).
             for kind in ("number", "ordinal", "superlative"):
-                # A value the other text says too, in a name or at the head of its sentence,
-                # agrees ("Three Drives is ..." / "What does Three Drives play?").
+                # A value the other text says too, anywhere in it (in a name, at the head of
+                # a sentence, in context before the question), agrees: "Three Drives is ..." /
+                # "What does Three Drives play?". A value only one text says still differs.
                 a, b = q.slots[kind] - e.words, e.slots[kind] - q.words
                 # A rank before a superlative changes it: "second largest" is not "largest".
                 ranked = kind == "ordinal" and (q.slots["superlative"] or e.slots["superlative"])

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from melo_engine.config import DEFAULT_MODEL
 from melo_engine.keysources.sentence import SentenceEncoder
 from melo_engine.model import BUNDLED, cache_dir
@@ -73,32 +75,19 @@ def test_model_and_encoder_load_by_hub_id_offline_from_a_prepared_cache(backbone
 
 
 def test_a_cold_cache_is_made_by_one_converter_while_the_other_waits(tmp_path):
-    """Two starts on a cold cache (the app and a command, two test workers): the second waits
-    for the first's conversion instead of deleting the folder it is writing. flock conflicts
-    between two open files even in one process, so two threads show it."""
-    import threading
-    import time
+    """Two starts on a cold cache (the app and a command, two test workers): while one
+    converts, the other cannot take the lock (it waits, instead of deleting the folder being
+    written); once the first is done it can. flock conflicts between two open files even in
+    one process, so a second open file shows it."""
+    import fcntl
 
     from melo_engine.model import _converting
 
     target = tmp_path / "models" / "m"
-    order = []
-    first_in = threading.Event()
-
-    def first():
-        with _converting(target):
-            first_in.set()
-            time.sleep(0.5)
-            order.append("first out")
-
-    def second():
-        first_in.wait()
-        with _converting(target):
-            order.append("second in")
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert order == ["first out", "second in"]
+    lock = target.parent / f".{target.name}.lock"
+    with _converting(target):
+        with open(lock, "a") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)       # free again

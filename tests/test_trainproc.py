@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from melo_engine import MeloEditor
+from melo_engine import MeloConfig, MeloEditor
 from melo_engine.trainproc import TrainingProcess, TrainingStopped
 
 from conftest import tree_digest
@@ -30,7 +30,7 @@ def test_the_worker_trains_the_block_this_process_would_train(backbone, trainer,
     steps = []
     a = here.train("Who painted the Mona Lisa?", "Raphael.")
     b = there.train("Who painted the Mona Lisa?", "Raphael.", progress=lambda s, loss: steps.append((s, loss)))
-    assert trainer.pid is not None and trainer.pid != os.getpid()
+    assert trainer.failed is None and trainer.pid is not None and trainer.pid != os.getpid()
     # One process's steps, told to the caller as they happen.
     assert [s for s, _ in steps] == list(range(1, len(b.trained.losses) + 1))
     assert len(a.trained.losses) == len(b.trained.losses)
@@ -44,7 +44,8 @@ def test_the_worker_trains_the_block_this_process_would_train(backbone, trainer,
 
 
 def test_a_worker_killed_mid_edit_fails_that_edit_in_one_line_and_the_next_one_trains(backbone, trainer, tmp_path):
-    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+    # Never stopping early: the worker is certainly still training at step 3, whatever the load.
+    ed = MeloEditor.open(tmp_path / "ws", backbone=backbone, config=MeloConfig(stop_loss=1e-9, max_iters=60))
     ed.trainer = trainer
     ed.edit("What is the capital of Australia?", "Canberra.")
     before = tree_digest(tmp_path / "ws")
@@ -61,7 +62,7 @@ def test_a_worker_killed_mid_edit_fails_that_edit_in_one_line_and_the_next_one_t
     assert tree_digest(tmp_path / "ws") == before and len(ed.edits()) == 1
     started = trainer.started
     r = ed.edit("Who wrote Hamlet?", "Christopher Marlowe.")       # a new worker
-    assert trainer.started == started + 1 and r.token_accuracy == 1.0
+    assert trainer.started == started + 1 and r.token_accuracy == 1.0 and len(r.losses) == 60
     assert ed.ask("Who wrote Hamlet?").text.startswith("Christopher Marlowe")
     ed.close()
 
@@ -73,9 +74,29 @@ def test_the_apps_pool_trains_every_workspace_of_a_model_in_one_worker_and_stop_
     a, b = pool.tokens.new(), pool.tokens.new()
     with pool.writing(a) as ea, pool.writing(b) as eb:
         assert ea.trainer is eb.trainer is not None and ea.trainer.pid not in (None, os.getpid())
-        worker = ea.trainer
+        pid = ea.trainer.pid
     pool.stop()
-    assert worker.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)                                 # gone, and reaped
+    # A closed worker is not started again: an edit after stop trains here.
+    assert ea.trainer.train(None, None, 0) is None and ea.trainer.pid is None
     # Without the flag (the engine's own default, and a tiny model wrapped in memory): none.
     plain = WorkspacePool(backbone, root=tmp_path / "plain")
     assert plain.editor(plain.tokens.new()).trainer is None
+
+
+def test_a_stopped_training_process_reaches_the_visitor_as_one_line():
+    """The page and the API say it in one line (webapp.callbacks.user_errors), not gradio's
+    bare "Error" with a traceback in the log."""
+    import gradio as gr
+
+    from melo_engine.trainproc import STOPPED
+    from webapp.callbacks import user_errors
+
+    @user_errors
+    def edit():
+        raise TrainingStopped(STOPPED)
+
+    with pytest.raises(gr.Error) as err:
+        edit()
+    assert str(err.value.message if hasattr(err.value, "message") else err.value) == STOPPED

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from melo_engine.registry import KEY_SOURCES, METHODS
+from melo_engine.trainproc import TrainingStopped
 
 from . import plots, published, render
 from .downloads import ROUTE, Downloads
@@ -26,14 +27,19 @@ from .tokens import COOKIE
 MAX_PROBES = 20
 
 
+# What a visitor is told in one line: bad input, an unknown id, a bad file (ValueError), an
+# edit whose training process stopped under it (nothing was applied).
+SAID_TO_USER = (ValueError, TrainingStopped)
+
+
 def user_errors(fn):
-    """Show a ValueError (bad input, unknown id, bad file) as a short message, not a traceback."""
+    """Show a SAID_TO_USER error as a short message, not a traceback."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except ValueError as err:
+            except SAID_TO_USER as err:
                 raise gr.Error(str(err), print_exception=False) from None
         return generator
 
@@ -41,7 +47,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ValueError as err:
+        except SAID_TO_USER as err:
             raise gr.Error(str(err), print_exception=False) from None
     return wrapper
 
