@@ -5,7 +5,9 @@ default model, loaded at start: the bundled SmolLM2-135M-Instruct unless it says
 every other installed bundle, Gemma 3 270M, is offered in Settings and loaded on its first
 use: webapp/models.py), MELO_WORKSPACES (the visitors'
 workspaces), MELO_IDLE_MINUTES (remove a workspace idle this long; default a day),
-MELO_THREADS (torch threads per request; default 1, see below).
+MELO_THREADS (torch threads per request; default 1, see below), MELO_TRAIN_WORKERS (edits
+trained at once, each worker a process with its own copy of the model; default 2 where
+there are two cores or more).
 
 MELO_ENGINE=ray (or `--ray-address ADDRESS`, "auto" for the cluster `ray start` made on this
 machine) serves the engine from a Ray Serve deployment instead (webapp/cluster.py; README,
@@ -82,9 +84,13 @@ def main(argv=None) -> None:
     loader.join()
     if "error" in loaded:
         raise loaded["error"]
-    # Edits train in a process of their own (melo_engine/trainproc.py), started by the pool.
+    # Edits train in processes of their own (melo_engine/trainproc.py), started by the pool:
+    # two, so that a burst of edits (a class told "now edit") trains two at a time.
+    from melo_engine.batching import cores_here
+
+    workers = int(os.environ.get("MELO_TRAIN_WORKERS", min(2, cores_here())))
     pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
-                         train_process=True)
+                         train_workers=max(1, workers))
     pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.

@@ -14,8 +14,9 @@ and then waits on a pipe. `train` sends it the encoded edit with the workspace's
 and seed, relays each step's loss to `progress`, and returns the block (train.Trained),
 the one `train_block` would have made here: the same weights, the same initial block from
 the same seed, the same steps. Nothing about a workspace lives in the worker; keys,
-placement and the commit stay in the app. One edit trains at a time (the app trains one at
-a time: its training queue).
+placement and the commit stay in the app. A worker trains one edit at a time; `TrainingCrew` keeps several
+workers for one model, so that edits arriving together (a class told "now edit") train
+side by side instead of queueing behind each other.
 
 Failure. A worker that dies mid-edit (killed, out of memory), or falls silent for
 STEP_SECONDS, makes that edit fail in one line, with nothing written; the next edit starts a
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 from typing import Callable
@@ -191,3 +193,49 @@ class TrainingProcess:
         with self._lock:
             self._closed = True
             self._stop()
+
+
+class TrainingCrew:
+    """`workers` training processes for one model: each edit takes whichever is free, and
+    waits when none is. Same calls as one TrainingProcess (`train`, `start`, `close`).
+
+    Why more than one: in a class, edits come in bursts (everyone edits when told to), and
+    with one worker the last of a burst waits for every training before it. Each worker is
+    another copy of the model in memory (540 MB for SmolLM2), and on a machine with fewer
+    cores than workers they share the cores with the answers, so the app sizes the crew by
+    its cores (app.py)."""
+
+    def __init__(self, spec: dict, workers: int = 1, threads: int | None = None):
+        if workers < 1:
+            raise ValueError("a training crew needs at least one worker")
+        self.members = [TrainingProcess(spec, threads) for _ in range(workers)]
+        self._free: queue.SimpleQueue[TrainingProcess] = queue.SimpleQueue()
+        for member in self.members:
+            self._free.put(member)
+
+    @classmethod
+    def for_backbone(cls, backbone, workers: int = 1, threads: int | None = None) -> "TrainingCrew | None":
+        """A crew for a backbone loaded by name (None for one wrapped in memory)."""
+        spec = getattr(backbone, "loaded_as", None)
+        return cls(spec, workers, threads) if spec else None
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def train(self, enc: Encoded, cfg: MeloConfig, seed: int,
+              progress: Callable[[int, float], None] | None = None) -> Trained | None:
+        """TrainingProcess.train on the first free worker."""
+        member = self._free.get()
+        try:
+            return member.train(enc, cfg, seed, progress)
+        finally:
+            self._free.put(member)
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for m in self.members if (pid := m.pid) is not None]
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()

@@ -1,5 +1,6 @@
 """Edits trained in a process of their own (melo_engine/trainproc.py): the same block as
-trained here, progress relayed, and a worker killed mid-edit loses nothing."""
+trained here, progress relayed, a worker killed mid-edit loses nothing, and two workers
+train two visitors' edits at once."""
 from __future__ import annotations
 
 import os
@@ -67,22 +68,46 @@ def test_a_worker_killed_mid_edit_fails_that_edit_in_one_line_and_the_next_one_t
     ed.close()
 
 
-def test_the_apps_pool_trains_every_workspace_of_a_model_in_one_worker_and_stop_ends_it(backbone, tmp_path):
+def test_the_apps_pool_trains_two_workspaces_edits_side_by_side_and_stop_ends_its_workers(backbone, tmp_path):
     from webapp.sessions import WorkspacePool
 
-    pool = WorkspacePool(backbone, root=tmp_path, train_process=True)
+    pool = WorkspacePool(backbone, root=tmp_path, train_workers=2)
+    assert pool.train_concurrency == 2
     a, b = pool.tokens.new(), pool.tokens.new()
+    # Each edit waits at its first step for the other's first step: both pass only if the
+    # two train at once, in two workers (with one, the second would wait for the first).
+    both = threading.Barrier(2, timeout=180)
+    done, failed = {}, []
+
+    def edit(token, question, answer):
+        try:
+            with pool.writing(token) as ed:
+                done[token] = ed.edit(question, answer, progress=lambda step, _: step == 1 and both.wait())
+        except BaseException as err:  # noqa: BLE001 - reported below
+            failed.append(err)
+
+    runs = [threading.Thread(target=edit, args=(a, "Who painted the Mona Lisa?", "Raphael.")),
+            threading.Thread(target=edit, args=(b, "What is the capital of Australia?", "Sydney."))]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert not failed and set(done) == {a, b}
     with pool.writing(a) as ea, pool.writing(b) as eb:
-        assert ea.trainer is eb.trainer is not None and ea.trainer.pid not in (None, os.getpid())
-        pid = ea.trainer.pid
+        assert ea.trainer is eb.trainer is not None
+        pids = ea.trainer.pids
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        assert ea.ask("Who painted the Mona Lisa?").text.startswith("Raphael")
+        assert eb.ask("What is the capital of Australia?").text.startswith("Sydney")
     pool.stop()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)                                 # gone, and reaped
-    # A closed worker is not started again: an edit after stop trains here.
-    assert ea.trainer.train(None, None, 0) is None and ea.trainer.pid is None
-    # Without the flag (the engine's own default, and a tiny model wrapped in memory): none.
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)                             # gone, and reaped
+    # A closed crew is not started again: an edit after stop trains here.
+    assert ea.trainer.train(None, None, 0) is None and ea.trainer.pids == []
+    # Without workers (the engine's own default, and a tiny model wrapped in memory): none.
     plain = WorkspacePool(backbone, root=tmp_path / "plain")
-    assert plain.editor(plain.tokens.new()).trainer is None
+    assert plain.editor(plain.tokens.new()).trainer is None and plain.train_concurrency == 1
 
 
 def test_a_stopped_training_process_reaches_the_visitor_as_one_line():

@@ -264,10 +264,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
 
         # Everything that generates shares one queue, wide enough to fill the shared batches
         # (pool.answer_concurrency: melo_engine/batching.py bounds the generations at once to
-        # the cores); edits queue one at a time beside it. docs/BENCHMARKS.md, "A class on
-        # one server".
+        # the cores); edits queue beside it, as many at once as the pool has training
+        # workers. docs/BENCHMARKS.md, "A class on one server".
         answer_q = {"concurrency_limit": answer_concurrency or pool.answer_concurrency, "concurrency_id": "answer"}
-        # A front of the Ray engine (cluster.RayPool) trains one edit per replica at once.
+        # (A front of the Ray engine, cluster.RayPool, trains one edit per replica at once.)
         train_q = {"concurrency_limit": getattr(pool, "train_concurrency", 1), "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):
             ask_event(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)

@@ -34,7 +34,7 @@ from melo_engine.batching import AnswerBatcher, cores_here
 from melo_engine.config import DEFAULT_MODEL, MeloConfig
 from melo_engine.lock import WorkspaceLock
 from melo_engine.store import CONFIG, read_header
-from melo_engine.trainproc import TrainingProcess
+from melo_engine.trainproc import TrainingCrew
 
 from .lane import BenchmarkLane
 from .models import ModelShelf
@@ -66,7 +66,7 @@ class WorkspacePool:
     def __init__(self, backbone: Backbone | None, root: Path | None = None, idle_seconds: float = 24 * 3600,
                  empty_idle_seconds: float = 600, max_open: int = 256, close_after_seconds: float = 30,
                  models: ModelShelf | None = None, answer_nice: int = 10, answer_slots: int | None = None,
-                 train_process: bool = False):
+                 train_workers: int = 0):
         self.shelf = models if models is not None else (ModelShelf.installed(backbone) if backbone is not None else None)
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
@@ -91,10 +91,16 @@ class WorkspacePool:
         # training (melo_engine/batching.py).
         self.answer_nice, self.answer_slots = answer_nice, answer_slots
         self._answers: dict[str, AnswerBatcher] = {}
-        # With `train_process` (the app), each generating model's edits train in a process of
-        # their own, out of the answering threads' interpreter lock (melo_engine/trainproc.py).
-        self.train_process = train_process
-        self._trainers: dict[str, TrainingProcess | None] = {}
+        # With `train_workers` (the app), each generating model's edits train in that many
+        # processes of their own, out of the answering threads' interpreter lock, that many
+        # at once (melo_engine/trainproc.py); 0: one at a time, on the request's thread.
+        self.train_workers = train_workers
+        self._trainers: dict[str, TrainingCrew | None] = {}
+
+    @property
+    def train_concurrency(self) -> int:
+        """Edits that may train at once: one per training worker (one without)."""
+        return max(1, self.train_workers)
 
     @property
     def answer_concurrency(self) -> int:
@@ -114,9 +120,9 @@ class WorkspacePool:
             if name not in self._answers:
                 self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
             ed.answers = self._answers[name]
-            if self.train_process:
+            if self.train_workers:
                 if name not in self._trainers:
-                    self._trainers[name] = TrainingProcess.for_backbone(backbone)
+                    self._trainers[name] = TrainingCrew.for_backbone(backbone, self.train_workers)
                     if self._trainers[name] is not None:
                         self._trainers[name].start()      # loads the model while nobody waits
                 ed.trainer = self._trainers[name]
