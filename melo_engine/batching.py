@@ -17,9 +17,12 @@ holds its block for every new token; the rare row that holds it for part of the 
 only (a sentence correction that lets the model go on) is generated alone.
 
 Express lane. With two answering threads or more, the first takes only questions (calls of
-one or two rows), and runs half as many nice levels down as the others: a visitor's
-question waited for a whole batch of a probe's long answers (9-15 s on two loaded cores)
-before its own began, and then shared the core with it.
+one or two rows), the others never take them, and the first keeps its creator's priority
+(the training's). Measured in the classroom benchmark: a question waited for a whole batch
+of a probe's long answers (9-15 s on two loaded cores) before its own began; a question
+taken by a lowered thread was generated at its priority among a probe's rows (the slowest
+asks, up to 24 s); and with the express lane below the training, a burst of edits (two
+workers, trainproc.TrainingCrew) took both cores from the questions.
 
 Priority. The answering threads run `nice` levels below the thread that made them (the
 app: 10). An edit trains in the app's training process (trainproc.py), or on its request's
@@ -88,8 +91,8 @@ class AnswerBatcher:
         self.batches = 0                     # generations run, and the rows they held
         self.rows = 0
         # With two slots or more, the first is the express lane: questions only (calls of at
-        # most EXPRESS rows), a few nice levels above the others, so that a visitor's question
-        # never waits behind a probe's batch of long answers (module docstring).
+        # most EXPRESS rows), at its creator's priority, so that a visitor's question never
+        # waits behind a probe's batch of long answers nor under a burst of edits (module docstring).
         self._threads = [threading.Thread(target=self._work, args=(self.slots > 1 and i == 0,),
                                           name=f"melo-answers-{i}", daemon=True)
                          for i in range(self.slots)]
@@ -119,7 +122,7 @@ class AnswerBatcher:
             self._wake.notify_all()
 
     def _work(self, express: bool = False) -> None:
-        lower_this_thread(self.nice - self.nice // 2 if express else self.nice)
+        lower_this_thread(0 if express else self.nice)
         while True:
             with self._wake:
                 while not self._mine(express) and not self._closed:
@@ -133,8 +136,13 @@ class AnswerBatcher:
                 self._run(batch)
 
     def _mine(self, express: bool) -> list[Row]:
-        """The waiting rows a slot may take (the express lane: questions' only)."""
-        return [r for r in self._waiting if r.size <= self.EXPRESS] if express else self._waiting
+        """The waiting rows a slot may take: the express lane questions' only, the others
+        (where there is an express lane) everything else. A question taken by a lowered
+        slot would be generated at its priority, in a batch filled with a probe's long
+        answers: measured, the slowest asks of the classroom benchmark were those."""
+        if express:
+            return [r for r in self._waiting if r.size <= self.EXPRESS]
+        return [r for r in self._waiting if r.size > self.EXPRESS] if self.slots > 1 else self._waiting
 
     def _take(self, express: bool = False) -> list[Row]:
         """The next rows: smallest calls first, in order of arrival among equals (a question

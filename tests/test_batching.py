@@ -57,7 +57,7 @@ def test_three_workspaces_asking_at_once_share_batches_and_keep_their_own_answer
         ed.close()
 
 
-def test_the_answering_threads_sit_below_their_creator_which_keeps_its_priority(backbone):
+def test_the_batch_threads_sit_below_their_creator_the_express_lane_beside_it(backbone):
     import os
 
     def nice(tid):
@@ -68,8 +68,8 @@ def test_the_answering_threads_sit_below_their_creator_which_keeps_its_priority(
     batcher = AnswerBatcher(backbone, slots=2, nice=3)
     try:
         assert [batcher.generate([]) for _ in range(2)] == [[], []]
-        # The express lane (questions only) half as far down as the others.
-        assert [nice(t.native_id) for t in batcher._threads] == [min(19, before + 2), min(19, before + 3)]
+        # The express lane (questions only) at the creator's priority, the other lowered.
+        assert [nice(t.native_id) for t in batcher._threads] == [before, min(19, before + 3)]
         assert nice(me) == before           # the caller (the web server, the training) is not lowered
     finally:
         batcher.close()
@@ -128,3 +128,28 @@ def test_a_question_takes_the_express_lane_while_a_probe_fills_the_other(backbon
     batcher.close()
     assert done["question"] < done["probe"]
     assert batcher.rows == 17 and batcher.batches == 3      # the probe's rows: two batches, one after the other
+
+
+def test_a_question_waits_for_the_express_lane_rather_than_run_in_a_lowered_thread(backbone):
+    """The other threads never take a question (melo_engine/batching.py, "Express lane"):
+    a second question that arrives while the express lane answers a first one is answered
+    after it, by the express lane, even though the other thread is idle."""
+    import time
+
+    from melo_engine.batching import Row
+
+    batcher = AnswerBatcher(backbone, slots=2, max_rows=8)
+    done: dict = {}
+
+    def call(name, question, limit):
+        batcher.generate([Row(question, None, limit, True)])
+        done[name] = time.perf_counter()
+
+    first = threading.Thread(target=call, args=("first", "Tell me a long story about a lighthouse.", 48))
+    first.start()
+    time.sleep(0.5)                               # the express lane is generating it
+    call("second", "Who painted the Mona Lisa?", 4)
+    first.join()
+    batcher.close()
+    assert done["first"] < done["second"]
+    assert batcher.batches == 2
