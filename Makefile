@@ -49,7 +49,7 @@ run: setup
 TEST_WORKERS ?= 2
 test: setup browser
 	status=0; \
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not solo" tests || status=1; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not solo" tests || status=1; \
 	$(PY) -m pytest -m solo tests || status=1; \
 	exit $$status
 
