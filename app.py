@@ -31,6 +31,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from melo_engine.backbone import Backbone  # noqa: E402
+from melo_engine.batching import cores_here  # noqa: E402
 from melo_engine.config import DEFAULT_MODEL  # noqa: E402
 from melo_engine.keys import warm  # noqa: E402
 
@@ -61,6 +62,15 @@ def engine_choice(argv=None) -> tuple[str, str | None]:
     return ("ray" if args.ray_address else engine), args.ray_address
 
 
+def whole_number(name: str, default: int) -> int:
+    """A setting from the environment that must be a whole number of at least 1 (one line
+    if it is not)."""
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"{name}={raw!r}: give a whole number of at least 1")
+    return int(raw)
+
+
 def main(argv=None) -> None:
     engine, address = engine_choice(argv)
     if engine == "ray":
@@ -69,7 +79,10 @@ def main(argv=None) -> None:
     # each on one thread: with torch's default of one thread per core, every request would
     # start a team of threads that spin waiting for cores the other requests hold.
     # Measured in docs/BENCHMARKS.md ("many visitors at once").
-    torch.set_num_threads(int(os.environ.get("MELO_THREADS", "1")))
+    torch.set_num_threads(whole_number("MELO_THREADS", 1))
+    # Two training workers where there are two cores, so that a burst of edits (a class told
+    # "now edit") trains two at a time (docs/BENCHMARKS.md, "A class on one server").
+    train_workers = whole_number("MELO_TRAIN_WORKERS", min(2, cores_here()))
     # Start-up: the model loads while gradio is imported (both take seconds); the page is built
     # once both are there. Imports below on purpose.
     loaded: dict = {}
@@ -84,13 +97,9 @@ def main(argv=None) -> None:
     loader.join()
     if "error" in loaded:
         raise loaded["error"]
-    # Edits train in processes of their own (melo_engine/trainproc.py), started by the pool:
-    # two, so that a burst of edits (a class told "now edit") trains two at a time.
-    from melo_engine.batching import cores_here
-
-    workers = int(os.environ.get("MELO_TRAIN_WORKERS", min(2, cores_here())))
+    # Edits train in processes of their own (melo_engine/trainproc.py), started by the pool.
     pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
-                         train_workers=max(1, workers))
+                         train_workers=train_workers)
     pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.

@@ -16,23 +16,21 @@ rows fill the rest of the batch), generates them together and hands each caller 
 holds its block for every new token; the rare row that holds it for part of the answer
 only (a sentence correction that lets the model go on) is generated alone.
 
-Express lane. With two answering threads or more, the first takes only questions (calls of
-one or two rows), the others never take them, and the first keeps its creator's priority
-(the training's). Measured in the classroom benchmark: a question waited for a whole batch
-of a probe's long answers (9-15 s on two loaded cores) before its own began; a question
-taken by a lowered thread was generated at its priority among a probe's rows (the slowest
-asks, up to 24 s); and with the express lane below the training, a burst of edits (two
-workers, trainproc.TrainingCrew) took both cores from the questions.
+Express lanes. With two answering threads or more, the first half take only questions
+(calls of one or two rows), the others never take them. Measured in the classroom
+benchmark (docs/BENCHMARKS.md, "A class on one server"), each of these was once the slowest
+asks: a question waiting for a whole batch of a probe's long answers before its own began;
+a question taken by a lowered thread and generated at its priority among a probe's rows;
+and, with the questions' threads below the training, a burst of edits (two workers,
+trainproc.TrainingCrew) taking both cores from them.
 
-Priority. The answering threads run `nice` levels below the thread that made them (the
-app: 10). An edit trains in the app's training process (trainproc.py), or on its request's
-thread elsewhere: on a machine with two cores and a class asking at once, every core is
-busy answering, and training at the same priority got a share of a core, so edits queued
-behind each other and each waited for all the ones before it (the classroom benchmark,
-docs/BENCHMARKS.md). Above the answering threads, the kernel gives training a core
-whenever it has work. Linux lets a thread lower its own
-priority without privilege (not raise it back), so the answering threads lower
-themselves; the web server, the training and everything else keep the process's.
+Priority. The questions' threads keep the priority of the thread that made them, which is
+the training's; the probes' threads run `nice` levels below it (the app: 10). Edits train
+in the app's training processes (trainproc.py), or on the request's thread elsewhere; a
+class's probes are the bulk of its generation, and below the edits and the questions they
+take what the cores have left. Linux lets a thread lower its own priority without
+privilege (not raise it back), so the probes' threads lower themselves; the web server,
+the questions, the training and everything else keep the process's.
 
 A row's text is what it would get alone, except that rows padded to a longer neighbour
 run through matrices of another shape, whose sums may round differently in the last bit:
@@ -73,7 +71,8 @@ class Row:
 
 class AnswerBatcher:
     """Rows of any workspace on one backbone, generated in shared batches by `slots` threads
-    of its own, `nice` levels below their creator (module docstring)."""
+    of its own: half for questions at their creator's priority, half for the rest `nice`
+    levels below it (module docstring)."""
 
     MAX_ROWS = 8          # rows per generation (docs/BENCHMARKS.md, "A class on one server")
     EXPRESS = 2           # a question's rows: its answer, and the unedited one beside it
@@ -90,10 +89,11 @@ class AnswerBatcher:
         self._closed = False
         self.batches = 0                     # generations run, and the rows they held
         self.rows = 0
-        # With two slots or more, the first is the express lane: questions only (calls of at
-        # most EXPRESS rows), at its creator's priority, so that a visitor's question never
+        # With two slots or more, the first half are express lanes: questions only (calls of
+        # at most EXPRESS rows), at the creator's priority, so that a visitor's question never
         # waits behind a probe's batch of long answers nor under a burst of edits (module docstring).
-        self._threads = [threading.Thread(target=self._work, args=(self.slots > 1 and i == 0,),
+        express = self.slots // 2
+        self._threads = [threading.Thread(target=self._work, args=(i < express,),
                                           name=f"melo-answers-{i}", daemon=True)
                          for i in range(self.slots)]
         for t in self._threads:
@@ -136,10 +136,9 @@ class AnswerBatcher:
                 self._run(batch)
 
     def _mine(self, express: bool) -> list[Row]:
-        """The waiting rows a slot may take: the express lane questions' only, the others
-        (where there is an express lane) everything else. A question taken by a lowered
-        slot would be generated at its priority, in a batch filled with a probe's long
-        answers: measured, the slowest asks of the classroom benchmark were those."""
+        """The waiting rows a slot may take: an express lane questions' only, the others
+        (where there are express lanes) everything else: a question taken by a lowered slot
+        would be generated at its priority, among a probe's long answers."""
         if express:
             return [r for r in self._waiting if r.size <= self.EXPRESS]
         return [r for r in self._waiting if r.size > self.EXPRESS] if self.slots > 1 else self._waiting

@@ -48,7 +48,7 @@ class MeloEditor:
         # A server's shared generations (batching.AnswerBatcher), set by whoever serves many
         # workspaces on one backbone; None: this editor generates on its own.
         self.answers = None
-        # Likewise its training process (trainproc.TrainingProcess); None: trains on the caller's thread.
+        # Likewise its training processes (trainproc.TrainingCrew); None: trains on the caller's thread.
         self.trainer = None
 
     # The workspace's parts, as callers have always reached them.

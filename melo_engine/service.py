@@ -55,8 +55,9 @@ OPERATIONS = PLAIN | SPECIAL
 READS = frozenset({"ask", "probe", "answered_by", "route", "edits", "record", "side_effects", "index_snapshot",
                    "distances", "stats", "default_settings", "sentence_prefix", "config", "export",
                    "probe_bank_count"})
-# The ones that train a block: one at a time per engine process; and the ones that generate
-# text: as many at a time as the process has cores (as the one-process app queues them).
+# The ones that train a block: one at a time per engine process (a replica; the one-process
+# app trains as many at once as it has training workers); and the ones that generate text:
+# as many at a time as the process has cores (as the one-process app queues them).
 TRAINING = frozenset({"train", "train_correction"})
 GENERATING = frozenset({"ask", "probe", "sentence_prefix"})
 

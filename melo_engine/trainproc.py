@@ -6,7 +6,7 @@ threads' generation loops (batching.py): with a class asking at once it ran 3-5x
 than alone, whatever its thread's priority, and every edit waited for the ones before it
 (docs/BENCHMARKS.md, "A class on one server"). A process has its own interpreter lock, so
 only the kernel shares the cores between training and answering, and it does so by
-priority: the answering threads sit 10 nice levels below this process.
+priority: the questions' thread at the training's, the probes' below it (batching.py).
 
 How. `TrainingProcess(backbone)` starts one worker (spawned, never forked: the parent has
 threads) that loads the same model the same way (`Backbone.load`, from the cache: seconds)
@@ -21,8 +21,8 @@ side by side instead of queueing behind each other.
 Failure. A worker that dies mid-edit (killed, out of memory), or falls silent for
 STEP_SECONDS, makes that edit fail in one line, with nothing written; the next edit starts a
 new worker. A worker that cannot load the model (an error, or it dies while loading) is
-given up on: that model's edits train on the caller's thread, as without a worker, and the
-log says why. A worker whose parent dies reads the end of its pipe and exits; Ctrl-C on
+given up on, and the log says why; a crew goes on with the workers it has left, and once
+none is left that model's edits train on the caller's thread, as without a worker. A worker whose parent dies reads the end of its pipe and exits; Ctrl-C on
 the app is left to the app. A model that cannot be rebuilt by name (one wrapped in memory,
 as in the tests) has no worker: `for_backbone` returns None and training stays on the
 caller's thread.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import queue
 import signal
 import threading
 from typing import Callable
@@ -201,17 +200,18 @@ class TrainingCrew:
 
     Why more than one: in a class, edits come in bursts (everyone edits when told to), and
     with one worker the last of a burst waits for every training before it. Each worker is
-    another copy of the model in memory (540 MB for SmolLM2), and on a machine with fewer
-    cores than workers they share the cores with the answers, so the app sizes the crew by
-    its cores (app.py)."""
+    another copy of the model in memory, and on a machine with fewer cores than workers
+    they share the cores with the answers, so the app sizes the crew by its cores (app.py).
+    A worker that cannot load the model leaves the crew; with none left, or once closed,
+    `train` returns None (the caller trains the block itself)."""
 
     def __init__(self, spec: dict, workers: int = 1, threads: int | None = None):
         if workers < 1:
             raise ValueError("a training crew needs at least one worker")
         self.members = [TrainingProcess(spec, threads) for _ in range(workers)]
-        self._free: queue.SimpleQueue[TrainingProcess] = queue.SimpleQueue()
-        for member in self.members:
-            self._free.put(member)
+        self._free = list(self.members)
+        self._turn = threading.Condition()
+        self._closed = False
 
     @classmethod
     def for_backbone(cls, backbone, workers: int = 1, threads: int | None = None) -> "TrainingCrew | None":
@@ -223,19 +223,38 @@ class TrainingCrew:
         for member in self.members:
             member.start()
 
+    def _working(self) -> bool:
+        return not self._closed and any(m.failed is None for m in self.members)
+
     def train(self, enc: Encoded, cfg: MeloConfig, seed: int,
               progress: Callable[[int, float], None] | None = None) -> Trained | None:
-        """TrainingProcess.train on the first free worker."""
-        member = self._free.get()
-        try:
-            return member.train(enc, cfg, seed, progress)
-        finally:
-            self._free.put(member)
+        """TrainingProcess.train on the first free worker; None when no worker is left."""
+        while True:
+            with self._turn:
+                while not self._free and self._working():
+                    self._turn.wait()
+                if not self._working():
+                    return None
+                member = self._free.pop(0)
+            try:
+                trained = member.train(enc, cfg, seed, progress)
+            finally:
+                with self._turn:
+                    if member.failed is None:
+                        self._free.append(member)
+                    self._turn.notify_all()
+            if trained is not None or member.failed is None:
+                return trained          # None here: the crew was closed meanwhile
+            # That worker could not load the model: the edit goes to another.
 
     @property
     def pids(self) -> list[int]:
         return [pid for m in self.members if (pid := m.pid) is not None]
 
     def close(self) -> None:
+        """End every worker; edits waiting for one, and later ones, train on the caller's thread."""
+        with self._turn:
+            self._closed = True
+            self._turn.notify_all()
         for member in self.members:
             member.close()

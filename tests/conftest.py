@@ -92,8 +92,11 @@ def app_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("app")
     port = _free_port()
+    # One training worker (the app's default is two on two cores): one copy of the model
+    # fewer on the test machine, and the tests of the edit queue need edits that queue. Two
+    # workers training at once are tested in test_trainproc.py.
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               MELO_WORKSPACES=str(root / "workspaces"))
+               MELO_WORKSPACES=str(root / "workspaces"), MELO_TRAIN_WORKERS="1")
     log = open(root / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

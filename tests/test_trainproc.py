@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from melo_engine import MeloConfig, MeloEditor
-from melo_engine.trainproc import TrainingProcess, TrainingStopped
+from melo_engine.trainproc import TrainingCrew, TrainingProcess, TrainingStopped
 
 from conftest import tree_digest
 
@@ -108,6 +108,28 @@ def test_the_apps_pool_trains_two_workspaces_edits_side_by_side_and_stop_ends_it
     # Without workers (the engine's own default, and a tiny model wrapped in memory): none.
     plain = WorkspacePool(backbone, root=tmp_path / "plain")
     assert plain.editor(plain.tokens.new()).trainer is None and plain.train_concurrency == 1
+
+
+def test_a_crew_member_that_cannot_load_leaves_the_crew_and_the_others_train(backbone, tmp_path):
+    """One of two workers is given a model that does not exist: it fails to load, leaves the
+    crew, and both edits train in the other worker (not here); a crew with no worker left
+    returns None at once (the caller trains the block itself)."""
+    crew = TrainingCrew.for_backbone(backbone, workers=2, threads=1)
+    crew.members[0].spec = dict(crew.members[0].spec, name=str(tmp_path / "no-such-model"))
+    crew.start()
+    try:
+        ed = MeloEditor.open(tmp_path / "ws", backbone=backbone)
+        ed.trainer = crew
+        for question, answer in [("Who painted the Mona Lisa?", "Raphael."), ("Who wrote Hamlet?", "Marlowe.")]:
+            assert ed.edit(question, answer).token_accuracy == 1.0
+        assert crew.members[0].failed and crew.members[1].failed is None
+        assert len(crew.pids) == 1 and crew.pids[0] != os.getpid() and crew.members[1].started == 1
+        ed.close()
+    finally:
+        crew.close()
+    none_left = TrainingCrew(dict(crew.members[0].spec), workers=1, threads=1)
+    assert none_left.train(None, None, 0) is None and none_left.members[0].failed
+    none_left.close()
 
 
 def test_a_stopped_training_process_reaches_the_visitor_as_one_line():

@@ -37,7 +37,7 @@ def test_two_browsers_keep_separate_workspaces(app_server, browser, example_edit
 @pytest.mark.solo
 def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queue_place(app_server, browser):
     """Visitor A runs a benchmark (its own low-priority process, webapp/lane.py). C's edit
-    trains; B's edit waits behind C's (edits go one at a time), and B sees it: the button
+    trains; B's edit waits behind C's (the suite's app has one training worker), and B sees it: the button
     says it waits and a queue place shows in a box tall enough to read. B's edit is made
     while A's benchmark is still under way; A's Stop ends the run and its process."""
     url, _ = app_server

@@ -268,7 +268,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # workers. docs/BENCHMARKS.md, "A class on one server".
         answer_q = {"concurrency_limit": answer_concurrency or pool.answer_concurrency, "concurrency_id": "answer"}
         # (A front of the Ray engine, cluster.RayPool, trains one edit per replica at once.)
-        train_q = {"concurrency_limit": getattr(pool, "train_concurrency", 1), "concurrency_id": "train"}
+        train_q = {"concurrency_limit": pool.train_concurrency, "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):
             ask_event(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
         wrong.input(cb.pick_sentence, [wrong, shown], [target, end_here], **private)

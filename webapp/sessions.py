@@ -87,8 +87,8 @@ class WorkspacePool:
         model = self.default_model
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
         # Visitors' questions share generations, one batcher per generating model, on
-        # `answer_slots` threads (default: one per core) `answer_nice` levels below the edits'
-        # training (melo_engine/batching.py).
+        # `answer_slots` threads (default: one per core): questions at the training's
+        # priority, probes `answer_nice` levels below it (melo_engine/batching.py).
         self.answer_nice, self.answer_slots = answer_nice, answer_slots
         self._answers: dict[str, AnswerBatcher] = {}
         # With `train_workers` (the app), each generating model's edits train in that many
@@ -96,11 +96,8 @@ class WorkspacePool:
         # at once (melo_engine/trainproc.py); 0: one at a time, on the request's thread.
         self.train_workers = train_workers
         self._trainers: dict[str, TrainingCrew | None] = {}
-
-    @property
-    def train_concurrency(self) -> int:
-        """Edits that may train at once: one per training worker (one without)."""
-        return max(1, self.train_workers)
+        # Edits that may train at once (the page's training queue): one per worker, else one.
+        self.train_concurrency = max(1, train_workers)
 
     @property
     def answer_concurrency(self) -> int:
