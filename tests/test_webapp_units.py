@@ -282,7 +282,7 @@ def test_a_key_source_registered_at_run_time_is_offered_in_settings(tmp_path):
     try:
         # The pool is used only once a visitor comes, but for the models it offers.
         pool = type("Pool", (), {"models": ["smollm2-135m-instruct"], "default_model": "smollm2-135m-instruct",
-                                 "answer_concurrency": 2})()
+                                 "answer_concurrency": 2, "train_concurrency": 1})()
         demo = build_demo(pool, downloads)
         radio = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "key-source")
         assert ("Dummy (test)", "dummy") in radio.choices and "Dummy (test): a made-up key." in radio.info

@@ -30,15 +30,14 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
-from melo_engine.batching import AnswerBatcher, cores_here
 from melo_engine.config import DEFAULT_MODEL, MeloConfig
 from melo_engine.lock import WorkspaceLock
 from melo_engine.store import CONFIG, read_header
-from melo_engine.trainproc import TrainingCrew
 
 from .lane import BenchmarkLane
 from .models import ModelShelf
 from .tokens import WorkspaceTokens
+from .workers import SharedWork
 
 
 def default_root() -> Path:
@@ -86,44 +85,15 @@ class WorkspacePool:
         # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
         model = self.default_model
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
-        # Visitors' questions share generations, one batcher per generating model, on
-        # `answer_slots` threads (default: one per core): questions at the training's
-        # priority, probes `answer_nice` levels below it (melo_engine/batching.py).
-        self.answer_nice, self.answer_slots = answer_nice, answer_slots
-        self._answers: dict[str, AnswerBatcher] = {}
-        # With `train_workers` (the app), each generating model's edits train in that many
-        # processes of their own, out of the answering threads' interpreter lock, that many
-        # at once (melo_engine/trainproc.py); 0: one at a time, on the request's thread.
-        self.train_workers = train_workers
-        self._trainers: dict[str, TrainingCrew | None] = {}
-        # Edits that may train at once (the page's training queue): one per worker, else one.
-        self.train_concurrency = max(1, train_workers)
+        # Per model, the answering threads and the training workers every workspace on it
+        # shares (workers.py); the app trains in `train_workers` processes of their own.
+        self.work = SharedWork(answer_slots, answer_nice, train_workers)
+        self.train_concurrency = self.work.train_concurrency
 
     @property
     def answer_concurrency(self) -> int:
-        """Requests that may generate at once: enough to fill every answering thread's shared
-        batch where this pool holds models, else one per core."""
-        cores = self.answer_slots or cores_here()
-        if self.shelf is None:
-            return cores
-        # Below gradio's 40 jobs at once, so that waiting questions never hold every place
-        # an edit needs.
-        return min(cores * AnswerBatcher.MAX_ROWS, 24)
-
-    def _shared(self, ed, name: str, backbone):
-        """`ed` answering in its model's shared batches (a model that generates: the
-        classifier does not). Call with the pool's lock held."""
-        if hasattr(backbone, "generate_batch"):
-            if name not in self._answers:
-                self._answers[name] = AnswerBatcher(backbone, slots=self.answer_slots, nice=self.answer_nice)
-            ed.answers = self._answers[name]
-            if self.train_workers:
-                if name not in self._trainers:
-                    self._trainers[name] = TrainingCrew.for_backbone(backbone, self.train_workers)
-                    if self._trainers[name] is not None:
-                        self._trainers[name].start()      # loads the model while nobody waits
-                ed.trainer = self._trainers[name]
-        return ed
+        """Requests that may generate at once (workers.SharedWork.answer_concurrency)."""
+        return self.work.answer_concurrency(holds_models=self.shelf is not None)
 
     # ---- models ------------------------------------------------------------------------
     @property
@@ -187,7 +157,7 @@ class WorkspacePool:
                 if ed is None:
                     if len(self._editors) >= self.max_open:
                         raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                    ed = self._shared(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
+                    ed = self.work.join(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
                                                                    backbone=backbone), name, backbone)
                     self._editors[folder] = ed
                 self._used[folder] = time.monotonic()
@@ -237,7 +207,7 @@ class WorkspacePool:
                 opener = self.shelf.editor(name)
                 if not blank.is_dir():
                     opener.open(blank, model=name, backbone=backbone).close()
-                self._blanks[name] = self._shared(opener.open(blank, backbone=backbone, read_only=True), name, backbone)
+                self._blanks[name] = self.work.join(opener.open(blank, backbone=backbone, read_only=True), name, backbone)
             return self._blanks[name]
 
     # Settings that belong to one model's layers and key distances: a workspace remade on
@@ -286,7 +256,7 @@ class WorkspacePool:
                     shutil.rmtree(ws)
                 finally:
                     lock.release()
-            ed = self._shared(opener.open(ws, model=name, config=config, backbone=backbone), name, backbone)
+            ed = self.work.join(opener.open(ws, model=name, config=config, backbone=backbone), name, backbone)
             self._editors[folder] = ed
             self._used[folder] = time.monotonic()
         (self.root / folder / "last_used").write_text(str(time.time()))
@@ -384,9 +354,4 @@ class WorkspacePool:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._lock:
-            for batcher in self._answers.values():
-                batcher.close()
-            trainers = [t for t in self._trainers.values() if t is not None]
-        for trainer in trainers:
-            trainer.close()
+        self.work.stop()
