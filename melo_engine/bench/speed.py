@@ -53,17 +53,25 @@ def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None,
         prompts = [e["prompt"] for e in edits] + [e["paraphrase"] for e in edits] + unrelated
 
         def plain(q):
-            bb.generate(q, None, gen_tokens, min_new_tokens=gen_tokens)
+            return bb.generate(q, None, gen_tokens, min_new_tokens=gen_tokens, chat=ed.chat)
 
         def routed(q):
-            ed.generate(q, gen_tokens, gen_tokens, timer=route_t.append)
+            return ed.generate(q, gen_tokens, gen_tokens, timer=route_t.append)[0]
+
+        def tokens(text):
+            # In the question-answer form a row stops at its first line break whatever the
+            # minimum, so an edited answer and the plain one may differ in length: the fair
+            # comparison is per token (the line break itself counted).
+            return len(bb.tokenizer(text, add_special_tokens=False).input_ids) + 1
         plain(prompts[0]); routed(prompts[0])          # warm-up
         route_t.clear()
-        t_plain, t_routed = [], []
+        t_plain, t_routed, n_plain, n_routed = [], [], [], []
         for q in prompts:                              # interleaved, so drift hits both alike
-            t0 = time.perf_counter(); plain(q); t1 = time.perf_counter(); routed(q); t2 = time.perf_counter()
+            t0 = time.perf_counter(); a = plain(q); t1 = time.perf_counter(); b = routed(q); t2 = time.perf_counter()
             t_plain.append(t1 - t0)
             t_routed.append(t2 - t1)
+            n_plain.append(tokens(a))
+            n_routed.append(tokens(b))
         fired = sum(1 for q in prompts if ed.route(q).block is not None)
         key_t = []
         for q in prompts:
@@ -91,6 +99,12 @@ def speed(n_edits: int = 10, gen_tokens: int = 32, settings: dict | None = None,
         "generation_seconds_routed": sum(t_routed),
         "generation_overhead_percent": 100 * (sum(t_routed) / sum(t_plain) - 1),
         "generated_tokens_per_prompt": gen_tokens,
+        # Per token of the texts as returned (re-tokenized): the same as above where every
+        # row generates gen_tokens (a chat template), the fair one where rows stop early.
+        "generated_tokens_plain": sum(n_plain),
+        "generated_tokens_routed": sum(n_routed),
+        "generation_overhead_per_token_percent":
+            100 * ((sum(t_routed) / sum(n_routed)) / (sum(t_plain) / sum(n_plain)) - 1),
         "trainable_params_per_edit": stats["trainable_params_per_edit"],
         "bytes_per_edit_on_disk": grown,      # what the edits added, every file (chroma's too)
         "load_seconds_cold": cold,
