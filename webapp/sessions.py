@@ -88,12 +88,9 @@ class WorkspacePool:
         # Per model, the answering threads and the training workers every workspace on it
         # shares (workers.py); the app trains in `train_workers` processes of their own.
         self.work = SharedWork(answer_slots, answer_nice, train_workers)
+        # The page's queue widths (layout.py): generations and trainings at once (RayPool's own).
+        self.answer_concurrency = self.work.answer_concurrency(holds_models=self.shelf is not None)
         self.train_concurrency = self.work.train_concurrency
-
-    @property
-    def answer_concurrency(self) -> int:
-        """Requests that may generate at once (workers.SharedWork.answer_concurrency)."""
-        return self.work.answer_concurrency(holds_models=self.shelf is not None)
 
     # ---- models ------------------------------------------------------------------------
     @property
