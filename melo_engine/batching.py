@@ -12,9 +12,13 @@ an encoder pass), turns it into rows (the edited answer, and the unedited one be
 when a block fired), queues them and waits. Each of `slots` answering threads (one per
 core by default) takes the next waiting rows of one prompt form, up to `max_rows`, smallest
 calls first (a question's one or two rows are not kept behind a probe's ten; a probe's
-rows fill the rest of the batch), generates them together and hands each caller its text. A row
-holds its block for every new token; the rare row that holds it for part of the answer
-only (a sentence correction that lets the model go on) is generated alone.
+rows fill the rest of the batch), and generates them together. On a decoder-only model
+the generation keeps running while it has rows (decoding.RunningBatch): rows that arrive
+meanwhile join it at its next token, while it has room, and each row's text goes back to
+its caller at the row's own last token. An encoder-decoder generates whole batches, each
+caller answered when its batch ends. A row holds its block for every new token; the rare
+row that holds it for part of the answer only (a sentence correction that lets the model
+go on) is generated alone, and a running generation takes nobody new while one waits.
 
 Express lanes. With two answering threads or more, the first half take only questions
 (calls of one or two rows), the others never take them. Measured in the classroom
@@ -46,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import answering
-from .lora import stack
+from .decoding import RunningBatch, gathered, supports
 from .records import Answer
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -87,8 +91,10 @@ class AnswerBatcher:
         self._waiting: list[Row] = []       # queued rows not yet taken, oldest first
         self._wake = threading.Condition()
         self._closed = False
-        self.batches = 0                     # generations run, and the rows they held
+        self.batches = 0                     # generations started or joined, and the rows they held
         self.rows = 0
+        self.served = [0] * self.slots       # rows answered by each thread
+        self.joins = supports(backbone) and max_rows > 1
         # With two slots or more, the first half are express lanes: questions only (calls of
         # at most EXPRESS rows), at the creator's priority, so that a visitor's question never
         # waits behind a probe's batch of long answers nor under a burst of edits (module docstring).
@@ -132,6 +138,8 @@ class AnswerBatcher:
                 batch = self._take(express)
             if batch[0].hold is not None:
                 self._alone(batch[0])
+            elif self.joins:
+                self._stream(batch, express)
             else:
                 self._run(batch)
 
@@ -157,6 +165,66 @@ class AnswerBatcher:
         self._waiting = [r for r in self._waiting if id(r) not in taken]
         return batch
 
+    def _stream(self, batch: list[Row], express: bool) -> None:
+        """Generate `batch` and, until its last row ends, every waiting row this thread may
+        take that fits (`_joiners`), each joining at the next token."""
+        running = RunningBatch(self.backbone, batch[0].chat)
+        taken, joining = list(batch), True
+        try:
+            while batch or len(running):
+                if batch:
+                    ended, refused = running.join([(r.question, r.blocks, r.limit, r) for r in batch])
+                    if not refused:
+                        self._count(len(batch))
+                    elif len(running):
+                        self._requeue(refused)     # a fresh generation takes them
+                        joining = False            # ... once this one's rows end
+                    else:
+                        self._run(refused)         # too long for a sliding window even alone
+                    self._answered(ended)
+                if len(running):
+                    self._answered(running.step())
+                with self._wake:
+                    batch = self._joiners(express, running) if joining and len(running) else []
+                    taken += batch
+        except Exception:  # noqa: BLE001 - one visitor's row must not fail the others'
+            for r in taken:
+                if not r.ready.is_set():
+                    self._alone(r)
+
+    def _joiners(self, express: bool, running: RunningBatch) -> list[Row]:
+        """Waiting rows that may join `running` now: of its prompt form, smallest calls first,
+        up to its room. None while a row that must go elsewhere waits (another prompt form,
+        a partial hold): the generation then ends with its rows, and the thread takes that row
+        next. Call with the lock held."""
+        mine = self._mine(express)
+        room = self.max_rows - len(running)
+        if room <= 0 or not mine or any(r.hold is not None or r.chat != running.chat for r in mine):
+            return []
+        batch = sorted(mine, key=lambda r: r.size)[:room]
+        taken = set(map(id, batch))
+        self._waiting = [r for r in self._waiting if id(r) not in taken]
+        return batch
+
+    def _requeue(self, rows: list[Row]) -> None:
+        with self._wake:
+            self._waiting[:0] = rows
+            self._wake.notify_all()
+
+    def _answered(self, ended: list[tuple[Row, str]]) -> None:
+        for r, text in ended:
+            r.text = text
+            r.ready.set()
+        if ended:
+            self._served(len(ended))
+
+    def _served(self, rows: int) -> None:
+        me = threading.current_thread()
+        with self._wake:
+            for i, t in enumerate(self._threads):
+                if t is me:
+                    self.served[i] += rows
+
     def _run(self, batch: list[Row]) -> None:
         try:
             texts = self.backbone.generate_batch([r.question for r in batch], active(batch),
@@ -170,6 +238,7 @@ class AnswerBatcher:
         for r, t in zip(batch, texts):
             r.text = t
         self._count(len(batch))
+        self._served(len(batch))
         for r in batch:
             r.ready.set()
 
@@ -177,6 +246,7 @@ class AnswerBatcher:
         try:
             row.text = self.backbone.generate(row.question, active([row]), row.limit, chat=row.chat, hold=row.hold)
             self._count(1)
+            self._served(1)
         except BaseException as err:  # noqa: BLE001 - re-raised to its caller
             row.error = err
         finally:
@@ -216,10 +286,7 @@ class AnswerBatcher:
 
 def active(rows: list[Row]):
     """The LoRA layers' matrices for a batch of rows (None when no row has a block)."""
-    modules = sorted({m for r in rows if r.blocks for m in r.blocks})
-    if not modules:
-        return None
-    return {m: stack([r.blocks.get(m) if r.blocks else None for r in rows]) for m in modules}
+    return gathered([r.blocks for r in rows])
 
 
 def cores_here() -> int:

@@ -89,4 +89,5 @@ BENCHMARKS = Registry("benchmark", {
     "probebank": "melo_engine.bench.probebank:BENCH",
     "siblings": "melo_engine.bench.siblings:BENCH",
     "classify": "melo_engine.bench.classify:BENCH",
+    "burst": "melo_engine.bench.burst:BENCH",
 })

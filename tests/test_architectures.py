@@ -213,6 +213,53 @@ def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
     assert all(bb.split_is_exact(start) for start in (1, 2, 3))
 
 
+@pytest.mark.parametrize("kind", [k for k in FAMILIES if k != "t5"])
+def test_rows_joining_a_running_generation_get_what_they_get_alone(kind, tokenizer, unrelated_questions):
+    """Continuous batching (decoding.RunningBatch) on each decoder family: rows that join
+    at different tokens, with prompts of different lengths, and leave at their own budgets
+    or end-of-sequence, get the tokens each gets generated alone."""
+    from melo_engine.decoding import RunningBatch
+
+    bb = tiny_backbone(kind, tokenizer)
+    questions, limits = unrelated_questions[:5], [6, 12, 9, 15, 4]
+    alone = [bb.generate(q, None, n) for q, n in zip(questions, limits)]
+    running, got = RunningBatch(bb, chat=True), {}
+    schedule = {0: [0, 1], 2: [2], 5: [3, 4]}          # step -> rows that join before it
+    for step in range(40):
+        if step in schedule:
+            ended, refused = running.join([(questions[i], None, limits[i], i) for i in schedule[step]])
+            assert refused == []
+            got.update(ended)
+        if len(running):
+            got.update(running.step())
+    assert len(running) == 0 and [got[i] for i in range(5)] == alone
+
+
+def test_a_row_that_would_outgrow_a_sliding_window_waits_for_a_whole_batch(tokenizer, unrelated_questions):
+    """Gemma 3's sliding layers keep only their window of keys: a running generation refuses
+    a row whose text would outgrow it, and the answering threads generate it as a whole batch
+    instead (Backbone.generate_batch), with the text it gets alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from melo_engine.batching import AnswerBatcher, Row
+    from melo_engine.decoding import RunningBatch
+
+    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  sliding_window=24, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    bb = Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer, "tiny-window")
+    question = unrelated_questions[0]
+    assert RunningBatch(bb, chat=True).join([(question, None, 30, "long")]) == ([], ["long"])
+    batcher = AnswerBatcher(bb, slots=1)
+    try:
+        assert batcher.generate([Row(question, None, 30, True)]) == [bb.generate(question, None, 30)]
+    finally:
+        batcher.close()
+        batcher._threads[0].join(timeout=10)
+
+
 def test_t5_is_keyed_by_its_encoder_and_edited_in_its_decoder(tokenizer, example_edits):
     """The model's own key of a question is the mean of the encoder's hidden states at the
     key layer (over the question's tokens); the blocks are in the decoder's FFN output; the

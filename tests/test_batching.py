@@ -130,10 +130,11 @@ def test_a_question_takes_the_express_lane_while_a_probe_fills_the_other(backbon
     assert batcher.rows == 17 and batcher.batches == 3      # the probe's rows: two batches, one after the other
 
 
-def test_a_question_waits_for_the_express_lane_rather_than_run_in_a_lowered_thread(backbone):
-    """The other threads never take a question (melo_engine/batching.py, "Express lane"):
-    a second question that arrives while the express lane answers a first one is answered
-    after it, by the express lane, even though the other thread is idle."""
+def test_a_question_joins_the_express_lanes_running_generation_not_the_idle_lowered_thread(backbone):
+    """The other threads never take a question (melo_engine/batching.py, "Express lanes"): a
+    second question that arrives while the express lane answers a first one joins that
+    generation at its next token (decoding.RunningBatch) and is answered at its own last
+    token, long before the first's 48, by the express lane, though the other thread is idle."""
     import time
 
     from melo_engine.batching import Row
@@ -142,8 +143,7 @@ def test_a_question_waits_for_the_express_lane_rather_than_run_in_a_lowered_thre
     done: dict = {}
 
     def call(name, question, limit):
-        batcher.generate([Row(question, None, limit, True)])
-        done[name] = time.perf_counter()
+        done[name] = batcher.generate([Row(question, None, limit, True)]), time.perf_counter()
 
     first = threading.Thread(target=call, args=("first", "Tell me a long story about a lighthouse.", 48))
     first.start()
@@ -151,5 +151,8 @@ def test_a_question_waits_for_the_express_lane_rather_than_run_in_a_lowered_thre
     call("second", "Who painted the Mona Lisa?", 4)
     first.join()
     batcher.close()
-    assert done["first"] < done["second"]
-    assert batcher.batches == 2
+    assert done["second"][1] < done["first"][1]
+    assert batcher.served == [2, 0] and batcher.batches == 2
+    # Each got what it gets alone: joining a running generation changes nobody's text.
+    assert done["first"][0] == [backbone.generate("Tell me a long story about a lighthouse.", None, 48)]
+    assert done["second"][0] == [backbone.generate("Who painted the Mona Lisa?", None, 4)]

@@ -115,3 +115,16 @@ def test_short_hallucination_benchmark_has_three_perplexities_per_method(backbon
     assert melo["edit_ppl"] < 1.5 < base["edit_ppl"]          # the corrections are learnt ...
     assert abs(melo["locality_ppl"] / base["locality_ppl"] - 1) < 0.01     # ... and unrelated text is untouched
     assert res["methods"]["lora"]["locality_ppl"] > melo["locality_ppl"]
+
+
+def test_short_burst_benchmark_answers_every_question_both_ways():
+    """bench burst (melo_engine/bench/burst.py), shortened: two questions, one round, eight
+    tokens. Its figures are timings and are not asserted; what it measured is."""
+    from melo_engine.bench.burst import burst
+
+    res = burst(size=2, within=0.2, rounds=1, limit=8)
+    for way in ("whole_batches", "joining"):
+        (run,) = res[way]
+        assert len(run["seconds"]) == 2 and all(s > 0 for s in run["seconds"]) and run["arrivals"][0] == 0.0
+        assert res[f"{way}_slowest_over_alone"] > 0
+    assert len(res["ask_alone_all"]) == 3 and res["token_budget"] == 8

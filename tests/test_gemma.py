@@ -53,3 +53,22 @@ def test_a_real_edit_on_gemma(gemma, tmp_path, unrelated_questions):
         assert ed.ask(q).text == before
     finally:
         ed.close()
+
+
+def test_questions_joining_a_running_generation_on_gemma_end_at_their_line(gemma, unrelated_questions):
+    """Continuous batching (decoding.RunningBatch) on Gemma's question-answer form: each row
+    ends at its own first line break, whichever step it joined at, with the answer it gets
+    alone; Gemma's sliding layers (a window of 512) leave such short rows inside it."""
+    from melo_engine.decoding import RunningBatch
+
+    questions = ["What is the capital of France?"] + unrelated_questions[:3]
+    alone = [gemma.generate(q, None, 24) for q in questions]
+    running, got = RunningBatch(gemma, chat=True), {}
+    for step in range(60):
+        if step in (0, 3):
+            ended, refused = running.join([(q, None, 24, i) for i, q in enumerate(questions) if i % 2 == step % 2])
+            assert refused == []
+            got.update(ended)
+        if len(running):
+            got.update(running.step())
+    assert [got[i] for i in range(4)] == alone
