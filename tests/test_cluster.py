@@ -27,11 +27,16 @@ def front(tmp_path_factory):
     from webapp import cluster
 
     root = tmp_path_factory.mktemp("cluster") / "workspaces"
+    # The replicas' core locks (webapp/pinning.py) in a folder of this test's own, so that
+    # another cluster on the machine (a benchmark, a parallel test) holds none of them.
+    before = os.environ.get("MELO_CORES_DIR")
+    os.environ["MELO_CORES_DIR"] = str(tmp_path_factory.mktemp("cores"))
     cluster.connect(num_cpus=2)
     try:
         yield cluster.start(root, DEFAULT_MODEL, cluster.ClusterConfig(replicas=2, max_workspaces_per_replica=8))
     finally:
         cluster.stop()
+        os.environ.pop("MELO_CORES_DIR") if before is None else os.environ.update(MELO_CORES_DIR=before)
 
 
 def _replica_pids() -> set[int]:
@@ -185,6 +190,42 @@ def test_a_replica_killed_mid_edit_loses_no_committed_edit(front, example_edits)
                serve.status().applications["melo"].deployments["Engine"].replica_states.get("RUNNING", 0) == 2):
         assert time.time() < deadline, "Serve did not restart the killed replica within 240 s"
         time.sleep(2)
+    # Each replica on a core of its own (webapp/pinning.py), the new one on the core the
+    # killed one held.
+    if len(os.sched_getaffinity(0)) >= 2:
+        bound = [os.sched_getaffinity(p) for p in _replica_pids()]
+        assert all(len(b) == 1 for b in bound) and len(set.union(*bound)) == 2, bound
+
+
+def test_a_replica_claims_cores_nobody_holds_and_a_dead_ones_are_free_again(tmp_path):
+    """webapp/pinning.py in separate processes (a claim binds the process that makes it)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, os, sys, time; from pathlib import Path; from webapp import pinning; "
+            "c = pinning.claim(int(sys.argv[2]), Path(sys.argv[1])); "
+            "print(json.dumps([c.cores, sorted(os.sched_getaffinity(0))]), flush=True); time.sleep(float(sys.argv[3]))")
+
+    def claim(n, linger="0"):
+        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(n), linger], stdout=subprocess.PIPE,
+                             text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        out = json.loads(p.stdout.readline())
+        if linger == "0":
+            p.wait()
+        return p, out
+
+    cores = sorted(os.sched_getaffinity(0))
+    first, (got, bound) = claim(1, linger="60")
+    try:
+        assert got == bound == cores[:1]                     # the first free core, and bound to it
+        if len(cores) >= 2:
+            assert claim(1)[1] == [cores[1:2], cores[1:2]]   # the next one: never the held core
+        assert claim(len(cores))[1] == [[], cores]          # too few free: nothing claimed, nothing bound
+    finally:
+        first.kill()
+        first.wait()
+    assert claim(1)[1] == [cores[:1], cores[:1]]             # the dead one's core is free again
 
 
 def test_two_apps_on_one_folder_have_one_writer(backbone, example_edits, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from melo_engine.service import READS, TRAINING, Pending, RemoteEditor, ServedWorkspace
 
+from . import pinning
 from .models import ModelShelf
 from .sessions import WorkspacePool
 
@@ -43,13 +44,15 @@ class ClusterConfig:
     Ray's CPUs and `threads` torch threads, holding at most `max_workspaces_per_replica`
     workspaces open (least recently used closed first); `max_ongoing_requests` per replica is
     set high so that Serve never routes a visitor away from the replica holding the
-    workspace because it is busy."""
+    workspace because it is busy. With `pin_cores`, a replica that reserved whole CPUs binds
+    itself to as many cores of its machine that no other replica holds (pinning.py)."""
 
     replicas: int = 2
     cpus_per_replica: float = 1.0
     threads: int = 1
     max_workspaces_per_replica: int = 64
     max_ongoing_requests: int = 64
+    pin_cores: bool = True
 
     def __post_init__(self):
         for name in ("replicas", "threads", "max_workspaces_per_replica", "max_ongoing_requests"):
@@ -58,16 +61,23 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {v!r}")
         if not isinstance(self.cpus_per_replica, (int, float)) or not self.cpus_per_replica > 0:
             raise ValueError(f"cpus_per_replica must be positive, not {self.cpus_per_replica!r}")
+        if not isinstance(self.pin_cores, bool):
+            raise ValueError(f"pin_cores must be true or false, not {self.pin_cores!r}")
 
     @classmethod
     def from_env(cls) -> "ClusterConfig":
-        """MELO_REPLICAS, MELO_CPUS_PER_REPLICA, MELO_THREADS, MELO_WORKSPACES_PER_REPLICA."""
+        """MELO_REPLICAS, MELO_CPUS_PER_REPLICA, MELO_THREADS, MELO_WORKSPACES_PER_REPLICA,
+        MELO_PIN_CORES (1 or 0)."""
         env = os.environ
         try:
+            pin = env.get("MELO_PIN_CORES", "1")
+            if pin not in ("0", "1"):
+                raise ValueError(f"MELO_PIN_CORES must be 1 or 0, not {pin!r}")
             return cls(replicas=int(env.get("MELO_REPLICAS", 2)),
                        cpus_per_replica=float(env.get("MELO_CPUS_PER_REPLICA", 1)),
                        threads=int(env.get("MELO_THREADS", 1)),
-                       max_workspaces_per_replica=int(env.get("MELO_WORKSPACES_PER_REPLICA", 64)))
+                       max_workspaces_per_replica=int(env.get("MELO_WORKSPACES_PER_REPLICA", 64)),
+                       pin_cores=pin == "1")
         except ValueError as err:
             raise ValueError(f"engine settings: {err}") from None
 
@@ -76,13 +86,15 @@ class Engine:
     """One replica: the model loaded once, visitors' workspaces opened on demand."""
 
     def __init__(self, root: str, model: str, threads: int, max_workspaces: int, cpus: float = 1.0,
-                 max_ongoing: int = 64):
+                 max_ongoing: int = 64, pin_cores: bool = True):
         import torch
         from ray import serve
 
         from melo_engine.backbone import Backbone
         from melo_engine.keys import warm
 
+        # Before the model loads: every thread started from here on inherits the binding.
+        self.cores = pinning.claim(int(cpus)) if pin_cores and float(cpus).is_integer() else pinning.Cores([], [])
         torch.set_num_threads(threads)
         backbone = Backbone.load(model)
         warm(backbone)
@@ -132,6 +144,10 @@ class Engine:
         await self.workspace(serve.get_multiplexed_model_id())
         return os.getpid()
 
+    async def claimed_cores(self) -> list[int]:
+        """The cores this replica bound itself to (empty: none, it shares them all)."""
+        return self.cores.cores
+
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at `address` ("auto": the one started on this machine by
@@ -158,7 +174,7 @@ def deploy(root: Path, model: str, cfg: ClusterConfig):
         name="Engine", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica})
     return serve.run(engine.bind(str(root), model, cfg.threads, cfg.max_workspaces_per_replica,
-                                 cfg.cpus_per_replica, cfg.max_ongoing_requests),
+                                 cfg.cpus_per_replica, cfg.max_ongoing_requests, cfg.pin_cores),
                      name=APP, route_prefix=None)
 
 
