@@ -81,22 +81,21 @@ class _NoPositions(nn.Module):
 
 
 class _LineEnd(StoppingCriteria):
-    """Stops each row of a generation once its new text (after any leading white space)
-    holds a line break (a transformers StoppingCriteria: [batch] bools per step)."""
+    """Stops each row of a generation once its new tokens end a line (`ended`:
+    Backbone.line_ended; a transformers StoppingCriteria: [batch] bools per step)."""
 
-    def __init__(self, tokenizer, width: int):
-        self.tokenizer, self.width = tokenizer, width
+    def __init__(self, ended: Callable, width: int):
+        self.ended, self.width = ended, width
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = ["\n" in self.tokenizer.decode(row[self.width:], skip_special_tokens=True).lstrip()
-                for row in input_ids]
-        return torch.tensor(done, device=input_ids.device)
+        return torch.tensor([self.ended(row[self.width:]) for row in input_ids], device=input_ids.device)
 
 
 class Backbone:
     """A frozen causal LM with dynamic-LoRA layers injected and helpers to run parts of it."""
 
     kind = "causal"                        # the architecture rows this class runs (registry.BACKBONES)
+    joins_running_batches = True           # rows may join a running generation (decoding.py)
     auto_class = "AutoModelForCausalLM"    # how transformers loads such a model (model.py)
 
     def __init__(self, model: nn.Module, tokenizer, name: str, layers_path: str | None = None,
@@ -384,10 +383,10 @@ class Backbone:
             new = self._new_tokens(enc, chat, max_new_tokens=hold)[0]
         eos = self.tokenizer.eos_token_id
         if len(new) < hold or (eos is not None and int(new[-1]) == eos):
-            return self._answer(new, chat)                                  # it ended there
+            return self.decoded_answer(new, chat)                              # it ended there
         out = self._continued(enc, new, chat, max_new_tokens=max_new_tokens - hold,
                               min_new_tokens=max(0, min_new_tokens - hold))
-        return self._answer(out[0], chat)
+        return self.decoded_answer(out[0], chat)
 
     def _new_tokens(self, enc: Encoded, chat: bool, **generation) -> torch.Tensor:
         """Greedy new tokens [batch, n] after each prompt of `enc` (rows moved to the right
@@ -418,7 +417,7 @@ class Backbone:
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(questions)
         with self.lora(active):
             out = self._new_tokens(self.encode(questions, chat=chat), chat, max_new_tokens=max(limits))
-        return [self._answer(row[:n], chat) for row, n in zip(out, limits)]
+        return [self.decoded_answer(row[:n], chat) for row, n in zip(out, limits)]
 
     def left_padded(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) of a right-padded batch moved to the right edge, for generation: every
@@ -433,16 +432,21 @@ class Backbone:
 
     def _greedy(self, enc: Encoded, max_new_tokens: int, min_new_tokens: int = 0, chat: bool = True) -> str:
         out = self._new_tokens(enc, chat, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        return self._answer(out[0], chat)
+        return self.decoded_answer(out[0], chat)
 
     def _stops(self, chat: bool, width: int):
         """In the question-answer form an answer is one line: a base model goes on to ask
         itself the next question ("...Paris.\nQ: ..."), so a row stops at its first line break."""
         if self.prompt_form(chat) != "question-answer":
             return None
-        return StoppingCriteriaList([_LineEnd(self.tokenizer, width)])
+        return StoppingCriteriaList([_LineEnd(self.line_ended, width)])
 
-    def _answer(self, ids: torch.Tensor, chat: bool) -> str:
+    def line_ended(self, ids) -> bool:
+        """Whether new tokens `ids` hold a line break after any leading white space."""
+        return "\n" in self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+
+    def decoded_answer(self, ids, chat: bool) -> str:
+        """The answer new tokens `ids` say (in the question-answer form, its first line)."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return text.split("\n", 1)[0].rstrip() if self.prompt_form(chat) == "question-answer" else text
 

@@ -179,6 +179,7 @@ class AnswerBatcher:
                     elif len(running):
                         self._requeue(refused)     # a fresh generation takes them
                         joining = False            # ... once this one's rows end
+                        taken = [r for r in taken if all(r is not x for x in refused)]   # now the queue's
                     else:
                         self._run(refused)         # too long for a sliding window even alone
                     self._answered(ended)
@@ -195,8 +196,8 @@ class AnswerBatcher:
     def _joiners(self, express: bool, running: RunningBatch) -> list[Row]:
         """Waiting rows that may join `running` now: of its prompt form, smallest calls first,
         up to its room. None while a row that must go elsewhere waits (another prompt form,
-        a partial hold): the generation then ends with its rows, and the thread takes that row
-        next. Call with the lock held."""
+        a partial hold): the generation then ends with its rows, and the thread goes back to
+        `_take`, which takes the smallest call waiting first. Call with the lock held."""
         mine = self._mine(express)
         room = self.max_rows - len(running)
         if room <= 0 or not mine or any(r.hold is not None or r.chat != running.chat for r in mine):

@@ -38,8 +38,9 @@ from .lora import ActiveBlocks, stack
 
 
 def supports(backbone) -> bool:
-    """Whether rows may join a running generation of this backbone (decoder-only models)."""
-    return getattr(backbone, "kind", None) == "causal"
+    """Whether rows may join a running generation of this backbone (its class says:
+    decoder-only models)."""
+    return getattr(backbone, "joins_running_batches", False)
 
 
 def gathered(blocks: list[dict | None]) -> dict[str, ActiveBlocks] | None:
@@ -140,18 +141,17 @@ class RunningBatch:
         for i, t in zip(rows, tokens.tolist()):
             m = self.members[i]
             m.tokens.append(t)
-            if t in self.eos or len(m.tokens) >= m.limit or (self.one_line and self._line_ended(m.tokens)):
+            if t in self.eos or len(m.tokens) >= m.limit or (self.one_line and self.backbone.line_ended(m.tokens)):
                 ended.append(i)
-        done = [(self.members[i].owner, self.backbone._answer(torch.tensor(self.members[i].tokens), self.chat))
+        done = [(self.members[i].owner, self.backbone.decoded_answer(self.members[i].tokens, self.chat))
                 for i in ended]
         if ended:
             self._drop(set(ended))
         if self._restack:
-            self.active, self._restack = gathered([m.blocks for m in self.members]), False
+            # Moved where the model runs once here, not at every token.
+            self.active = self.backbone.on_device(gathered([m.blocks for m in self.members]))
+            self._restack = False
         return done
-
-    def _line_ended(self, tokens: list[int]) -> bool:
-        return "\n" in self.backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
     def _drop(self, ended: set[int]) -> None:
         keep = [i for i in range(len(self.members)) if i not in ended]

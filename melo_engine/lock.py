@@ -57,6 +57,21 @@ def holder_pid(fd: int) -> int | None:
     return None
 
 
+def open_for_lock(path: Path) -> int:
+    """A descriptor of lock file `path`, created if missing, never through a link
+    (O_NOFOLLOW: a file planted as a link must not make us create or open a file elsewhere)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+def try_flock(fd: int) -> bool:
+    """Take the exclusive flock on `fd` unless another open file holds it (then False)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 class WorkspaceLock:
     """The exclusive lock of workspace folder `ws`, held from `acquire` to `release`."""
 
@@ -73,9 +88,7 @@ class WorkspaceLock:
         if self._fd is not None:
             return
         try:
-            # O_NOFOLLOW: a lock file planted as a link must not make us create or open a
-            # file elsewhere.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = open_for_lock(self.path)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise ValueError(f"the workspace's {LOCK_FILE} file is a link; a workspace's parts "
@@ -83,18 +96,14 @@ class WorkspaceLock:
             raise ValueError(f"cannot lock the workspace for writing: "
                              f"{err.strerror or type(err).__name__}") from None
         deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    pid = holder_pid(fd)
-                    os.close(fd)
-                    who = f" (pid {pid})" if pid is not None else ""
-                    raise ValueError(f"the workspace is in use by another process{who}; "
-                                     f"try again when it is done") from None
-                time.sleep(_POLL_SECONDS)
+        while not try_flock(fd):
+            if time.monotonic() >= deadline:
+                pid = holder_pid(fd)
+                os.close(fd)
+                who = f" (pid {pid})" if pid is not None else ""
+                raise ValueError(f"the workspace is in use by another process{who}; "
+                                 f"try again when it is done") from None
+            time.sleep(_POLL_SECONDS)
         # Whoever held it may have removed the workspace meanwhile (a refused command that
         # created it): our file is then no longer the one at the path.
         try:

@@ -43,6 +43,7 @@ class Seq2SeqBackbone(Backbone):
     """A frozen encoder-decoder with dynamic-LoRA layers in its decoder."""
 
     kind = "seq2seq"
+    joins_running_batches = False          # the decoder's cache sits beside the encoder's output
     auto_class = "AutoModelForSeq2SeqLM"
 
     def __init__(self, model: nn.Module, tokenizer, name: str, layers_path: str | None = None,

@@ -216,18 +216,28 @@ def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
 @pytest.mark.parametrize("kind", [k for k in FAMILIES if k != "t5"])
 def test_rows_joining_a_running_generation_get_what_they_get_alone(kind, tokenizer, unrelated_questions):
     """Continuous batching (decoding.RunningBatch) on each decoder family: rows that join
-    at different tokens, with prompts of different lengths, and leave at their own budgets
-    or end-of-sequence, get the tokens each gets generated alone."""
-    from melo_engine.decoding import RunningBatch
+    at different tokens, with prompts of different lengths and blocks of different ranks
+    on different modules (or none), and leave at their own budgets or end-of-sequence, get
+    the tokens each gets generated alone with its own block."""
+    from melo_engine.decoding import RunningBatch, gathered
 
     bb = tiny_backbone(kind, tokenizer)
+    first, last = bb.ensure_lora((1, 3), (ARCHITECTURES[kind].ffn_out,))
+
+    def block(rank, modules, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {m: (torch.randn(rank, bb.loras[m].in_features, generator=g),
+                    torch.randn(bb.loras[m].out_features, rank, generator=g)) for m in modules}
+
     questions, limits = unrelated_questions[:5], [6, 12, 9, 15, 4]
-    alone = [bb.generate(q, None, n) for q, n in zip(questions, limits)]
+    blocks = [None, block(2, [first], 1), block(4, [first, last], 2), None, block(3, [last], 3)]
+    alone = [bb.generate(q, gathered([b]) if b else None, n) for q, b, n in zip(questions, blocks, limits)]
+    assert any(alone[i] != bb.generate(questions[i], None, limits[i]) for i in (1, 2, 4))    # the blocks count
     running, got = RunningBatch(bb, chat=True), {}
     schedule = {0: [0, 1], 2: [2], 5: [3, 4]}          # step -> rows that join before it
     for step in range(40):
         if step in schedule:
-            ended, refused = running.join([(questions[i], None, limits[i], i) for i in schedule[step]])
+            ended, refused = running.join([(questions[i], blocks[i], limits[i], i) for i in schedule[step]])
             assert refused == []
             got.update(ended)
         if len(running):

@@ -5,34 +5,39 @@ its answering thread and its training on every core of its machine, and two repl
 one machine then split the same cores instead of using one each (docs/BENCHMARKS.md, "The
 Ray engine"). So a replica claims as many whole cores as it reserved, ones that no other
 replica on its machine holds, and binds all its threads to them: what it reserved is then
-what it uses, and a second replica adds a core's work instead of halving the first's.
+what it uses, and replicas on one machine do not run on each other's cores.
 
 How. One lock file per core in a folder of this machine (not the workspaces' folder, which
 every node shares: cores belong to one node). A replica takes the first free ones with a
 non-blocking flock and keeps the files open for its life; the kernel lets them go when it
-dies, however it dies, so its restarted successor finds them free. Where too few are free
-(more replicas than cores), it binds nothing and says so: it then shares the cores as
-before, slower, never refused.
+dies, however it dies, so its restarted successor finds them free. Where too few are
+free (more replicas than cores), where the folder cannot be used, or on a system without
+per-thread affinity (not Linux), it binds nothing and logs one line: it then shares the
+cores as before, slower, never refused. A fractional Ray CPU pins nothing (cluster.Engine).
 """
 from __future__ import annotations
 
-import fcntl
+import logging
 import os
 import tempfile
 from pathlib import Path
 
+from melo_engine.lock import open_for_lock, try_flock
+
+log = logging.getLogger(__name__)
+
 
 class Cores:
-    """The cores this process claimed (empty: none were free) and the open lock files that
-    hold them; `release` lets them go (the process's death does too)."""
+    """The cores this process claimed (empty: none, it shares them all) and the lock files'
+    descriptors that hold them; `release` lets them go (the process's death does too)."""
 
-    def __init__(self, cores: list[int], files: list):
-        self.cores, self._files = cores, files
+    def __init__(self, cores: list[int], fds: list[int]):
+        self.cores, self._fds = cores, fds
 
     def release(self) -> None:
-        for f in self._files:
-            f.close()
-        self._files, self.cores = [], []
+        for fd in self._fds:
+            os.close(fd)
+        self._fds, self.cores = [], []
 
 
 def folder() -> Path:
@@ -42,26 +47,32 @@ def folder() -> Path:
 
 def claim(n: int, where: Path | None = None) -> Cores:
     """Claim `n` free cores of those this process may use and bind every thread to them;
-    an empty claim, binding nothing, where fewer than `n` are free."""
-    where = where or folder()
-    where.mkdir(parents=True, exist_ok=True)
-    held, files = [], []
-    for core in sorted(os.sched_getaffinity(0)):
-        if len(held) == n:
-            break
-        f = open(where / f"core-{core}", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            continue
-        held.append(core)
-        files.append(f)
-    if len(held) < n:
-        Cores(held, files).release()
+    an empty claim, binding nothing, where that cannot be done (module docstring)."""
+    if not hasattr(os, "sched_setaffinity"):
+        log.warning("this system cannot bind threads to cores: the replica shares them all")
         return Cores([], [])
-    bind(held)
-    return Cores(held, files)
+    held = Cores([], [])
+    try:
+        where = where or folder()
+        where.mkdir(parents=True, exist_ok=True)
+        for core in sorted(os.sched_getaffinity(0)):
+            if len(held.cores) == n:
+                break
+            fd = open_for_lock(where / f"core-{core}")
+            if try_flock(fd):
+                held.cores.append(core)
+                held._fds.append(fd)
+            else:
+                os.close(fd)
+        if len(held.cores) == n:
+            bind(held.cores)
+            return held
+        reason = f"{len(held.cores)} of the {n} cores it asked for are free"
+    except OSError as err:
+        reason = f"its core locks in {where} cannot be used ({err.strerror or type(err).__name__})"
+    held.release()
+    log.warning("replica not bound to cores: %s; it shares them all", reason)
+    return held
 
 
 def bind(cores: list[int]) -> None:
