@@ -100,6 +100,17 @@ def test_a_visitor_is_served_by_the_replica_that_holds_the_workspace(front, exam
     assert all(x["id"] != r.edit_id or x["status"] != "active" for x in pool.existing(visitor).edits())
 
 
+def test_the_front_calls_the_engine_from_a_thread_whose_event_loop_runs(front):
+    """Ray refuses to block a thread with a running event loop; the front's pool then waits
+    on a thread of its own (cluster.off_loop). Playwright's sync API holds such a loop in the
+    main thread, as the suite's browser fixture does when it shares a worker with this file."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright():
+        answer = front.reader(front.tokens.new()).ask("What is the capital of France?")
+    assert answer.block is None and answer.text
+
+
 def test_the_page_and_the_api_are_a_front_without_the_model(front, example_edits):
     """The real page and API (layout.py, api.py) over the deployment, through gradio_client."""
     import socket

@@ -349,13 +349,16 @@ def cluster_run(replicas: int, visitors: int = 8, seconds: float = 60, edits_eac
         lost = sum(len(set(m) - ids) for m, ids in zip(made, listed))
         moves = sum(sum(1 for a, b in zip(h, h[1:]) if _alive(a)) for h in holders)
         lat = sorted(b - a for a, b in asks)
+        seen = sorted({p for h in holders for p in h})
         return {"replicas": replicas, "visitors": visitors, "seconds": round(elapsed, 1),
                 "asks": len(asks), "asks_per_second": len(asks) / elapsed,
                 "ask_p50_seconds": median(lat) if lat else None,
                 "ask_p95_seconds": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
                 "edits": len(edit_times), "edit_p50_seconds": median(edit_times) if edit_times else None,
                 "errors": len(errors), "error_lines": sorted(set(errors))[:5], "lost_edits": lost,
-                "replicas_seen": len({p for h in holders for p in h}), "moves": moves,
+                "replicas_seen": len(seen), "moves": moves,
+                # Each live replica's cores (webapp/pinning.py): the whole machine where none was bound.
+                "replica_cores": {str(p): sorted(os.sched_getaffinity(p)) for p in seen if _alive(p)},
                 "front_and_cluster_start_seconds": round(start_seconds, 1)}
     finally:
         stop(proc)

@@ -199,7 +199,8 @@ class RayPool(WorkspacePool):
         started = time.time()
         for attempt in range(self.RETRIES + 1):
             try:
-                return self.handle.options(multiplexed_model_id=token).call.remote(reach, op, args, kwargs).result()
+                return off_loop(lambda: self.handle.options(multiplexed_model_id=token).call.remote(
+                    reach, op, args, kwargs).result())
             except RayTaskError as err:
                 if isinstance(err.cause, ValueError):
                     raise ValueError(str(err.cause).strip().splitlines()[-1]) from None
@@ -260,7 +261,20 @@ class RayPool(WorkspacePool):
     def replica_of(self, token: str) -> int:
         """The process id of the replica that holds (or now opens) the token's workspace."""
         self.tokens.folder(token)
-        return self.handle.options(multiplexed_model_id=token).pid.remote().result()
+        return off_loop(lambda: self.handle.options(multiplexed_model_id=token).pid.remote().result())
+
+
+def off_loop(call):
+    """`call()`, which blocks on a Ray Serve handle. Ray refuses to block (and would route on)
+    a thread whose event loop is running: an async caller's, or, in the test suite, the main
+    thread's while Playwright's sync API holds its loop there. There it runs on a thread of
+    its own; everywhere else (gradio's worker threads) where it is."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return call()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="melo-ray-call") as one:
+        return one.submit(call).result()
 
 
 def start(root: Path, model: str, cfg: ClusterConfig | None = None, address: str | None = None,
