@@ -104,9 +104,17 @@ def test_the_front_calls_the_engine_from_a_thread_whose_event_loop_runs(front):
     """Ray refuses to block a thread with a running event loop; the front's pool then waits
     on a thread of its own (cluster.off_loop). Playwright's sync API holds such a loop in the
     main thread, as the suite's browser fixture does when it shares a worker with this file."""
+    import asyncio
+    import contextlib
+
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright():
+    try:
+        asyncio.get_running_loop()          # the browser fixture's, in this worker already
+        holding = contextlib.nullcontext()
+    except RuntimeError:
+        holding = sync_playwright()
+    with holding:
         answer = front.reader(front.tokens.new()).ask("What is the capital of France?")
     assert answer.block is None and answer.text
 
