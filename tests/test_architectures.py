@@ -199,17 +199,23 @@ def test_saved_settings_keep_their_modules_and_new_ones_take_the_row():
     assert MeloConfig().resolved(30).lora_modules == ("mlp.down_proj",)     # no row given: Llama-style
 
 
-def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
-    """Gemma 3 looks each layer's attention kind (sliding or full, each with its own rotary
-    base) up by its index: a view of the upper layers must keep their own kinds."""
+def tiny_mixed_gemma(tokenizer, window: int) -> Backbone:
+    """Four Gemma 3 layers that alternate sliding (a window of `window` tokens) and full attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  sliding_window=4, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                                  sliding_window=window, pad_token_id=0, eos_token_id=1, bos_token_id=1,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
     torch.manual_seed(0)
-    bb = Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer, "tiny-mixed")
+    return Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer,
+                    f"tiny-mixed-{window}")
+
+
+def test_the_split_forward_is_exact_where_layers_mix_attention_kinds(tokenizer):
+    """Gemma 3 looks each layer's attention kind (sliding or full, each with its own rotary
+    base) up by its index: a view of the upper layers must keep their own kinds."""
+    bb = tiny_mixed_gemma(tokenizer, window=4)
     assert all(bb.split_is_exact(start) for start in (1, 2, 3))
 
 
@@ -249,17 +255,10 @@ def test_a_row_that_would_outgrow_a_sliding_window_waits_for_a_whole_batch(token
     """Gemma 3's sliding layers keep only their window of keys: a running generation refuses
     a row whose text would outgrow it, and the answering threads generate it as a whole batch
     instead (Backbone.generate_batch), with the text it gets alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from melo_engine.batching import AnswerBatcher, Row
     from melo_engine.decoding import RunningBatch
 
-    config = AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  sliding_window=24, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-                                  layer_types=["sliding_attention", "full_attention"] * 2)
-    torch.manual_seed(0)
-    bb = Backbone(AutoModelForCausalLM.from_config(config).eval().requires_grad_(False), tokenizer, "tiny-window")
+    bb = tiny_mixed_gemma(tokenizer, window=24)
     question = unrelated_questions[0]
     assert RunningBatch(bb, chat=True).join([(question, None, 30, "long")]) == ([], ["long"])
     batcher = AnswerBatcher(bb, slots=1)
