@@ -79,7 +79,9 @@ class WorkspacePool:
         self._blanks: dict[str, MeloEditor] = {}    # the shared read-only empty workspace, by model
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
         self._writers: dict[str, int] = {}      # writes in progress, by folder
+        self._dropping: set[str] = set()        # removed now after a failed first write
         self._lock = threading.Lock()
+        self._dropped = threading.Condition(self._lock)
         self._stop = threading.Event()
         # A visitor's benchmark: a child process with its own copy of this model (a front
         # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
@@ -266,6 +268,10 @@ class WorkspacePool:
         the workspace goes again."""
         folder = self.tokens.folder(token)
         with self._lock:
+            # A failed first write may be removing this workspace now (a double click's
+            # first edit refused): wait for it, so this write makes the workspace afresh
+            # and removes it too if it fails, instead of finding it half gone and keeping it.
+            self._dropped.wait_for(lambda: folder not in self._dropping)
             if not (self.root / folder / "ws").is_dir():
                 self._fresh.add(folder)
             self._writers[folder] = self._writers.get(folder, 0) + 1
@@ -284,8 +290,15 @@ class WorkspacePool:
                 drop = not ok and last and folder in self._fresh
                 if drop:
                     self._fresh.discard(folder)
-            if drop and not MeloEditor.has_edits(self.root / folder / "ws"):
-                self._remove(folder)
+                    self._dropping.add(folder)
+            if drop:
+                try:
+                    if not MeloEditor.has_edits(self.root / folder / "ws"):
+                        self._remove(folder)
+                finally:
+                    with self._lock:
+                        self._dropping.discard(folder)
+                        self._dropped.notify_all()
 
     def close(self, token: str) -> None:
         """Let go of the token's workspace (and its lock), keeping its files: the next use
