@@ -149,6 +149,38 @@ def test_workspaces_without_edits_go_in_minutes_and_open_ones_are_capped(backbon
     assert [e["target"] for e in pool.editor(edited).edits()] == ["Bern."]     # closed, then reopened
 
 
+def test_a_refused_first_write_right_after_another_leaves_no_workspace(backbone, tmp_path):
+    """A double click on a half-filled form sends two edits of a visitor who has no
+    workspace yet; both are refused. A second one that starts while the first one's
+    cleanup removes the workspace must not find it half gone and keep it (seen in the
+    browser suite): the second write starts at delays stepping across the first's."""
+    import threading
+
+    pool = WorkspacePool(backbone, root=tmp_path)
+
+    def refused(token):
+        try:
+            with pool.writing(token) as ed:
+                ed.train("What is the capital of Turkey?", "")
+        except ValueError:
+            pass
+
+    start = time.perf_counter()
+    refused(pool.tokens.new())
+    took = time.perf_counter() - start                  # one refused write, a few ms
+    kept = []
+    for k in range(120):
+        token = pool.tokens.new()
+        first = threading.Thread(target=refused, args=(token,))
+        first.start()
+        time.sleep(took * 2 * k / 120)
+        refused(token)
+        first.join()
+        if (tmp_path / pool.tokens.folder(token)).exists() or pool.existing(token) is not None:
+            kept.append(k)
+    assert kept == []
+
+
 def test_an_export_link_works_once_and_only_until_it_expires(tmp_path):
     import asyncio
     import concurrent.futures
@@ -291,6 +323,29 @@ def test_a_key_source_registered_at_run_time_is_offered_in_settings(tmp_path):
     finally:
         KEY_SOURCES.unregister("dummy")
         downloads.close()
+
+
+def test_settings_are_drawn_disabled_and_enabled_with_the_visitors_own_values(backbone, tmp_path):
+    """Until the page has the workspace's settings, an empty number box shows 0: a control
+    changed or saved then would save the placeholder (or be overwritten when they arrive)."""
+    from webapp.downloads import Downloads
+    from webapp.layout import build_demo
+
+    pool = WorkspacePool(backbone, root=tmp_path)
+    downloads = Downloads()
+    try:
+        demo = build_demo(pool, downloads)
+        by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        for elem in ("model-choice", "key-source", "prompt-mode", "radius", "save-settings"):
+            assert by_id[elem].interactive is False, elem
+    finally:
+        downloads.close()
+    token = pool.tokens.new()
+    with pool.writing(token) as ed:
+        ed.update_settings(init_radius=0.75, rank_per_block=3)
+    shown = callbacks.settings_values(pool, token)
+    assert all(u["interactive"] is True for u in shown)             # the save button too (the last)
+    assert [u["value"] for u in shown[3:5]] == [0.75, 3]
 
 
 def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():
