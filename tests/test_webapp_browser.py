@@ -44,6 +44,10 @@ def answer_text(page, where="#answer .melo-text") -> str:
 
 def tab(page, name):
     page.get_by_role("tab", name=name).click()
+    if name == "Settings":
+        # Its controls are disabled until they show the visitor's own values (read earlier,
+        # a value would be the placeholder; set earlier, it would be overwritten).
+        page.wait_for_selector("#save-settings:not([disabled])", timeout=LONG)
 
 
 def shot(page, name):
@@ -302,7 +306,6 @@ def test_reset_clears_every_panel_and_restores_default_settings(app_server, brow
     url, _ = app_server
     with fresh_page(browser, url) as page:
         tab(page, "Settings")
-        page.wait_for_function("() => document.querySelector('#radius input').value !== ''", timeout=LONG)
         default_radius = page.locator("#radius input").input_value()
         page.locator("#radius input").fill("0.5")
         page.get_by_role("button", name="Save settings").click()

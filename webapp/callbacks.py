@@ -323,11 +323,15 @@ def save_settings(pool: WorkspacePool, token: str, radius: float, rank: int, lr:
 
 
 def settings_values(pool: WorkspacePool, token: str):
+    """The visitor's settings, each control enabled as it is filled (and the save button
+    after them): the page draws them disabled, so nothing can be changed or saved over
+    a placeholder (an empty number box shows 0) before the workspace's own values arrive."""
     try:
         c = pool.reader(token).config
     except ValueError:
-        return (gr.skip(),) * 7
-    return c.model, c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters
+        return (gr.skip(),) * 8
+    values = (c.model, c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters)
+    return tuple(gr.update(value=v, interactive=True) for v in values) + (gr.update(interactive=True),)
 
 
 def model_choices(pool: WorkspacePool) -> list[tuple[str, str]]:

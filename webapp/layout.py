@@ -178,21 +178,24 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         with gr.Tab("Settings", id="settings"):
             with gr.Row():
                 model = gr.Radio(cb.model_choices(pool), label="Model", info=HELP["model"], elem_id="model-choice",
-                                 scale=2)
+                                 scale=2, interactive=False)
                 model_note = gr.Markdown(elem_id="model-note")
             model_msg = gr.Markdown(elem_id="model-msg")
-            key_source = gr.Radio(cb.key_sources(), label="Key source", info=key_source_help(), elem_id="key-source")
+            key_source = gr.Radio(cb.key_sources(), label="Key source", info=key_source_help(), elem_id="key-source",
+                                  interactive=False)
             key_msg = gr.Markdown(elem_id="key-msg")
             prompt_mode = gr.Radio([("Chat (a question, answered in a chat turn)", "chat"),
                                     ("Completion (plain text the model continues)", "completion")],
-                                   label="Prompt mode", info=HELP["prompt_mode"], elem_id="prompt-mode")
+                                   label="Prompt mode", info=HELP["prompt_mode"], elem_id="prompt-mode",
+                                   interactive=False)
             mode_msg = gr.Markdown(elem_id="mode-msg")
             gr.Markdown("These apply to **new** edits; existing edits keep what they were trained with.")
-            radius = gr.Number(label="Radius", info=HELP["radius"], precision=4, minimum=1e-4, elem_id="radius")
-            rank = gr.Slider(1, 16, step=1, label="Rank per block", info=HELP["rank"])
-            lr = gr.Number(label="Learning rate", info=HELP["lr"], minimum=1e-5, maximum=1.0)
-            iters = gr.Slider(1, 200, step=1, label="Max iterations", info=HELP["iters"])
-            save_btn = gr.Button("Save settings")
+            radius = gr.Number(label="Radius", info=HELP["radius"], precision=4, minimum=1e-4, elem_id="radius",
+                               interactive=False)
+            rank = gr.Slider(1, 16, step=1, label="Rank per block", info=HELP["rank"], interactive=False)
+            lr = gr.Number(label="Learning rate", info=HELP["lr"], minimum=1e-5, maximum=1.0, interactive=False)
+            iters = gr.Slider(1, 200, step=1, label="Max iterations", info=HELP["iters"], interactive=False)
+            save_btn = gr.Button("Save settings", interactive=False, elem_id="save-settings")
             settings_msg = gr.Markdown()
             gr.Markdown("**Your own questions.** Every edit's side-effect check also runs over a question list "
                         "you load here (an eval set, your class's questions: thousands are fine), kept once for "
@@ -245,6 +248,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
 
         # ---- wiring ----------------------------------------------------------------------
         private = dict(api_visibility="private")
+        # Drawn disabled; each is enabled once it shows the visitor's own value (cb.settings_values).
+        settings_shown = [model, key_source, prompt_mode, radius, rank, lr, iters, save_btn]
         refresh_all = [(bind(cb.history), [token, deleted], [table, selected]),
                        (bind(cb.index_map), [token, probes_state], map_plot)]
 
@@ -257,7 +262,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # The Edit panel, the Probe boxes and the map's box of the visitor's kind of workspace.
         kind_shown = [question_panel, classifier_panel, cls_label, cls_examples, probe_text, probe_other, dist_q]
         loaded = demo.load(bind(cb.visitor_token), token, token, **private).then(
-            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
+            bind(cb.settings_values), token, settings_shown, **private).then(
             bind(cb.key_info), token, key_about, **private).then(bind(cb.model_note), None, model_note, **private).then(
             bind(clsf.panels), token, kind_shown, **private)
         after_change(loaded).then(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
@@ -333,7 +338,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # A first use of a model loads it (seconds; a first conversion, a minute): its message shows the wait.
         model.input(cb.clear, None, model_msg, queue=False, **private).then(
             bind(cb.set_model), [token, model], [model_msg, model], show_progress_on=[model_msg], **private).then(
-            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters],
+            bind(cb.settings_values), token, settings_shown,
             **private).then(bind(cb.key_info), token, key_about, **private).then(
             bind(cb.model_note), None, model_note, **private).then(bind(clsf.panels), token, kind_shown, **private)
         prompt_mode.input(bind(cb.set_prompt_mode), [token, prompt_mode], [mode_msg, radius, prompt_mode], **private)
@@ -345,7 +350,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             lambda: (False, [], [], gr.update(choices=[("The whole answer", 0)], value=0),
                      gr.update(value=False, visible=False)) + (None,) * len(cleared),
             None, [confirm, probes_state, deleted, wrong, end_here, *cleared], **private).then(
-            bind(cb.settings_values), token, [model, key_source, prompt_mode, radius, rank, lr, iters], **private).then(
+            bind(cb.settings_values), token, settings_shown, **private).then(
             bind(clsf.panels), token, kind_shown, **private))
 
         api.register(pool, answer_q, train_q)
