@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_MODEL
+from .lock import open_for_lock
 
 # Bundled models: a short name, the package that carries the GGUF (a file inside it, or
 # "assembled" by the package from chunk packages), the hub id that holds the same weights
@@ -165,13 +166,12 @@ def _converting(target: Path):
     folder the first is reading. flock: the kernel drops it if the converter dies."""
     import fcntl
 
-    lock = _made(target.parent) / f".{target.name}.lock"
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = open_for_lock(_made(target.parent) / f".{target.name}.lock")     # never through a link
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)        # waits: the first converter finishes, this one loads
+        yield
+    finally:
+        os.close(fd)                          # closing lets go of the flock
 
 
 def _loaded_or_one_line(where: str, what: str):
