@@ -79,7 +79,7 @@ class WorkspacePool:
         self._blanks: dict[str, MeloEditor] = {}    # the shared read-only empty workspace, by model
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
         self._writers: dict[str, int] = {}      # writes in progress, by folder
-        self._dropping: set[str] = set()        # removed now after a failed first write
+        self._dropping: set[str] = set()        # being removed now (a failed first write, the sweep)
         self._lock = threading.Lock()
         self._dropped = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -136,32 +136,53 @@ class WorkspacePool:
             ed = self._editors.get(folder)
         return ed.config.model if ed is not None else self._recorded_model(folder)
 
-    def editor(self, token: str) -> MeloEditor:
+    def editor(self, token: str, create: bool = True) -> MeloEditor | None:
         """The editor of the token's workspace, opening (or creating) it on first use, on
-        the model its header records (a new one: the default model)."""
+        the model its header records (a new one: the default model). With `create` False,
+        None where the workspace does not exist (`existing`).
+
+        Whether it exists is decided under the pool's lock, after any removal of it now
+        under way (a failed first write's, the sweep's): a visitor's page reads while its
+        refused first edit removes the workspace, and a check made before that removal
+        would open, so make, the workspace again and keep it empty."""
         folder = self.tokens.folder(token)
         with self._lock:
-            ed = self._editors.get(folder)
+            ed, absent = self._lookup(folder)
             if ed is not None:
-                self._used[folder] = time.monotonic()
-            full = ed is None and len(self._editors) >= self.max_open
-        if ed is None:
-            if full:
-                self.sweep()
-                self._close_least_used()
-            name = self._recorded_model(folder)
-            backbone = self.backbone(name)           # a first use loads it: no pool lock held
-            with self._lock:
-                ed = self._editors.get(folder)
-                if ed is None:
-                    if len(self._editors) >= self.max_open:
-                        raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                    ed = self.work.join(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
-                                                                   backbone=backbone), name, backbone)
-                    self._editors[folder] = ed
-                self._used[folder] = time.monotonic()
-        (self.root / folder / "last_used").write_text(str(time.time()))
+                self._mark_used(folder)
+                return ed
+            if absent and not create:
+                return None
+            full = len(self._editors) >= self.max_open
+        if full:
+            self.sweep()
+            self._close_least_used()
+        name = self._recorded_model(folder)
+        backbone = self.backbone(name)           # a first use loads it: no pool lock held
+        with self._lock:
+            ed, absent = self._lookup(folder)
+            if ed is None:
+                if absent and not create:
+                    return None
+                if len(self._editors) >= self.max_open:
+                    raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
+                ed = self.work.join(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
+                                                               backbone=backbone), name, backbone)
+                self._editors[folder] = ed
+            self._mark_used(folder)
         return ed
+
+    def _lookup(self, folder: str) -> tuple[MeloEditor | None, bool]:
+        """(Under the pool's lock.) Once no removal of `folder` is under way: its open
+        editor (or None), and whether its workspace is absent from disk."""
+        self._dropped.wait_for(lambda: folder not in self._dropping)
+        ed = self._editors.get(folder)
+        return ed, ed is None and not (self.root / folder / "ws").is_dir()
+
+    def _mark_used(self, folder: str) -> None:
+        """(Under the pool's lock: a removal never runs between the check and the stamp.)"""
+        self._used[folder] = time.monotonic()
+        (self.root / folder / "last_used").write_text(str(time.time()))
 
     def _close_least_used(self) -> None:
         """At the cap: close the open workspace used least recently, if nobody is writing to
@@ -181,9 +202,7 @@ class WorkspacePool:
 
     def existing(self, token: str) -> MeloEditor | None:
         """The token's editor if its workspace exists; never creates one."""
-        if (self.root / self.tokens.folder(token) / "ws").is_dir():
-            return self.editor(token)
-        return None
+        return self.editor(token, create=False)
 
     def reader(self, token: str) -> MeloEditor:
         """For reading only: the token's editor if its workspace exists, else the shared empty
@@ -314,23 +333,31 @@ class WorkspacePool:
     def _remove(self, folder: str) -> bool:
         """Delete a workspace: one open here is closed first; one that another process
         holds open for writing (another app or engine replica on the same folder) is left
-        alone. Returns whether it went."""
+        alone. Returns whether it went. Nobody opens it meanwhile (`_lookup` waits)."""
         with self._lock:
+            mine = folder not in self._dropping       # else a failed first write's, marked already
+            self._dropping.add(folder)
             ed = self._editors.pop(folder, None)
             self._used.pop(folder, None)
-        if ed is not None:
-            ed.close()
-        lock = WorkspaceLock(self.root / folder / "ws", wait=0)
         try:
-            if lock.path.parent.is_dir():
-                lock.acquire()
-        except ValueError:
-            return False
-        try:
-            shutil.rmtree(self.root / folder, ignore_errors=True)
+            if ed is not None:
+                ed.close()
+            lock = WorkspaceLock(self.root / folder / "ws", wait=0)
+            try:
+                if lock.path.parent.is_dir():
+                    lock.acquire()
+            except ValueError:
+                return False
+            try:
+                shutil.rmtree(self.root / folder, ignore_errors=True)
+            finally:
+                lock.release()
+            return True
         finally:
-            lock.release()
-        return True
+            if mine:
+                with self._lock:
+                    self._dropping.discard(folder)
+                    self._dropped.notify_all()
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove workspaces idle for too long (see the class); return the folders removed."""
