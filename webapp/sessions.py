@@ -79,7 +79,7 @@ class WorkspacePool:
         self._blanks: dict[str, MeloEditor] = {}    # the shared read-only empty workspace, by model
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
         self._writers: dict[str, int] = {}      # writes in progress, by folder
-        self._dropping: set[str] = set()        # being removed now (a failed first write, the sweep)
+        self._dropping: dict[str, int] = {}     # removals under way, by folder (a failed first write, the sweep)
         self._lock = threading.Lock()
         self._dropped = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -309,15 +309,14 @@ class WorkspacePool:
                 drop = not ok and last and folder in self._fresh
                 if drop:
                     self._fresh.discard(folder)
-                    self._dropping.add(folder)
+                    self._mark_dropping(folder, +1)     # with the decision: no write starts between
             if drop:
                 try:
                     if not MeloEditor.has_edits(self.root / folder / "ws"):
                         self._remove(folder)
                 finally:
                     with self._lock:
-                        self._dropping.discard(folder)
-                        self._dropped.notify_all()
+                        self._mark_dropping(folder, -1)
 
     def close(self, token: str) -> None:
         """Let go of the token's workspace (and its lock), keeping its files: the next use
@@ -335,8 +334,7 @@ class WorkspacePool:
         holds open for writing (another app or engine replica on the same folder) is left
         alone. Returns whether it went. Nobody opens it meanwhile (`_lookup` waits)."""
         with self._lock:
-            mine = folder not in self._dropping       # else a failed first write's, marked already
-            self._dropping.add(folder)
+            self._mark_dropping(folder, +1)
             ed = self._editors.pop(folder, None)
             self._used.pop(folder, None)
         try:
@@ -354,10 +352,18 @@ class WorkspacePool:
                 lock.release()
             return True
         finally:
-            if mine:
-                with self._lock:
-                    self._dropping.discard(folder)
-                    self._dropped.notify_all()
+            with self._lock:
+                self._mark_dropping(folder, -1)
+
+    def _mark_dropping(self, folder: str, step: int) -> None:
+        """(Under the pool's lock.) Count a removal of `folder` in (+1) or out (-1): two may
+        overlap (two sweeps; a sweep and a failed first write's), and `_lookup` waits for both."""
+        n = self._dropping.get(folder, 0) + step
+        if n:
+            self._dropping[folder] = n
+        else:
+            del self._dropping[folder]
+            self._dropped.notify_all()
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove workspaces idle for too long (see the class); return the folders removed."""
