@@ -355,6 +355,13 @@ def test_settings_are_drawn_disabled_and_enabled_with_the_visitors_own_values(ba
     shown = callbacks.settings_values(pool, token)
     assert all(u["interactive"] is True for u in shown)             # the save button too (the last)
     assert [u["value"] for u in shown[3:5]] == [0.75, 3]
+    # A workspace that cannot be opened (here: the server at its cap) says so in one line.
+    import gradio as gr
+
+    pool.close(token)
+    pool.max_open = 0
+    with pytest.raises(gr.Error, match="your settings cannot be shown .*as many visitors"):
+        callbacks.settings_values(pool, token)
 
 
 def test_the_retention_chart_of_a_long_run_has_about_ten_ticks():

@@ -322,14 +322,17 @@ def save_settings(pool: WorkspacePool, token: str, radius: float, rank: int, lr:
     return f"Saved: radius {cfg.init_radius:.3f}, rank {cfg.rank_per_block}, lr {cfg.lr:g}, up to {cfg.max_iters} steps."
 
 
+@user_errors
 def settings_values(pool: WorkspacePool, token: str):
     """The visitor's settings, each control enabled as it is filled (and the save button
     after them): the page draws them disabled, so nothing can be changed or saved over
-    a placeholder (an empty number box shows 0) before the workspace's own values arrive."""
+    a placeholder (an empty number box shows 0) before the workspace's own values arrive.
+    A workspace that cannot be read (the server full, the workspace damaged) leaves them
+    disabled, and says so."""
     try:
         c = pool.reader(token).config
-    except ValueError:
-        return (gr.skip(),) * 8
+    except ValueError as err:
+        raise ValueError(f"your settings cannot be shown ({err}); reload the page to try again") from None
     values = (c.model, c.key_source, c.prompt_mode, c.init_radius, c.rank_per_block, c.lr, c.max_iters)
     return tuple(gr.update(value=v, interactive=True) for v in values) + (gr.update(interactive=True),)
 
