@@ -109,7 +109,8 @@ def delete(pool: WorkspacePool, edit_id: str, request: gr.Request) -> dict:
 def edits(pool: WorkspacePool, request: gr.Request) -> list:
     """Every edit of this client's workspace (listing never creates one)."""
     ed = pool.existing(token_of(request))
-    return ed.edits() if ed is not None else []
+    # (An engine replica answers None where the workspace went since the front looked.)
+    return (ed.edits() if ed is not None else None) or []
 
 
 @user_errors

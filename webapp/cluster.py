@@ -235,8 +235,10 @@ class RayPool(WorkspacePool):
         return self.remote(token, "open")
 
     def existing(self, token: str) -> RemoteEditor | None:
+        # The replica decides again, under its pool's lock ("existing": a call answers None
+        # where the workspace has gone since this look), and never makes one.
         folder = self.tokens.folder(token)
-        return self.remote(token, "open") if (self.root / folder / "ws").is_dir() else None
+        return self.remote(token, "existing") if (self.root / folder / "ws").is_dir() else None
 
     def reader(self, token: str) -> RemoteEditor:
         self.tokens.folder(token)
