@@ -109,8 +109,9 @@ def delete(pool: WorkspacePool, edit_id: str, request: gr.Request) -> dict:
 def edits(pool: WorkspacePool, request: gr.Request) -> list:
     """Every edit of this client's workspace (listing never creates one)."""
     ed = pool.existing(token_of(request))
-    # (An engine replica answers None where the workspace went since the front looked.)
-    return (ed.edits() if ed is not None else None) or []
+    if ed is None:
+        return []
+    return ed.edits() or []     # an engine replica answers None where it went since the front looked
 
 
 @user_errors

@@ -288,10 +288,9 @@ class WorkspacePool:
         folder = self.tokens.folder(token)
         with self._lock:
             # A failed first write may be removing this workspace now (a double click's
-            # first edit refused): wait for it, so this write makes the workspace afresh
-            # and removes it too if it fails, instead of finding it half gone and keeping it.
-            self._dropped.wait_for(lambda: folder not in self._dropping)
-            if not (self.root / folder / "ws").is_dir():
+            # first edit refused): _lookup waits for it, so this write makes the workspace
+            # afresh and removes it too if it fails, instead of finding it half gone and keeping it.
+            if self._lookup(folder)[1]:
                 self._fresh.add(folder)
             self._writers[folder] = self._writers.get(folder, 0) + 1
         ok = False
