@@ -251,9 +251,9 @@ class WorkspacePool:
         backbone = self.backbone(name)                # loads first: a failed load changes nothing
         opener = self.shelf.editor(name)
         with self._lock:                              # no write can start while it is remade
+            old, _ = self._lookup(folder)             # after a removal under way, like every opening
             if folder in self._writers:
                 raise ValueError("an edit or import is running in this workspace: change the model once it is done")
-            old = self._editors.get(folder)
             if (old is not None and old.ws.entries) or MeloEditor.has_edits(ws):
                 raise ValueError(refused)
             config = None
@@ -276,8 +276,7 @@ class WorkspacePool:
                     lock.release()
             ed = self.work.join(opener.open(ws, model=name, config=config, backbone=backbone), name, backbone)
             self._editors[folder] = ed
-            self._used[folder] = time.monotonic()
-        (self.root / folder / "last_used").write_text(str(time.time()))
+            self._mark_used(folder)
         return ed
 
     @contextmanager
