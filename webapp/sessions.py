@@ -9,7 +9,7 @@ setting), never on a read: until then asks, probes and listings are answered by 
 read-only empty workspace per model (`reader`), so a crowd that only looks or is refused fills no
 folder and no place under the cap. A write that is refused removes the workspace it made.
 
-Several models (models.py): `pool.models` lists the names offered (the default first),
+Several models (models.py, workspace_models.py): `pool.models` lists the names offered (the default first),
 `pool.backbone(name)` is a model's backbone (loaded once per process on first use, then
 shared), `pool.model_of(token)` the model a visitor's workspace was made with (its header
 records it; a workspace reopens on that model), `pool.set_model(token, name)` remakes a
@@ -18,9 +18,6 @@ empty workspace. A workspace is new on the default model unless `set_model` says
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import threading
@@ -30,14 +27,14 @@ from pathlib import Path
 
 from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
-from melo_engine.config import DEFAULT_MODEL, MeloConfig
+from melo_engine.config import DEFAULT_MODEL
 from melo_engine.lock import WorkspaceLock
-from melo_engine.store import CONFIG, read_header
 
 from .lane import BenchmarkLane
 from .models import ModelShelf
 from .tokens import WorkspaceTokens
 from .workers import SharedWork
+from .workspace_models import WorkspaceModels
 
 
 def default_root() -> Path:
@@ -76,65 +73,55 @@ class WorkspacePool:
         self.close_after_seconds = close_after_seconds
         self._used: dict[str, float] = {}       # open workspaces: last use (monotonic), by folder
         self._editors: dict[str, MeloEditor] = {}
-        self._blanks: dict[str, MeloEditor] = {}    # the shared read-only empty workspace, by model
         self._fresh: set[str] = set()           # made by a write that has not yet succeeded
         self._writers: dict[str, int] = {}      # writes in progress, by folder
         self._dropping: dict[str, int] = {}     # removals under way, by folder (a failed first write, the sweep)
         self._lock = threading.Lock()
         self._dropped = threading.Condition(self._lock)
         self._stop = threading.Event()
+        # Per model, the answering threads and the training workers every workspace on it
+        # shares (workers.py); the app trains in `train_workers` processes of their own.
+        self.work = SharedWork(answer_slots, answer_nice, train_workers)
+        # Which model each workspace is on, and each model's shared empty workspace.
+        self.workspace_models = WorkspaceModels(self.shelf, self.root, self.work)
         # A visitor's benchmark: a child process with its own copy of this model (a front
         # that holds none, cluster.RayPool, runs the model MELO_MODEL names, or the default).
         model = self.default_model
         self.benchmarks = BenchmarkLane(None if model in (None, DEFAULT_MODEL) else model)
-        # Per model, the answering threads and the training workers every workspace on it
-        # shares (workers.py); the app trains in `train_workers` processes of their own.
-        self.work = SharedWork(answer_slots, answer_nice, train_workers)
         # The page's queue widths (layout.py): generations and trainings at once (RayPool's own).
         self.answer_concurrency = self.work.answer_concurrency(holds_models=self.shelf is not None)
         self.train_concurrency = self.work.train_concurrency
 
-    # ---- models ------------------------------------------------------------------------
+    # ---- models (workspace_models.py) ---------------------------------------------------
     @property
     def models(self) -> list[str]:
         """The names of the models a workspace can be made with, the default first."""
-        if self.shelf is None:
-            return [os.environ.get("MELO_MODEL") or DEFAULT_MODEL]
-        return self.shelf.names
+        return self.workspace_models.names
 
     @property
     def default_model(self) -> str:
-        return self.models[0]
+        return self.workspace_models.default
+
+    def backbone(self, name: str | None = None):
+        """The named model's backbone (default: the default model's); unknown names: one line."""
+        return self.workspace_models.backbone(name)
+
+    def blank(self, name: str | None = None) -> MeloEditor:
+        """The named model's shared read-only empty workspace (default: the default model's)."""
+        return self.workspace_models.blank(name)
 
     def benchmark_model(self, token: str) -> str | None:
         """The model a visitor's benchmark (a zsRE run) runs on: their workspace's, where it
         is a model that answers questions; else None (the lane's own: the default)."""
-        if self.shelf is None:
-            return None
         name = self.model_of(token)
-        return name if self.shelf.editor(name) is MeloEditor else None
-
-    def backbone(self, name: str | None = None):
-        """The named model's backbone (default: the default model's), loaded on first use
-        and shared by every workspace of that model. Unknown names: one line."""
-        if self.shelf is None:
-            raise ValueError("this server's engine runs elsewhere: it holds no model")
-        return self.shelf.get(name)
-
-    def _recorded_model(self, folder: str) -> str:
-        """The model a workspace folder was made with (its header), the default for none."""
-        try:
-            header = read_header(self.root / folder / "ws")
-        except ValueError:
-            header = None                # opening it says what is wrong, in one line
-        return (header or {}).get("model") or self.default_model
+        return name if self.workspace_models.answers_questions(name) else None
 
     def model_of(self, token: str) -> str:
         """The model of the token's workspace: the one it was made with, else the default."""
         folder = self.tokens.folder(token)
         with self._lock:
             ed = self._editors.get(folder)
-        return ed.config.model if ed is not None else self._recorded_model(folder)
+        return ed.config.model if ed is not None else self.workspace_models.recorded(folder)
 
     def editor(self, token: str, create: bool = True) -> MeloEditor | None:
         """The editor of the token's workspace, opening (or creating) it on first use, on
@@ -157,8 +144,8 @@ class WorkspacePool:
         if full:
             self.sweep()
             self._close_least_used()
-        name = self._recorded_model(folder)
-        backbone = self.backbone(name)           # a first use loads it: no pool lock held
+        name = self.workspace_models.recorded(folder)
+        self.backbone(name)                      # a first use loads it: no pool lock held
         with self._lock:
             ed, absent = self._lookup(folder)
             if ed is None:
@@ -166,9 +153,7 @@ class WorkspacePool:
                     return None
                 if len(self._editors) >= self.max_open:
                     raise ValueError("the server has as many visitors as it can hold: try again in a few minutes")
-                ed = self.work.join(self.shelf.editor(name).open(self.root / folder / "ws", model=name,
-                                                               backbone=backbone), name, backbone)
-                self._editors[folder] = ed
+                ed = self._editors[folder] = self.workspace_models.open(self.root / folder / "ws", name)
             self._mark_used(folder)
         return ed
 
@@ -212,26 +197,6 @@ class WorkspacePool:
             return ed
         return self.blank()
 
-    def blank(self, name: str | None = None) -> MeloEditor:
-        """The named model's shared empty workspace (default: the default model's), opened
-        read-only: what a visitor without a workspace reads."""
-        name = self.default_model if name is None else name
-        backbone = self.backbone(name)
-        with self._lock:
-            if name not in self._blanks:
-                # One per model: a workspace is tied to the model it was made with.
-                mark = hashlib.sha256(json.dumps(backbone.fingerprint, sort_keys=True).encode()).hexdigest()
-                blank = self.root / f".blank-{mark[:16]}" / "ws"
-                opener = self.shelf.editor(name)
-                if not blank.is_dir():
-                    opener.open(blank, model=name, backbone=backbone).close()
-                self._blanks[name] = self.work.join(opener.open(blank, backbone=backbone, read_only=True), name, backbone)
-            return self._blanks[name]
-
-    # Settings that belong to one model's layers and key distances: a workspace remade on
-    # another model takes that model's own (layers from its architecture row, radius calibrated).
-    MODEL_BOUND = ("key_layer", "lora_layers", "lora_modules", "layers_path", "init_radius")
-
     def set_model(self, token: str, name: str) -> MeloEditor:
         """Remake the token's workspace on model `name`, only while it has no edits (like
         the key source: blocks of one model mean nothing on another); refused in one line,
@@ -248,21 +213,14 @@ class WorkspacePool:
         current = self.model_of(token)
         if current == name:
             return self.existing(token) or self.blank(name)
-        backbone = self.backbone(name)                # loads first: a failed load changes nothing
-        opener = self.shelf.editor(name)
+        self.backbone(name)                           # loads first: a failed load changes nothing
         with self._lock:                              # no write can start while it is remade
             old, _ = self._lookup(folder)             # after a removal under way, like every opening
             if folder in self._writers:
                 raise ValueError("an edit or import is running in this workspace: change the model once it is done")
             if (old is not None and old.ws.entries) or MeloEditor.has_edits(ws):
                 raise ValueError(refused)
-            config = None
-            if ws.is_dir() and opener is self.shelf.editor(current):
-                try:
-                    kept = old.config if old is not None else MeloConfig.load(ws / CONFIG)
-                    config = dataclasses.replace(kept, model=name, **{k: None for k in self.MODEL_BOUND})
-                except (OSError, ValueError, TypeError):
-                    config = None             # a damaged config: the new model's defaults
+            config = self.workspace_models.carried(ws, old, current, name)
             if ws.is_dir():
                 if old is not None:
                     del self._editors[folder]
@@ -274,8 +232,7 @@ class WorkspacePool:
                     shutil.rmtree(ws)
                 finally:
                     lock.release()
-            ed = self.work.join(opener.open(ws, model=name, config=config, backbone=backbone), name, backbone)
-            self._editors[folder] = ed
+            ed = self._editors[folder] = self.workspace_models.open(ws, name, config)
             self._mark_used(folder)
         return ed
 
@@ -376,7 +333,7 @@ class WorkspacePool:
             except (OSError, ValueError):
                 last = d.stat().st_mtime
             # An empty workspace on a model the visitor chose is a choice, kept like edits.
-            kept = MeloEditor.has_edits(d / "ws") or self._recorded_model(d.name) != self.default_model
+            kept = MeloEditor.has_edits(d / "ws") or self.workspace_models.recorded(d.name) != self.default_model
             limit = self.idle_seconds if kept else self.empty_idle_seconds
             if now - last <= limit:
                 continue
