@@ -45,8 +45,8 @@ def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queu
         tab(a, "Benchmark")
         a.locator("#bench-n input").fill("20")
         a.locator("#bench-btn").click()
-        a.wait_for_function("() => /benchmark lane/.test(document.querySelector('#bench-status').innerText)",
-                            timeout=LONG)
+        a.wait_for_function("() => /Running in the benchmark lane/.test("
+                            "document.querySelector('#bench-status').innerText)", timeout=LONG)
         c.locator("#question textarea").fill("What is the capital of Australia?")
         c.locator("#target textarea").fill("Canberra is the capital of Australia.")
         b.locator("#question textarea").fill("What is the capital of Turkey?")
@@ -69,6 +69,43 @@ def test_an_edit_does_not_wait_for_another_visitors_benchmark_and_shows_its_queu
         while lane_children() and time.time() < deadline:
             time.sleep(0.5)
         assert not lane_children()
+
+
+def test_a_busy_benchmark_lane_and_a_second_run_of_the_same_visitor_are_said_on_the_page(app_server, browser):
+    """A runs a benchmark. A second tab of A (the same workspace) pressing Run is refused in
+    one line on the page; B pressing Run is told in its status box, tall enough to read the
+    queue place under it, that another visitor's run goes first. Both Stops end everything."""
+    url, _ = app_server
+    a = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        first, second = open_page(a, url), open_page(a, url)
+        with fresh_page(browser, url) as b:
+            tab(first, "Benchmark")
+            first.locator("#bench-n input").fill("20")
+            first.locator("#bench-btn").click()
+            first.wait_for_function("() => /Running in the benchmark lane/.test("
+                                    "document.querySelector('#bench-status').innerText)", timeout=LONG)
+            tab(second, "Benchmark")
+            second.locator("#bench-btn").click()
+            second.get_by_text("your benchmark is already queued or running").first.wait_for(timeout=LONG)
+            tab(b, "Benchmark")
+            b.locator("#bench-btn").click()
+            b.wait_for_function("() => /Another visitor's benchmark is running/.test("
+                                "document.querySelector('#bench-status').innerText)", timeout=LONG)
+            assert b.locator("#bench-status").bounding_box()["height"] >= 40
+            shot(b, "benchmark_lane_busy")
+            b.locator("#bench-stop").click()
+            b.wait_for_function("() => /Stopped/.test(document.querySelector('#bench-status').innerText)",
+                                timeout=LONG)
+            first.locator("#bench-stop").click()
+            first.wait_for_function("() => /Stopped/.test(document.querySelector('#bench-status').innerText)",
+                                    timeout=LONG)
+        deadline = time.time() + 30
+        while lane_children() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not lane_children()
+    finally:
+        a.close()
 
 
 def lane_children() -> list[str]:

@@ -449,14 +449,16 @@ BENCH_MAX_EDITS = 50
 
 
 @user_errors
-def claim_benchmark(pool: WorkspacePool, token: str) -> None:
+def claim_benchmark(pool: WorkspacePool, token: str) -> str:
     """Before the benchmark joins its queue: a visitor of this server, with no other
-    benchmark queued or running (lane.BenchmarkLane). A busy lane is said, not refused."""
+    benchmark queued or running (lane.BenchmarkLane). Returns the status box's first line:
+    a busy lane is said there (it stays readable under the queue place), not refused."""
     pool.tokens.folder(token)           # a token this server issued
     pool.benchmarks.claim(token)
     if pool.benchmarks.busy():
-        gr.Info("Another visitor's benchmark is running: yours starts when it ends (your place shows below). "
-                "Edits and questions are not held up by either.")
+        return ("Another visitor's benchmark is running: yours starts when it ends (your place in "
+                "the queue shows here). Edits and questions are not held up by either.")
+    return "Starting the benchmark lane..."
 
 
 def stop_benchmark(pool: WorkspacePool, token: str) -> str:

@@ -238,7 +238,7 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             with gr.Row():
                 bench_btn = gr.Button("Run benchmark", variant="primary", elem_id="bench-btn")
                 bench_stop = gr.Button("Stop", variant="stop", elem_id="bench-stop")
-            bench_status = gr.Markdown(elem_id="bench-status")
+            bench_status = gr.Markdown(elem_id="bench-status", min_height=72)   # room for the queue place
             bench_table = gr.Dataframe(headers=published.COLUMNS, interactive=False, elem_id="bench-table")
             bench_plot = gr.Plot(label="Retention", elem_id="bench-plot")
 
@@ -309,8 +309,10 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         # in one line) before the run joins the queue, and the run refuses without a claim.
         # Runs have their own queue (one at a time, each in its own low-priority process:
         # lane.py), never the edits'; Stop cancels the event, which kills the process.
-        bench_run = bench_btn.click(bind(cb.claim_benchmark), token, None, queue=False, trigger_mode="once",
-                                    **private).success(
+        # The claim is queued (unlimited, so it never waits) because only a queued event shows
+        # its refusal to the page; not queued, "already queued or running" reached only the log.
+        bench_run = bench_btn.click(bind(cb.claim_benchmark), token, bench_status, trigger_mode="once",
+                                    concurrency_limit=None, show_progress="hidden", **private).success(
             bind(cb.run_benchmark), [token, bench_n, bench_methods], [bench_status, bench_table, bench_plot],
             show_progress_on=[bench_status], concurrency_limit=1, concurrency_id="bench", **private)
         bench_stop.click(bind(cb.stop_benchmark), token, bench_status, cancels=[bench_run], queue=False, **private)
