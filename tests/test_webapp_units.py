@@ -381,6 +381,8 @@ def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_ki
     lane = BenchmarkLane(poll_seconds=0.2)
     steps = list(lane.run("visitor", 1, ["melo"]))
     assert isinstance(steps[0], Progress) and isinstance(steps[-1], dict)
+    # The scoring after the last edit writes no progress of its own: the page says it scores.
+    assert any(isinstance(s, Progress) and s.text == "melo: 1/1 edits, now scoring them" for s in steps)
     res = steps[-1]
     assert res["n"] == 1 and list(res["methods"]) == ["melo"] and res["methods"]["melo"]["edit_success"] == 1.0
     assert not lane.busy()

@@ -134,8 +134,10 @@ class BenchmarkLane:
                 seen = _read_progress(progress)
                 if seen:
                     name, done, of = seen
+                    # After a method's last edit its scores are measured (a minute for 20
+                    # edits), which writes no progress: said, so the page does not look stuck.
                     yield Progress((order.get(name, 0) * of + done) / max(1, len(methods) * of),
-                                   f"{name}: {done}/{of} edits")
+                                   f"{name}: {done}/{of} edits" + (", now scoring them" if done == of else ""))
             if proc.returncode != 0 or not out.is_file():
                 last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 raise ValueError(f"the benchmark stopped: {last[-1][:300] if last else 'no output'}")
