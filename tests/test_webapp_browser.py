@@ -405,6 +405,10 @@ def test_correcting_one_sentence_of_a_long_answer_on_the_page(app_server, browse
         after = answer_text(page, "#after .melo-after")
         assert after.startswith(f"{sentences[0]} {fix}"), after
         shot(page, "sentence_correction")
+        # The new answer sets the choice back to the whole answer, and the box says so.
+        page.wait_for_function("() => document.querySelector('#wrong-sentence input[value=\"0\"]').checked "
+                               "&& !document.querySelector('#target').innerText.includes('Corrected sentence')",
+                               timeout=LONG)
         again, badge = ask(page, question)
         assert again.startswith(f"{sentences[0]} {fix}") and badge.startswith("fix applied")
         # The choices follow the new answer; History names the edit a one-sentence correction.

@@ -276,7 +276,9 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         train_q = {"concurrency_limit": pool.train_concurrency, "concurrency_id": "train"}
         for ask_event in (ask_btn.click, question.submit):
             ask_event(bind(cb.ask), [token, question], [answer, shown, wrong, end_here], **answer_q, **private)
-        wrong.input(cb.pick_sentence, [wrong, shown], [target, end_here], **private)
+        # On change, not input: a new answer (an ask, an edit) sets the choice back to the whole
+        # answer, and the box must then say so too (it kept "Corrected sentence 2").
+        wrong.change(cb.pick_sentence, [wrong, shown], [target, end_here], **private)
         # The button says the edit waits (its place in the queue shows above the result) until
         # training starts, then that it trains; it is back once the edit is done or refused.
         waiting = edit_btn.click(lambda: gr.update(value=cb.WAITING, interactive=False), None, edit_btn,
