@@ -265,6 +265,35 @@ def test_the_map_does_not_move_between_refreshes_or_with_new_probes(n):
     assert names[plots.PROBE_FIRED].marker.color != names[plots.PROBE_NOT_FIRED].marker.color
 
 
+def _label_boxes(xy, texts, sides, scale):
+    from webapp import labels
+
+    out = []
+    for (x, y), t, side in zip(np.asarray(xy) * scale, texts, sides):
+        w = labels.CHAR_PX * len(t)
+        dx, dy = labels.SIDES[side](w)
+        out.append((x + dx, y + dy, x + dx + w, y + dy + labels.LINE_PX))
+    return out
+
+
+def test_the_maps_labels_move_out_of_each_others_way():
+    """Marks 10 px apart in a row: under each mark (plotly's one side for all) the labels
+    overlap; the placer's labels overlap no other label and no mark."""
+    from webapp import labels
+
+    xy, texts, scale = [(i, 0.0) for i in range(6)], [f"c{10 + i}" for i in range(6)], 10.0
+    crowded = _label_boxes(xy, texts, ["bottom center"] * 6, scale)
+    assert any(labels._overlap(a, b) > 0 for a, b in zip(crowded, crowded[1:]))
+    sides = labels.sides(np.asarray(xy), texts, np.asarray(xy), scale)
+    boxes = _label_boxes(xy, texts, sides, scale)
+    marks = [(x * scale - labels.MARK_PX, -labels.MARK_PX, x * scale + labels.MARK_PX, labels.MARK_PX) for x, _ in xy]
+    assert all(labels._overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:] + marks)
+    # On the map: a cluster's circle has its block's colour, and one legend entry hides every circle.
+    snap, _ = _snapshot(10)
+    circles = [t for t in plots.index_map(snap, []).data if (t.name or "").startswith("radius")]
+    assert {t.legendgroup for t in circles} == {"radius"} and len({t.line.color for t in circles}) == 10
+
+
 def test_the_distances_chart_names_its_marks_without_a_legend_on_its_axis_title():
     rows = [{"cluster": "c0", "answer": "x", "distance": 0.1, "radius": 0.5, "fires": True}]
     fig = plots.distance_bars("q", rows)

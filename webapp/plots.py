@@ -18,6 +18,8 @@ import time
 import numpy as np
 import plotly.graph_objects as go
 
+from . import labels
+
 UMAP_MIN_POINTS = 15
 PROBE_COLOR = "#111111"      # probes in black (a block fired) and grey (none did): no block has those colours
 PROBE_GREY = "#999999"
@@ -117,8 +119,12 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
     high = np.asarray(base, dtype=np.float32)
     Ph, Ch = high[: len(points)], high[len(points):]
 
-    # Radii, drawn first so the markers sit on top.
+    # Radii, drawn first so the markers sit on top; each in its edits' block colour, so that
+    # where circles cross one can still tell whose is whose, and all in one legend group: a
+    # click on "radius" hides them all when they hide the points.
+    block_of = {p["cluster"]: p["block"] for p in points}
     radius_in_legend = False
+    extent = [np.vstack([P, C, Q]) if len(P) + len(C) + len(Q) else np.zeros((1, 2))]
     for i, c in enumerate(clusters):
         scale = 1.0
         if method == "UMAP":
@@ -131,10 +137,23 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         if c["radius"] * scale <= 0:
             continue       # a cluster shrunk to its point: no circle (its center says radius 0)
         x, y = _circle(C[i, 0], C[i, 1], c["radius"] * scale)
-        fig.add_trace(go.Scatter(x=x.tolist(), y=y.tolist(), mode="lines", line=dict(color="rgba(120,120,120,0.45)", dash="dot"),
-                                 hoverinfo="skip", showlegend=not radius_in_legend,
+        extent.append(np.stack([x, y], 1))
+        colour = PALETTE[block_of[c["id"]] % len(PALETTE)] if c["id"] in block_of else "#777777"
+        fig.add_trace(go.Scatter(x=x.tolist(), y=y.tolist(), mode="lines", line=dict(color=colour, width=1, dash="dot"),
+                                 opacity=0.55, hoverinfo="skip", showlegend=not radius_in_legend, legendgroup="radius",
                                  name="radius" + (" (approx.)" if method == "UMAP" else "")))
         radius_in_legend = True
+
+    # Each label on the side of its mark where it covers the fewest others (webapp/labels.py).
+    fired_first = [k for k, q in enumerate(probes) if q.get("block") is not None] + \
+                  [k for k, q in enumerate(probes) if q.get("block") is None]
+    span = np.vstack(extent)
+    scale = labels.pixels_per_unit(*(1.1 * (span.max(0) - span.min(0))))
+    placed = labels.sides(np.vstack([C, Q[fired_first]]) if len(C) + len(Q) else np.zeros((0, 2)),
+                          [c["id"] for c in clusters] + [_short(probes[k]["text"]) for k in fired_first],
+                          np.vstack([P, C, Q]) if len(P) + len(C) + len(Q) else np.zeros((0, 2)), scale)
+    center_sides = placed[: len(C)]
+    probe_side = dict(zip(fired_first, placed[len(C):]))
 
     if points:      # one legend entry for every edit: ten blocks would be ten entries
         fig.add_trace(go.Scatter(
@@ -147,7 +166,7 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers+text", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
-            text=[c["id"] for c in clusters], textposition="bottom center",     # as History and the distances name them
+            text=[c["id"] for c in clusters], textposition=center_sides,     # named as History and the distances name them
             textfont=dict(size=10, color="#555"),
             customdata=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
                   + (" (fires only for this exact question)" if c["radius"] <= 0 else "")
@@ -158,15 +177,15 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         if q.get("block") is not None and q.get("cluster") in center_of:
             cx, cy = center_of[q["cluster"]]
             fig.add_trace(go.Scatter(x=[float(Q[k, 0]), float(cx)], y=[float(Q[k, 1]), float(cy)], mode="lines",
-                                     showlegend=False, line=dict(color=PROBE_COLOR, width=1.5, dash="dash"),
+                                     showlegend=False, legendgroup=PROBE_FIRED, line=dict(color=PROBE_COLOR, width=1.5, dash="dash"),
                                      hoverinfo="skip"))
     for fired, name, colour in [(True, PROBE_FIRED, PROBE_COLOR), (False, PROBE_NOT_FIRED, PROBE_GREY)]:
         idx = [k for k, q in enumerate(probes) if (q.get("block") is not None) == fired]
         if not idx:
             continue
         fig.add_trace(go.Scatter(
-            x=Q[idx, 0].tolist(), y=Q[idx, 1].tolist(), mode="markers+text", name=name,
-            marker=dict(symbol="x", size=12, color=colour), textposition="top center",
+            x=Q[idx, 0].tolist(), y=Q[idx, 1].tolist(), mode="markers+text", name=name, legendgroup=name,
+            marker=dict(symbol="x", size=12, color=colour), textposition=[probe_side[k] for k in idx],
             text=[_short(probes[k]["text"]) for k in idx], textfont=dict(size=10, color=colour),
             customdata=[f"probe: {probes[k]['text']}<br>" + (f"fix applied: block {probes[k]['block']}" if fired else "original model")
                   + (f"<br>distance {probes[k]['distance']:.3f} / radius {probes[k]['radius']:.3f}"
