@@ -5,7 +5,7 @@ effects (which reference questions it now fires for, from keys alone).
 from __future__ import annotations
 
 from .answering import decide
-from .neighbours import Neighbour, merged, reference_keys, side_effects
+from .neighbours import Neighbour, merged, phrasings_marked, reference_keys, side_effects
 from .probebank import ProbeBank, bank_side_effects, collection_name, location, may_exist
 
 
@@ -72,7 +72,7 @@ def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour
         rows = side_effects(ed.ws.state, entry.id, questions, keys, n=n, route=route)
         if bank is not None and bank.count():
             rows = merged(rows, bank_side_effects(ed.ws.state, entry.id, bank, n, route=route), n)
-        return rows
+    return phrasings_marked(rows, entry.prompt)
 
 
 def probe_bank(ed) -> ProbeBank:

@@ -12,12 +12,12 @@ edit now fires for them.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .model import cache_dir, cached_tensors
-from .refdata import side_effect_questions
+from .refdata import phrasing_groups, same_question, side_effect_questions
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Neighbour:
     fires: bool             # routing this question now fires the edit's block
     fired_edit: str | None  # the edit that fires for it (this one, another, or None)
     rejected: str | None = None   # within the radius, but the verifier turned the edit down: why
+    # A phrasing of the edited question (the fix should reach it), another question (it
+    # should not), or None where the bank cannot say: refdata.phrasing_groups.
+    same: bool | None = None
 
 
 def row(question: str, distance: float, radius: float, edit_id: str, route) -> Neighbour:
@@ -65,6 +68,15 @@ def side_effects(state, edit_id: str, questions: list[str], keys: torch.Tensor, 
         if len(out) < n or line.fires:
             out.append(line)
     return out
+
+
+def phrasings_marked(rows: list[Neighbour], edited: str) -> list[Neighbour]:
+    """`rows` with `same` filled in for the edited question `edited`: known only when both
+    it and the row's question are in the bank's phrasing groups."""
+    groups = phrasing_groups()
+    mine = groups.get(same_question(edited))
+    return [replace(r, same=None if mine is None or same_question(r.question) not in groups
+                    else groups[same_question(r.question)] == mine) for r in rows]
 
 
 def merged(a: list[Neighbour], b: list[Neighbour], n: int = 8) -> list[Neighbour]:

@@ -82,8 +82,37 @@ def continuation_points() -> list[tuple[str, str]]:
     return out
 
 
+def reference_list() -> list[str]:
+    """The everyday questions of the side-effect bank (without the sibling bank's)."""
+    return list(json.loads(SIDE_EFFECT_BANK.read_text())["questions"])
+
+
 def side_effect_questions() -> list[str]:
-    out = json.loads(SIDE_EFFECT_BANK.read_text())
+    out = reference_list()
     for e in json.loads(SIBLING_BANK.read_text())["edits"]:
         out += [e["question"], *e["paraphrases"], *e["siblings"]]
     return list(dict.fromkeys(out))
+
+
+def same_question(text: str) -> str:
+    """A question as the phrasing groups compare it: case, spacing and the final mark aside."""
+    return " ".join(text.casefold().strip().rstrip("?.!").split())
+
+
+def phrasing_groups() -> dict[str, int]:
+    """Which questions of the side-effect bank ask the same thing: each question (as
+    `same_question` writes it) -> its group's number. A sibling-bank question and its
+    paraphrases are one group, and so are the reference list's 'phrasings'; every other
+    question is a group of its own. Groups sharing a question are one."""
+    groups = [[q] for q in reference_list()] + list(json.loads(SIDE_EFFECT_BANK.read_text())["phrasings"])
+    for e in json.loads(SIBLING_BANK.read_text())["edits"]:
+        groups += [[e["question"], *e["paraphrases"]], *([s] for s in e["siblings"])]
+    out: dict[str, int] = {}
+    for number, group in enumerate(groups):
+        keys = [same_question(q) for q in group]
+        joined = {out[k] for k in keys if k in out}
+        for k, v in list(out.items()):      # merge every group this one touches into it
+            if v in joined:
+                out[k] = number
+        out.update({k: number for k in keys})
+    return out

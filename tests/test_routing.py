@@ -107,6 +107,9 @@ def test_siblings_keep_their_exact_answers_while_paraphrases_carry(sibling_edits
     lines = {n.question: n for n in ed.side_effects(results[0].edit_id, n=20)}
     assert not lines["Which element has the atomic number 5?"].fires
     assert lines["Which element has the atomic number 5?"].rejected == "number differs: 5 / 6"
+    # The check tells the fix carrying (a phrasing of the edited question) from a side effect.
+    assert lines["What element has atomic number 6?"].fires and lines["What element has atomic number 6?"].same
+    assert lines["Which element has the atomic number 5?"].same is False
     a = ed.route("What is the freezing point of water in degrees Celsius?")
     assert a.block is None and [why for _, why in a.rejected] == ["another slot: freezing / boiling (0.27)"]
 

@@ -293,11 +293,21 @@ def test_the_side_effect_check_lists_a_same_template_neighbour_and_why_it_stays(
         kept = page.locator("#side-effects tr.melo-kept").all_inner_texts()
         assert any("atomic number 2?" in row and "number differs: 2 / 1" in row for row in kept), kept
         assert "atomic number 2?" not in " ".join(page.locator("#side-effects tr.melo-fires").all_inner_texts())
+        # A question whose phrasings the bank knows: the fix carrying to them is said as such,
+        # apart from any other question that gets it (a side effect, in orange).
+        _edit(page, "Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa.")
+        page.wait_for_function("() => document.querySelector('#side-effects').innerText.includes('Mona Lisa was painted')",
+                               timeout=LONG)
+        side = page.locator("#side-effects")
+        assert "carries to 2 other phrasings of the same question" in side.inner_text()
+        carried = " ".join(side.locator("tr.melo-carried").all_inner_texts())
+        assert "Which artist painted the Mona Lisa?" in carried and "The Mona Lisa was painted by whom?" in carried
+        assert all("another question: a side effect" in r for r in side.locator("tr.melo-fires").all_inner_texts())
         shot(page, "side_effects")
         # The same check for an existing edit, from History.
-        rows = _history(page, 1)
+        hydrogen = next(r for r in _history(page, 2) if "atomic number 1?" in r[1])
         page.locator("#selected-id input").click()
-        page.get_by_role("option", name=rows[0][1][:30]).first.click()
+        page.get_by_role("option", name=hydrogen[1][:30]).first.click()
         page.locator("#side-btn").click()
         page.wait_for_selector("#side-effects-history tr.melo-kept", timeout=LONG)
 

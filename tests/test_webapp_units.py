@@ -326,6 +326,31 @@ def test_the_side_effect_rows_beyond_the_first_fold_under_a_summary():
     assert "<summary" in folded and "and 3 more that get it" in folded and folded.count("<tr class=") == 3
 
 
+def test_the_side_effect_check_tells_the_fix_carrying_from_side_effects():
+    """Rows the bank knows as phrasings of the edited question that get the fix are not
+    side effects; other questions that get it are; rows it cannot place are said so."""
+    from melo_engine.neighbours import Neighbour, phrasings_marked
+    from melo_engine.refdata import phrasing_groups, same_question
+
+    rows = phrasings_marked([Neighbour(q, d, 0.8, fires, "e" if fires else None) for q, d, fires in [
+        ("Who painted the Mona Lisa?", 0.0, True), ("Which artist painted the Mona Lisa?", 0.2, True),
+        ("The Mona Lisa was painted by whom?", 0.3, False), ("Which museum houses the Mona Lisa?", 0.6, True),
+        ("Who painted The Scream?", 1.1, False), ("Who painted my kitchen?", 0.7, True)]], "Who painted the Mona Lisa ?")
+    assert [r.same for r in rows] == [True, True, True, False, False, None]
+    page = render.side_effects_html("e", rows)
+    assert "would also answer 1 other question" in page and "1 question the check cannot place" in page
+    assert "carries to 1 other phrasing" in page and "1 phrasing of the same question in the list does not get it" in page
+    assert page.count('class="melo-carried"') == 2 and page.count('class="melo-fires"') == 2
+    # An edited question the bank does not hold: nothing is guessed.
+    unknown = phrasings_marked(rows, "Who made the Mona Lisa?")
+    assert {r.same for r in unknown} == {None}
+    assert "is not in the reference list" in render.side_effects_html("e", unknown)
+    # Phrasings the reference list pairs, and a sibling bank's question with its paraphrases.
+    groups = phrasing_groups()
+    assert groups[same_question("Who wrote Hamlet?")] == groups[same_question("Who wrote the play Hamlet?")]
+    assert groups[same_question("Who painted the Mona Lisa?")] != groups[same_question("Who painted The Scream?")]
+
+
 def test_published_runs_and_key_figures_come_from_the_results_files(tmp_path):
     from webapp import published
 

@@ -134,11 +134,15 @@ def before_after_html(ans, words: Words = QUESTIONS) -> str:
 
 def _neighbour_row(n) -> str:
     rejected = n.rejected
-    verdict = ("<b>gets this edit</b>" if n.fires else
+    verdict = ("<b>gets this edit</b>" + (" (the same question: as it should)" if n.same else
+                                         " (another question: a side effect)" if n.same is False else "")
+               if n.fires else
                f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else
                f"stays original: within the radius, not the same question ({html.escape(rejected)})" if rejected
+               else "stays original (the same question: the fix does not reach it)" if n.same
                else "stays original")
-    kind = "melo-fires" if n.fires else "melo-kept" if rejected else ""
+    kind = ("melo-carried" if n.fires and n.same else "melo-fires" if n.fires else
+            "melo-kept" if rejected else "melo-missed" if n.same else "")
     return (f'<tr class="{kind}"><td>{html.escape(n.question)}</td>'
             f'<td class="melo-num">{n.distance:.3f}</td><td class="melo-num">{n.radius:.3f}</td>'
             f'<td>{verdict}</td></tr>')
@@ -147,21 +151,51 @@ def _neighbour_row(n) -> str:
 NEIGHBOUR_HEAD = "<thead><tr><th>question</th><th>distance</th><th>radius</th><th>now</th></tr></thead>"
 
 
+def side_effects_verdict(neighbours, words: Words = QUESTIONS) -> str:
+    """The check's summary lines. Where the bank knows the edited question's phrasings
+    (Neighbour.same), the ones that get the fix are the fix carrying, not side effects, and
+    the ones that do not are said too; the rest that get it are side effects; ones the bank
+    cannot place are named as such, not guessed."""
+    others = [n for n in neighbours if n.distance > 1e-6]          # the edited question itself aside
+    carried = sum(1 for n in others if n.fires and n.same)
+    missed = sum(1 for n in others if n.same and not n.fires and not n.fired_edit)
+    wrong = sum(1 for n in others if n.fires and n.same is False)
+    unknown = sum(1 for n in others if n.fires and n.same is None)
+    known = any(n.same is not None for n in neighbours)
+    lines = []
+    if wrong:
+        lines.append(("warn", f"This edit would also {words.reach} {wrong} other {_plural(wrong, words.item)} "
+                              f"from the reference list: check {'them' if wrong > 1 else 'it'} in Probe."))
+    if unknown:
+        lines.append(("warn", f"It also fires for {unknown} {_plural(unknown, words.item)} the check cannot place: "
+                              + (f"your {words.item} is not in the reference list, so its phrasings (which should "
+                                 f"get the fix) cannot be told from other {words.item}s (which should not)"
+                                 if not known else f"{'they are' if unknown > 1 else 'it is'} not in the reference "
+                                 f"list, so whether {'they ask' if unknown > 1 else 'it asks'} the same as yours is "
+                                 "for you to judge") + ". Check them in Probe."))
+    if carried:
+        lines.append(("ok", f"It carries to {carried} other {_plural(carried, 'phrasing')} of the same "
+                            f"{words.item} in the list, as it should."))
+    if missed:
+        lines.append(("warn", f"{missed} {_plural(missed, 'phrasing')} of the same {words.item} in the list "
+                              f"{'do' if missed > 1 else 'does'} not get it: the fix does not reach "
+                              f"{'them' if missed > 1 else 'it'}."))
+    if not wrong and not unknown:
+        lines.append(("ok", f"No other {words.item} near this edit would get it."
+                      if carried or missed else f"None of the {words.reference} near this edit would get it."))
+    return "".join(f'<div class="melo-{kind}">{html.escape(text)}</div>' for kind, text in lines)
+
+
 def side_effects_html(edit_id: str, neighbours, words: Words = QUESTIONS) -> str:
     """The reference questions nearest an edit: the ones it now fires for first and marked;
     beyond the first rows, the rest folded under "and N more" (opened with a click)."""
-    firing = [n for n in neighbours if n.fires and n.distance > 1e-6]
-    head = (f'<div class="melo-warn">This edit would also {words.reach} {len(firing)} other {words.item}'
-            f'{"s" if len(firing) != 1 else ""} from the reference list: check them in Probe.</div>'
-            if firing else f'<div class="melo-ok">None of the {words.reference} near this edit would '
-            'get it.</div>')
     table_head = NEIGHBOUR_HEAD.replace("<th>question</th>", f"<th>{words.item}</th>")
     shown, rest = neighbours[:SIDE_EFFECT_ROWS], neighbours[SIDE_EFFECT_ROWS:]
     more = (f'<details class="melo-more"><summary class="melo-same">and {len(rest)} more that get it</summary>'
             f'<table class="melo-probe">{table_head}<tbody>{"".join(map(_neighbour_row, rest))}</tbody>'
             '</table></details>' if rest else "")
     return (f'<div class="melo-side"><div class="melo-label">Side-effect check for edit {html.escape(edit_id)}: '
-            f'{words.reference} nearest it (keys only, nothing generated)</div>{head}'
+            f'{words.reference} nearest it (keys only, nothing generated)</div>{side_effects_verdict(neighbours, words)}'
             f'<table class="melo-probe">{table_head}<tbody>{"".join(map(_neighbour_row, shown))}</tbody>'
             f'</table>{more}</div>')
 

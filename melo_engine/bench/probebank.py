@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..probebank import clean_question
+from ..refdata import reference_list
 from .base import Benchmark
 from .data import ROOT, counterfact_records, zsre_records
 
@@ -69,7 +70,7 @@ def bundled_questions(n: int | None = None) -> list[str]:
         real += [r["src"], r["rephrase"], _question(r["loc"])]
     for r in cf:
         real += [r["prompt"], r["rephrase_prompt"], r["locality_prompt"]]
-    real += json.loads((ASSETS / "reference_questions.json").read_text())
+    real += reference_list()
     real += json.loads((ASSETS / "unrelated_questions.json").read_text())
     subjects = list(dict.fromkeys([r["subject"] for r in zs] + [r["subject"] for r in cf]))
     made = [t.format(s) for t in TEMPLATES for s in subjects]
