@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from gradio_client import Client
+from gradio_client.utils import Status
 
 CROWD = 300
 
@@ -117,6 +119,18 @@ def test_the_benchmark_needs_a_claimed_lane_and_hand_made_calls_leave_no_traceba
         big = http.post("gradio_api/upload", files={"files": ("big.melo", b"\0" * (20 * 1024 * 1024))})
         assert big.status_code == 413, big.text[:300]
         assert not any(p.stat().st_size >= 20 * 1024 * 1024 for p in upload_files())
+    # Through the API: a second run of the same client is refused at once (it was queued
+    # behind the first and run after it), and the first one's table comes back.
+    api = Client(url, verbose=False)
+    first = api.submit(1, "melo", api_name="/benchmark")
+    deadline = time.time() + 300
+    while first.status().code not in (Status.PROCESSING, Status.ITERATING, Status.FINISHED) and time.time() < deadline:
+        time.sleep(0.5)
+    started = time.time()
+    with pytest.raises(Exception, match="already queued or running"):
+        api.predict(1, "melo", api_name="/benchmark")
+    assert time.time() - started < 60
+    assert first.result(timeout=600)["methods"]["melo"]["edit_success"] == 1.0
     assert log.read_text(errors="replace").count("Traceback") == tracebacks_before, log.read_text()[-3000:]
 
 

@@ -446,6 +446,15 @@ def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_ki
     assert child.poll() is None
     run.close()
     assert child.poll() is not None and not lane.busy()
+    # A run that arrives while another holds the lane waits its turn (one child at a time),
+    # says so, and starts once the lane is free.
+    first, second = lane.run("a", 20, ["melo"]), lane.run("b", 20, ["melo"])
+    next(first)
+    assert next(second).text == "waiting: another benchmark holds the lane" and list(lane._running) == ["a"]
+    first.close()
+    assert next(second).text == "loading the model" and list(lane._running) == ["b"]
+    second.close()
+    assert not lane.busy() and not lane._turns
     lane.claim("visitor")
     with pytest.raises(ValueError, match="already queued or running"):
         lane.claim("visitor")

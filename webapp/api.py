@@ -153,7 +153,9 @@ def register(pool: WorkspacePool, answer_queue: dict, train_queue: dict | None =
     queue, edits, corrections and model changes (a first use loads the model) its training
     queue, benchmarks its benchmark lane."""
     train_queue = train_queue or {"concurrency_limit": 1, "concurrency_id": "train"}
-    bench_queue = {"concurrency_limit": 1, "concurrency_id": "bench"}
+    # A benchmark is claimed at once (a second of the same client refused, not queued behind
+    # its first) and then waits for the lane itself (lane.py), beside the page's runs.
+    bench_queue = {"concurrency_limit": None}
     for fn, queue in [(model, train_queue), (ask, answer_queue), (classify, answer_queue), (edit, train_queue),
                       (correct, train_queue), (probe, answer_queue), (delete, {}), (edits, {}),
                       (benchmark, bench_queue)]:

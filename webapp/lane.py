@@ -15,7 +15,9 @@ rewrites a progress file after every edit, which the page reads.
 
 At most one run per visitor is queued or running (a claim, taken before the run joins
 gradio's queue); runs of different visitors wait in their own gradio queue, whose place
-the page shows.
+the page shows. One child at a time: a run that starts while another holds the lane (the
+page's and the API's runs come through different queues) waits its turn, first come first
+served, and says so.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class BenchmarkLane:
         self._claims: dict[str, tuple[float, bool]] = {}      # token: (since, running)
         self._running: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._turns: list[object] = []                  # runs in order of arrival; the first has the lane
+        self._turn_free = threading.Condition(self._lock)
 
     # ---- claims ---------------------------------------------------------------------------
     def claim(self, token: str) -> None:
@@ -106,9 +110,31 @@ class BenchmarkLane:
         return cmd + (["--model", model] if model and model != DEFAULT_MODEL else [])
 
     def run(self, token: str, n: int, methods: list[str], model: str | None = None) -> Iterator[Progress | dict]:
-        """Start the child (on `model`, else the lane's) and yield its Progress until it ends,
-        then the result (the JSON of `bench edits`). Closing the iterator, or `stop`, kills
-        the child. A child that fails (or was stopped) raises ValueError with its last line."""
+        """Wait for the lane (first come first served), start the child (on `model`, else the
+        lane's) and yield its Progress until it ends, then the result (the JSON of `bench
+        edits`). Closing the iterator, or `stop`, kills the child (or leaves the line). A
+        child that fails (or was stopped) raises ValueError with its last line."""
+        ticket = object()
+        with self._lock:
+            self._turns.append(ticket)
+        try:
+            while True:
+                with self._lock:
+                    ahead = self._turns.index(ticket)
+                    if ahead:
+                        self._turn_free.wait(self.poll_seconds)
+                        ahead = self._turns.index(ticket)
+                if not ahead:
+                    break
+                yield Progress(0.0, f"waiting: another benchmark holds the lane"
+                                    + (f" ({ahead} runs ahead of yours)" if ahead > 1 else ""))
+            yield from self._run_child(token, n, methods, model)
+        finally:
+            with self._lock:
+                self._turns.remove(ticket)
+                self._turn_free.notify_all()
+
+    def _run_child(self, token: str, n: int, methods: list[str], model: str | None) -> Iterator[Progress | dict]:
         tmp = Path(tempfile.mkdtemp(prefix="melo-bench-"))
         out, progress, log = tmp / "result.json", tmp / "progress", tmp / "log"
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
