@@ -311,6 +311,10 @@ def test_history_names_how_each_edit_was_placed_and_keeps_deleted_ones_for_the_v
              "deleted": time.time()}]
     rows = {r[0]: r for r in render.history_rows(edits, gone)}
     assert rows["new"][3:5] == ["active", "replaced old (c3)"]
+    # The same corrected sentence again, now ending the answer: said, since the text is the same.
+    again = [dict(edits[0], target="Canberra", prefix=""),
+             dict(edits[1], prefix="", ends_answer=True)]
+    assert render.history_rows(again)[0][4] == "replaced old, the same sentence now ending the answer (c3)"
     assert rows["old"][3:5] == ["superseded by new", "new (c1)"]
     assert rows["j"][4] == "joined (c3)" and rows["d"][3].startswith("deleted at")
     page = render.history_html(edits, gone)

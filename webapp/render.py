@@ -251,8 +251,10 @@ HISTORY_LEGEND = (
     "<b>placed</b>: <i>new</i>, the first edit of a question like this one, in a cluster of its own; "
     "<i>beside</i>, a cluster of its own near an edit with another answer (where the two overlap, the "
     "nearer edit answers); <i>joined</i>, the same question with the same answer as an earlier edit, "
-    "in its cluster; <i>replaced</i>, the same question as earlier edits with another answer: this "
-    "one answers now. <b>status</b>: <i>superseded</i>, replaced by a later edit of the same question, "
+    "in its cluster; <i>replaced</i>, the same question as earlier edits with another answer (or the "
+    "same corrected sentence, now ending the answer): this one answers now; <i>(c3)</i>, the cluster it "
+    "is in now (an edit that comes back when the one that replaced it is undone is placed again, in a "
+    "new cluster if none fits; its block stays its own). <b>status</b>: <i>superseded</i>, replaced by a later edit of the same question, "
     "kept, and active again if that one is undone; <i>deleted</i>, undone in this visit (shown until "
     "the page is reloaded).")
 
@@ -261,8 +263,12 @@ def _placed(e: dict, edits: list[dict]) -> str:
     """How an edit was placed, in the legend's words, with its cluster."""
     action = PLACED.get(e.get("action", ""), e.get("action", ""))
     if e.get("action") == "superseded":
-        replaced = [x["id"] for x in edits if x.get("superseded_by") == e["id"]]
-        action += f" {', '.join(replaced)}" if replaced else " an earlier edit"
+        replaced = [x for x in edits if x.get("superseded_by") == e["id"]]
+        action += f" {', '.join(x['id'] for x in replaced)}" if replaced else " an earlier edit"
+        # A sentence corrected again with the same text, to end the answer there: the answer
+        # differs only in where it stops, which the text alone would not show.
+        if replaced and all(x["target"] == e["target"] for x in replaced) and e.get("ends_answer"):
+            action += ", the same sentence now ending the answer"
     return action + (f" ({e['cluster']})" if e.get("cluster") else "")
 
 
