@@ -455,10 +455,21 @@ def test_the_benchmark_lane_runs_the_benchmark_command_in_a_process_that_stop_ki
     first, second = lane.run("a", 20, ["melo"]), lane.run("b", 20, ["melo"])
     next(first)
     assert next(second).text == "waiting: another benchmark holds the lane" and list(lane._running) == ["a"]
+    # A short line: a run beyond MAX_WAITING waiting ones is refused in one line.
+    from webapp.lane import MAX_WAITING
+    waiting = [lane.run(f"w{i}", 1, ["melo"]) for i in range(MAX_WAITING - 1)]
+    assert all(next(w).waiting for w in waiting)
+    with pytest.raises(ValueError, match="runs waiting already"):
+        next(lane.run("one too many", 1, ["melo"]))
+    for w in waiting:
+        w.close()
     first.close()
     assert next(second).text == "loading the model" and list(lane._running) == ["b"]
     second.close()
-    assert not lane.busy() and not lane._turns
+    assert not lane.busy() and not lane._turns and lane.seconds_left() is None
+    lane._pace["x"] = (time.monotonic() - 60, 0.25)       # a quarter done in a minute: three to go
+    assert lane.seconds_left() == pytest.approx(180, abs=2)
+    del lane._pace["x"]
     lane.claim("visitor")
     with pytest.raises(ValueError, match="already queued or running"):
         lane.claim("visitor")

@@ -456,7 +456,10 @@ def claim_benchmark(pool: WorkspacePool, token: str) -> str:
     pool.tokens.folder(token)           # a token this server issued
     pool.benchmarks.claim(token)
     if pool.benchmarks.busy():
-        return ("Another visitor's benchmark is running: yours starts when it ends (your place in "
+        left = pool.benchmarks.seconds_left()
+        # Its own pace, not gradio's estimate under it (the average of earlier runs of any size).
+        pace = f" (about {max(1, round(left / 60))} min left at its pace so far)" if left is not None else ""
+        return (f"Another visitor's benchmark is running{pace}: yours starts when it ends (your place in "
                 "the queue shows here). Edits and questions are not held up by either.")
     return "Starting the benchmark lane..."
 
@@ -495,7 +498,11 @@ def run_benchmark(pool: WorkspacePool, token: str, n, methods):
         model = pool.benchmark_model(token)          # the visitor's workspace's model
         on = model or pool.default_model
         for step in pool.benchmarks.run(token, n, methods, model):
-            if isinstance(step, Progress):
+            if isinstance(step, Progress) and step.waiting:      # an API client's run holds the lane
+                yield (f"Waiting for the benchmark lane ({step.text.removeprefix('waiting: ')}): yours starts "
+                       "when it ends. Edits and questions are not held up; Stop gives your place back."), \
+                    gr.skip(), gr.skip()
+            elif isinstance(step, Progress):
                 # Shown as text: a streaming event hides gradio's progress bar after its first
                 # update, and each update is where Stop can end the run.
                 yield (f"Running in the benchmark lane on {on}: {step.text} ({step.fraction:.0%}). "

@@ -39,12 +39,19 @@ from melo_engine.config import DEFAULT_MODEL
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Runs that may wait for the lane at once. A waiting run holds one of the server's worker
+# threads while it waits (the API's runs wait here, not in a gradio queue), so the line is
+# short: a full one refuses the next run in one line.
+MAX_WAITING = 4
+
+
 @dataclass
 class Progress:
     """How far a run is: `fraction` of all edits of all methods, and a line to show."""
 
     fraction: float
     text: str
+    waiting: bool = False       # not started: another run holds the lane
 
 
 class BenchmarkLane:
@@ -62,6 +69,7 @@ class BenchmarkLane:
         self.abandoned_seconds = abandoned_seconds
         self._claims: dict[str, tuple[float, bool]] = {}      # token: (since, running)
         self._running: dict[str, subprocess.Popen] = {}
+        self._pace: dict[str, tuple[float, float]] = {}   # token: (started, fraction done) of a running run
         self._lock = threading.Lock()
         self._turns: list[object] = []                  # runs in order of arrival; the first has the lane
         self._turn_free = threading.Condition(self._lock)
@@ -102,6 +110,15 @@ class BenchmarkLane:
         with self._lock:
             return bool(self._running)
 
+    def seconds_left(self) -> float | None:
+        """The running run's time left at its pace so far (its edits; the scoring after each
+        method's last edit is not in it), or None before it has done a twentieth."""
+        with self._lock:
+            paces = list(self._pace.values())
+        now = time.monotonic()
+        left = [(now - started) * (1 - done) / done for started, done in paces if done >= 0.05]
+        return max(left) if left else None
+
     # ---- runs -----------------------------------------------------------------------------
     def command(self, n: int, methods: list[str], out: Path, progress: Path, model: str | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "melo_engine.bench", "edits", "--dataset", "zsre", "--n", str(n),
@@ -116,6 +133,9 @@ class BenchmarkLane:
         child that fails (or was stopped) raises ValueError with its last line."""
         ticket = object()
         with self._lock:
+            if len(self._turns) > MAX_WAITING:
+                raise ValueError(f"the benchmark lane has {len(self._turns) - 1} runs waiting already: "
+                                 "try again when one has ended")
             self._turns.append(ticket)
         try:
             while True:
@@ -126,8 +146,8 @@ class BenchmarkLane:
                         ahead = self._turns.index(ticket)
                 if not ahead:
                     break
-                yield Progress(0.0, f"waiting: another benchmark holds the lane"
-                                    + (f" ({ahead} runs ahead of yours)" if ahead > 1 else ""))
+                yield Progress(0.0, "waiting: another benchmark holds the lane"
+                                    + (f" ({ahead} runs ahead of yours)" if ahead > 1 else ""), waiting=True)
             yield from self._run_child(token, n, methods, model)
         finally:
             with self._lock:
@@ -146,6 +166,7 @@ class BenchmarkLane:
                                     start_new_session=True, preexec_fn=lambda: _lower_child(nice))
         with self._lock:
             self._running[token] = proc
+            self._pace[token] = (time.monotonic(), 0.0)
         # Whoever iterates pulls the next step at once; a run nobody has pulled from for
         # `abandoned_seconds` lost its page (a front that never closes the iterator): killed.
         pulled = [time.monotonic()]
@@ -162,8 +183,10 @@ class BenchmarkLane:
                     name, done, of = seen
                     # After a method's last edit its scores are measured (a minute for 20
                     # edits), which writes no progress: said, so the page does not look stuck.
-                    yield Progress((order.get(name, 0) * of + done) / max(1, len(methods) * of),
-                                   f"{name}: {done}/{of} edits" + (", now scoring them" if done == of else ""))
+                    fraction = (order.get(name, 0) * of + done) / max(1, len(methods) * of)
+                    with self._lock:
+                        self._pace[token] = (self._pace[token][0], fraction)
+                    yield Progress(fraction, f"{name}: {done}/{of} edits" + (", now scoring them" if done == of else ""))
             if proc.returncode != 0 or not out.is_file():
                 last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 raise ValueError(f"the benchmark stopped: {last[-1][:300] if last else 'no output'}")
@@ -171,6 +194,7 @@ class BenchmarkLane:
         finally:
             with self._lock:
                 self._running.pop(token, None)
+                self._pace.pop(token, None)
             _kill(proc)
             shutil.rmtree(tmp, ignore_errors=True)
 
