@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     # Edits train in processes of their own (melo_engine/trainproc.py), started by the pool.
     pool = WorkspacePool(loaded["backbone"], idle_seconds=60 * float(os.environ.get("MELO_IDLE_MINUTES", 24 * 60)),
                          train_workers=train_workers)
-    pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
+    pool.start_sweeper(every_seconds=min(60.0, pool.idle.empty_idle_seconds / 2))
     # UMAP compiles for many seconds on its first call: done in the background, later and
     # at low priority, so that it does not slow the first answers.
     threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
@@ -149,7 +149,7 @@ def front(address: str | None) -> None:
         # A SIGTERM ends the front like Ctrl-C: the engine is taken down, a local Ray with
         # it (set after ray.init, which installs a handler of its own that would not).
         signal.signal(signal.SIGTERM, _interrupt)
-        pool.start_sweeper(every_seconds=min(60.0, pool.empty_idle_seconds / 2))
+        pool.start_sweeper(every_seconds=min(60.0, pool.idle.empty_idle_seconds / 2))
         threading.Thread(target=plots.warm_up, kwargs={"delay_seconds": 30}, name="umap-warm-up", daemon=True).start()
         # Enough questions at once to fill every replica's shared batches (melo_engine/batching.py).
         from melo_engine.batching import AnswerBatcher

@@ -30,6 +30,7 @@ from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
 from melo_engine.lock import WorkspaceLock
 
+from .idle import IdleRule, start_sweeper
 from .lane import BenchmarkLane
 from .models import ModelShelf
 from .tokens import WorkspaceTokens
@@ -49,11 +50,11 @@ def default_root() -> Path:
 
 class WorkspacePool:
     """Open workspaces by visitor. Workspaces with edits are removed after `idle_seconds`
-    unused, ones without after `empty_idle_seconds` (a client that only looked costs
-    minutes, not a day); at most `max_open` are open at once, so no one client can exhaust
-    the server's files and threads. At the cap, the workspace used least recently (and not
-    for `close_after_seconds`) is closed to make room: its files stay and it opens again on
-    its next use, so a crowd of clients that only looked cannot shut a visitor out.
+    unused, ones without after `empty_idle_seconds` (idle.py says why); at most `max_open`
+    are open at once, so no one client can exhaust the server's files and threads. At the
+    cap, the workspace used least recently (and not for `close_after_seconds`) is closed to
+    make room: its files stay and it opens again on its next use, so a crowd of clients that
+    only looked cannot shut a visitor out.
 
     `backbone` is the default model's, already loaded; `models` the models offered (default:
     it and every bundled model installed here, models.ModelShelf.installed). A pool without
@@ -67,8 +68,7 @@ class WorkspacePool:
         self.root = Path(root or default_root())
         self.root.mkdir(parents=True, exist_ok=True)
         self.tokens = WorkspaceTokens(self.root)
-        self.idle_seconds = idle_seconds
-        self.empty_idle_seconds = min(empty_idle_seconds, idle_seconds)
+        self.idle = IdleRule(idle_seconds, empty_idle_seconds)
         self.max_open = max_open
         self.close_after_seconds = close_after_seconds
         self._used: dict[str, float] = {}       # open workspaces: last use (monotonic), by folder
@@ -321,34 +321,13 @@ class WorkspacePool:
             self._dropped.notify_all()
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove workspaces idle for too long (see the class); return the folders removed."""
-        now = time.time() if now is None else now
-        removed = []
-        for d in self.root.iterdir() if self.root.is_dir() else []:
-            if not d.is_dir() or d.name.startswith("."):
-                continue        # the token secret, the shared empty workspace
-            stamp = d / "last_used"
-            try:
-                last = float(stamp.read_text()) if stamp.is_file() else d.stat().st_mtime
-            except (OSError, ValueError):
-                last = d.stat().st_mtime
-            # An empty workspace on a model the visitor chose is a choice, kept like edits.
-            kept = MeloEditor.has_edits(d / "ws") or self.workspace_models.recorded(d.name) != self.default_model
-            limit = self.idle_seconds if kept else self.empty_idle_seconds
-            if now - last <= limit:
-                continue
-            if self._remove(d.name):
-                removed.append(d.name)
-        return removed
+        """Remove the workspaces rested past their limit (idle.py); return the folders removed."""
+        chosen = lambda folder: self.workspace_models.recorded(folder) != self.default_model  # noqa: E731
+        stale = self.idle.stale(self.root, time.time() if now is None else now, chosen)
+        return [folder for folder in stale if self._remove(folder)]
 
     def start_sweeper(self, every_seconds: float = 600) -> threading.Thread:
-        def loop():
-            while not self._stop.wait(every_seconds):
-                self.sweep()
-
-        t = threading.Thread(target=loop, name="workspace-sweeper", daemon=True)
-        t.start()
-        return t
+        return start_sweeper(self.sweep, every_seconds, self._stop)
 
     def stop(self) -> None:
         self._stop.set()
