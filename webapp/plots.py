@@ -193,7 +193,8 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             hovertemplate="%{customdata}<extra></extra>"))
     note = (f"A 2-D projection ({method}): a point drawn inside a circle can lie outside it in the key "
             f"space; the true distances are beside the map")
-    fig.update_layout(title=dict(text=f"Index: {len(points)} edits, {len(clusters)} clusters.<br><sup>{note}</sup>",
+    fig.update_layout(title=dict(text=f"Index: {len(points)} edit{'s' * (len(points) != 1)}, {len(clusters)} "
+                                      f"cluster{'s' * (len(clusters) != 1)}.<br><sup>{note}</sup>",
                                  font=dict(size=13)),
                       height=480, template="plotly_white", legend=dict(orientation="h", y=-0.12),
                       margin=dict(l=20, r=20, t=50, b=20))
