@@ -166,7 +166,9 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=C[:, 0].tolist(), y=C[:, 1].tolist(), mode="markers+text", name="cluster center",
             marker=dict(symbol="diamond-open", size=14, color="#333", line=dict(width=2)),
-            text=[c["id"] for c in clusters], textposition=center_sides,     # named as History and the distances name them
+            # named as History and the distances name them; none where there is no room
+            text=[c["id"] if side else "" for c, side in zip(clusters, center_sides)],
+            textposition=[side or "bottom center" for side in center_sides],
             textfont=dict(size=10, color="#555"),
             customdata=[f"cluster {c['id']}: “{c['label']}”<br>radius {c['radius']:.3f}"
                   + (" (fires only for this exact question)" if c["radius"] <= 0 else "")
@@ -185,8 +187,8 @@ def index_map(snapshot: dict, probes: list[dict] | None = None) -> go.Figure:
             continue
         fig.add_trace(go.Scatter(
             x=Q[idx, 0].tolist(), y=Q[idx, 1].tolist(), mode="markers+text", name=name, legendgroup=name,
-            marker=dict(symbol="x", size=12, color=colour), textposition=[probe_side[k] for k in idx],
-            text=[_short(probes[k]["text"]) for k in idx], textfont=dict(size=10, color=colour),
+            marker=dict(symbol="x", size=12, color=colour), textposition=[probe_side[k] or "top center" for k in idx],
+            text=[_short(probes[k]["text"]) if probe_side[k] else "" for k in idx], textfont=dict(size=10, color=colour),
             customdata=[f"probe: {probes[k]['text']}<br>" + (f"fix applied: block {probes[k]['block']}" if fired else "original model")
                   + (f"<br>distance {probes[k]['distance']:.3f} / radius {probes[k]['radius']:.3f}"
                      if probes[k].get("distance") is not None else "") for k in idx],
