@@ -345,6 +345,15 @@ def test_the_side_effect_check_tells_the_fix_carrying_from_side_effects():
     assert "would also answer 1 other question" in page and "1 question the check cannot place" in page
     assert "carries to 1 other phrasing" in page and "1 phrasing of the same question in the list does not get it" in page
     assert page.count('class="melo-carried"') == 2 and page.count('class="melo-fires"') == 2
+    assert "(the edited question itself)" in page and "cannot show whether the fix carries" not in page
+    # Known to the bank, but no other phrasing near it: said, so that "no other" is not read
+    # as the fix carrying; a verifier's reason in plain words.
+    alone = phrasings_marked([Neighbour("Who painted the Mona Lisa?", 0.0, 0.8, True, "e"),
+                              Neighbour("Who painted The Scream?", 0.7, 0.8, False, None,
+                                        rejected="another slot: scream / mona lisa (0.31)")], "Who painted the Mona Lisa?")
+    page = render.side_effects_html("e", alone)
+    assert "No other question near this edit would get it" in page and "No other phrasing of this question" in page
+    assert "it asks about something else: scream / mona lisa (word similarity 0.31)" in page
     # An edited question the bank does not hold: nothing is guessed.
     unknown = phrasings_marked(rows, "Who made the Mona Lisa?")
     assert {r.same for r in unknown} == {None}

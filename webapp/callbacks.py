@@ -52,6 +52,32 @@ def user_errors(fn):
     return wrapper
 
 
+def notices(fn):
+    """For a page action that only shows or removes something (ask, probe, the side-effect
+    check, delete, export): a refusal is a notice and every panel keeps what it showed. As
+    an error, gradio marks the event's panels "Error", and that label stayed after the
+    message had faded, beside a question typed since (a walkthrough saw it). Actions whose
+    refusal must stop what follows them (a benchmark's claim, reset) raise (user_errors)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except SAID_TO_USER as err:
+                gr.Warning(str(err))
+                yield gr.skip()
+        return generator
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SAID_TO_USER as err:
+            gr.Warning(str(err))
+            return gr.skip()
+    return wrapper
+
+
 def visitor_token(pool: WorkspacePool, token: str | None) -> str:
     """The browser's workspace token, or a new one on a first visit (or for one this server did
     not issue: an older token, or one somebody typed in)."""
@@ -68,7 +94,7 @@ def shown_answer(question: str, ans):
             gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
 
 
-@user_errors
+@notices
 def ask(pool: WorkspacePool, token: str, question: str):
     return shown_answer(question, pool.reader(token).ask(question))
 
@@ -176,7 +202,7 @@ def _edit(ed, question, target, choice, shown, end, progress):
            *shown_answer(question, ans), gr.skip())
 
 
-@user_errors
+@notices
 def side_effects(pool: WorkspacePool, token: str, edit_id: str) -> str:
     """The side-effect check of an existing edit (History)."""
     if not edit_id:
@@ -197,7 +223,7 @@ def check_probe_count(n: int) -> None:
         raise ValueError(f"at most {MAX_PROBES} queries at once ({n} given)")
 
 
-@user_errors
+@notices
 def probe(pool: WorkspacePool, token: str, paraphrases: str, unrelated: str):
     """(summary, table, tab-separated copy, probes for the map)."""
     ed = pool.reader(token)
@@ -249,9 +275,10 @@ def history(pool: WorkspacePool, token: str, deleted: list | None = None):
     return render.history_html(edits, deleted or [], render.words_for(ed)), gr.update(choices=choices, value=None)
 
 
-@user_errors
+@notices
 def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None = None):
-    """(what happened, the edits deleted in this visit, this one added)."""
+    """(what happened, the edits deleted in this visit, this one added, the side-effect
+    panel emptied: it may show the deleted edit's check, in the present tense)."""
     edit_id = (edit_id or "").strip() if isinstance(edit_id, str) else edit_id
     if not edit_id:
         raise ValueError("choose an edit to delete first")
@@ -260,16 +287,17 @@ def delete(pool: WorkspacePool, token: str, edit_id: str, deleted: list | None =
     back = ed.delete(edit_id)
     msg = f"Deleted edit `{edit_id}`: its block is freed."
     if back:
-        msg += f" The earlier edit(s) it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again."
+        msg += (f" The earlier edit it had replaced, `{back[0]}`, is active again." if len(back) == 1 else
+                f" The earlier edits it had replaced ({', '.join(f'`{e}`' for e in back)}) are active again.")
     now = ed.answered_by(record["prompt"])          # routing only: keys, nothing generated
     w = render.words_for(ed)
     msg += (f" Its {w.item} is now {w.by} by edit `{now['id']}` (*{html.escape(now['target'])}*)."
             if now is not None else f" Its {w.item} gets the {w.original}'s {w.reach} again.")
     trace = {k: record.get(k) for k in ("id", "prompt", "target", "created", "seconds")}
-    return msg, [*(deleted or []), dict(trace, deleted=time.time())]
+    return msg, [*(deleted or []), dict(trace, deleted=time.time())], ""
 
 
-@user_errors
+@notices
 def export(pool: WorkspacePool, downloads: Downloads, token: str, request=None) -> str:
     """A link that downloads the export once, only for the browser that asked (downloads.py:
     the fetch must carry the workspace cookie the asking request carried)."""

@@ -13,7 +13,7 @@ import gradio as gr
 from melo_engine.classifier.editor import ClassifierEditor
 
 from . import plots, render
-from .callbacks import FormRefused, trained, user_errors
+from .callbacks import FormRefused, notices, trained, user_errors
 from .sessions import WorkspacePool
 
 EDIT_OUTPUTS = 6     # summary, label before/after, the bars, side effects, training plot, the button
@@ -54,7 +54,7 @@ def panels(pool: WorkspacePool, token: str):
             gr.Dataset(samples=[[e["text"], e["label"]] for e in ed.examples()]), *boxes)
 
 
-@user_errors
+@notices
 def classify(pool: WorkspacePool, token: str, text: str):
     """(the label now and which model gave it, each label's probability as bars)."""
     c = classifier_of(pool.reader(token)).classify(text, compare_base=True)

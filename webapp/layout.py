@@ -320,7 +320,8 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         bench_stop.click(bind(cb.stop_benchmark), token, bench_status, cancels=[bench_run], queue=False, **private)
         run_pick.input(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
-        after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted], [history_msg, deleted],
+        after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted],
+                                      [history_msg, deleted, side_history],
                                       **private))
         side_btn.click(bind(cb.side_effects), [token, selected], side_history, **private)
         def export(token_value: str, request: gr.Request):

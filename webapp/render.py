@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import html
+import re
 import time
 from dataclasses import dataclass
 
@@ -132,13 +133,23 @@ def before_after_html(ans, words: Words = QUESTIONS) -> str:
             f'<div class="melo-route">{routing_badge(ans.block, ans.distance, ans.radius)}</div></div>')
 
 
+def plain_reason(reason: str) -> str:
+    """The verifier's reason in a class's words: "another slot: insect / spider (0.49)" says
+    the two questions differ in the thing they ask about, and how alike those words are."""
+    reason = re.sub(r"\((\d\.\d+)\)", r"(word similarity \1)", reason)
+    return reason.replace("another slot: ", "it asks about something else: ")
+
+
 def _neighbour_row(n) -> str:
     rejected = n.rejected
-    verdict = ("<b>gets this edit</b>" + (" (the same question: as it should)" if n.same else
+    itself = n.distance <= 1e-6
+    verdict = ("<b>gets this edit</b>" + (" (the edited question itself)" if itself else
+                                         " (the same question: as it should)" if n.same else
                                          " (another question: a side effect)" if n.same is False else "")
                if n.fires else
                f"answered by edit {html.escape(n.fired_edit)}" if n.fired_edit else
-               f"stays original: within the radius, not the same question ({html.escape(rejected)})" if rejected
+               f"stays original: within the radius, but not the same question "
+               f"({html.escape(plain_reason(rejected))})" if rejected
                else "stays original (the same question: the fix does not reach it)" if n.same
                else "stays original")
     kind = ("melo-carried" if n.fires and n.same else "melo-fires" if n.fires else
@@ -181,8 +192,12 @@ def side_effects_verdict(neighbours, words: Words = QUESTIONS) -> str:
                               f"{'do' if missed > 1 else 'does'} not get it: the fix does not reach "
                               f"{'them' if missed > 1 else 'it'}."))
     if not wrong and not unknown:
-        lines.append(("ok", f"No other {words.item} near this edit would get it."
-                      if carried or missed else f"None of the {words.reference} near this edit would get it."))
+        lines.append(("ok", f"No other {words.item} near this edit would get it."))
+    if not carried and not missed and words is QUESTIONS:
+        # Nothing to show the fix carrying: say so, rather than let "no other" read as "carries".
+        lines.append(("note", ("No other phrasing of this question is near it in the list" if known
+                               else "Your question is not in the reference list")
+                      + ", so the check cannot show whether the fix carries to paraphrases: try some in Probe."))
     return "".join(f'<div class="melo-{kind}">{html.escape(text)}</div>' for kind, text in lines)
 
 
@@ -305,8 +320,7 @@ def history_html(edits: list[dict], deleted: list[dict] = (), words: Words = QUE
 
 
 WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
-                 "beside": "It is the first edit of this question; an edit with another answer is near it "
-                           "(where the two overlap, the nearer edit answers).",
+                 "beside": "It is the first edit of this question.",
                  "joined": "It joins an earlier edit of this question with the same answer.",
                  "superseded": "",
                  "conflict": "It split the cluster of an earlier edit with another answer."}
@@ -333,6 +347,21 @@ def _sentence_place(entry: dict) -> tuple[str, str] | None:
     return f" {where}", f" {then}"
 
 
+def _nearest_other(ed, question: str, cluster: str, words: Words) -> str:
+    """Which edit with another answer is near a new one ("beside"), and how near: the
+    circles overlap, and a question in both goes to the nearer edit."""
+    near = next((d for d in ed.distances(question, n=3) if d["cluster"] != cluster), None)
+    if near is None:
+        return ""
+    return (f"The nearest other edit, in cluster {near['cluster']} ({_quoted(_short_text(near['answer']))}), is "
+            f"{near['distance']:.2f} away: its circle (radius {near['radius']:.2f}) and this one's overlap, and a "
+            f"{words.item} inside both goes to the nearer edit (Index map shows them).")
+
+
+def _short_text(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def edit_summary(ed, r, words: Words = QUESTIONS) -> str:
     """What the edit did, in words for a class: what is active now, and what it replaced."""
     entry = ed.record(r.edit_id)
@@ -340,6 +369,8 @@ def edit_summary(ed, r, words: Words = QUESTIONS) -> str:
     where, then = _sentence_place(entry) or ("", "")
     lines = [f"**Edit `{r.edit_id}` is active:** {words.gets} {_quoted(target)}{where} "
              f"(trained in {r.steps} steps, {r.seconds:.1f} s).{then} {_happened(r.action, words)}".rstrip()]
+    if r.action == "beside":
+        lines[0] += " " + _nearest_other(ed, entry["prompt"], r.cluster, words)
     for old in r.superseded:
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
                      f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
