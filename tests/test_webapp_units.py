@@ -318,7 +318,7 @@ def test_history_names_how_each_edit_was_placed_and_keeps_deleted_ones_for_the_v
     assert rows["old"][3:5] == ["superseded by new", "new (c1)"]
     assert rows["j"][4] == "joined (c3)" and rows["d"][3].startswith("deleted at")
     page = render.history_html(edits, gone)
-    assert all(f"<i>{word}</i>" in page for word in ("new", "beside", "joined", "replaced", "superseded", "deleted"))
+    assert all(f"<b>{word}</b>" in page for word in ("new", "beside", "joined", "replaced", "superseded", "deleted"))
 
 
 def test_the_side_effect_rows_beyond_the_first_fold_under_a_summary():

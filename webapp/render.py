@@ -262,16 +262,19 @@ def probe_tsv(kinds: list[str], questions: list[str], answers, words: Words = QU
 
 PLACED = {"new": "new", "beside": "beside", "joined": "joined", "superseded": "replaced",
           "conflict": "split", "bulk": "bulk"}
-HISTORY_LEGEND = (
-    "<b>placed</b>: <i>new</i>, the first edit of a question like this one, in a cluster of its own; "
-    "<i>beside</i>, a cluster of its own near an edit with another answer (where the two overlap, the "
-    "nearer edit answers); <i>joined</i>, the same question with the same answer as an earlier edit, "
-    "in its cluster; <i>replaced</i>, the same question as earlier edits with another answer (or the "
-    "same corrected sentence, now ending the answer): this one answers now; <i>(c3)</i>, the cluster it "
-    "is in now (an edit that comes back when the one that replaced it is undone is placed again, in a "
-    "new cluster if none fits; its block stays its own). <b>status</b>: <i>superseded</i>, replaced by a later edit of the same question, "
-    "kept, and active again if that one is undone; <i>deleted</i>, undone in this visit (shown until "
-    "the page is reloaded).")
+# One line per word, not one paragraph: a walkthrough found the paragraph too dense to read.
+HISTORY_LEGEND = "".join(f"<li><b>{term}</b>: {text}</li>" for term, text in [
+    ("new", "the first edit of a question like this one, in a cluster of its own"),
+    ("beside", "a cluster of its own near an edit with another answer (where the two overlap, the nearer "
+               "edit answers)"),
+    ("joined", "the same question with the same answer as an earlier edit, in its cluster"),
+    ("replaced", "the same question as earlier edits with another answer (or the same corrected sentence, "
+                 "now ending the answer): this one answers now"),
+    ("(c3)", "the cluster it is in now (an edit that comes back when the one that replaced it is undone is "
+             "placed again, in a new cluster if none fits; its block stays its own)"),
+    ("superseded", "(status) replaced by a later edit of the same question, kept, and active again if that "
+                   "one is undone"),
+    ("deleted", "(status) undone in this visit (shown until the page is reloaded)")])
 
 
 def _placed(e: dict, edits: list[dict]) -> str:
@@ -316,7 +319,7 @@ def history_html(edits: list[dict], deleted: list[dict] = (), words: Words = QUE
     body = "".join(f'<tr class="{"melo-deleted" if str(r[3]).startswith("deleted") else ""}">'
                    + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
     return (f'<table class="melo-probe melo-history"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f'<div class="melo-same melo-legend">{HISTORY_LEGEND}</div>')
+            f'<div class="melo-legend"><b>placed</b> and <b>status</b>:<ul>{HISTORY_LEGEND}</ul></div>')
 
 
 WHAT_HAPPENED = {"new": "It is the first edit of a question like this one.",
