@@ -484,11 +484,8 @@ def claim_benchmark(pool: WorkspacePool, token: str) -> str:
     pool.tokens.folder(token)           # a token this server issued
     pool.benchmarks.claim(token)
     if pool.benchmarks.busy():
-        left = pool.benchmarks.seconds_left()
-        # Its own pace, not gradio's estimate under it (the average of earlier runs of any size).
-        pace = f" (about {max(1, round(left / 60))} min left at its pace so far)" if left is not None else ""
-        return (f"Another visitor's benchmark is running{pace}: yours starts when it ends (your place in "
-                "the queue shows here). Edits and questions are not held up by either.")
+        return ("Another visitor's benchmark is running: yours waits for the lane (your place shows here). "
+                "Edits and questions are not held up by either.")
     return "Starting the benchmark lane..."
 
 
@@ -497,7 +494,10 @@ def stop_benchmark(pool: WorkspacePool, token: str) -> str:
     back, so the visitor can start another (the event's cancellation ends the page's part)."""
     if pool.tokens.valid(token):
         pool.benchmarks.stop(token)
-    return "Stopped. Nothing of the run is kept; press Run benchmark to start another."
+    return STOPPED
+
+
+STOPPED = "Stopped. Nothing of the run is kept; press Run benchmark to start another."
 
 
 def benchmark_choice(n, methods) -> tuple[int, list[str]]:
@@ -520,24 +520,27 @@ def run_benchmark(pool: WorkspacePool, token: str, n, methods):
     benchmark lane's own process (lane.py), for a visitor who claimed it (`claim_benchmark`).
     Stopping the event (the Stop button, or the page closing) kills the run."""
     pool.tokens.folder(token)
-    pool.benchmarks.take(token)
+    if not pool.benchmarks.take(token):           # Stop came before the run started
+        yield STOPPED, gr.skip(), gr.skip()
+        return
     try:
         n, methods = benchmark_choice(n, methods)
         model = pool.benchmark_model(token)          # the visitor's workspace's model
         on = model or pool.default_model
         for step in pool.benchmarks.run(token, n, methods, model):
-            if isinstance(step, Progress) and step.waiting:      # an API client's run holds the lane
-                yield (f"Waiting for the benchmark lane ({step.text.removeprefix('waiting: ')}): yours starts "
-                       "when it ends. Edits and questions are not held up; Stop gives your place back."), \
-                    gr.skip(), gr.skip()
+            if isinstance(step, Progress) and step.waiting:
+                yield (f"Waiting for the benchmark lane: {step.text}. Edits and questions are not held up; "
+                       "Stop gives your place back."), gr.skip(), gr.skip()
             elif isinstance(step, Progress):
                 # Shown as text: a streaming event hides gradio's progress bar after its first
                 # update, and each update is where Stop can end the run.
                 yield (f"Running in the benchmark lane on {on}: {step.text} ({step.fraction:.0%}). "
                        f"Edits and questions go on meanwhile; Stop ends the run."), gr.skip(), gr.skip()
             else:
-                yield (f"Done on {on}: {n} edit(s) per method, the same stream for each."), \
+                yield (f"Done on {on}: {n} edit{'s' * (n != 1)} per method, the same stream for each."), \
                     published.table_rows(step), plots.retention_figure(step)
+                return
+        yield STOPPED, gr.skip(), gr.skip()            # ended by Stop: no result, nothing kept
     finally:
         pool.benchmarks.release(token)
 

@@ -13,11 +13,11 @@ The child is the benchmark's own command line (`python -m melo_engine.bench edit
 so what the page shows is exactly what `docs/BENCHMARKS.md` tells a researcher to run. It
 rewrites a progress file after every edit, which the page reads.
 
-At most one run per visitor is queued or running (a claim, taken before the run joins
-gradio's queue); runs of different visitors wait in their own gradio queue, whose place
-the page shows. One child at a time: a run that starts while another holds the lane (the
-page's and the API's runs come through different queues) waits its turn, first come first
-served, and says so.
+At most one run per visitor is queued or running (a claim, taken before the run starts).
+One child at a time: a run that starts while another holds the lane waits its turn here,
+first come first served, whether it came from the page or the API, and says its place and
+how long the running one has left at its pace. (In gradio's own queue a waiting run could
+not say the running one's pace, and stopping it there left a bare "Error" on the page.)
 """
 from __future__ import annotations
 
@@ -40,9 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # Runs that may wait for the lane at once. A waiting run holds one of the server's worker
-# threads while it waits (the API's runs wait here, not in a gradio queue), so the line is
-# short: a full one refuses the next run in one line.
-MAX_WAITING = 4
+# threads while it waits, so the line is short: a full one refuses the next run in one line.
+MAX_WAITING = 6
 
 
 @dataclass
@@ -73,35 +72,46 @@ class BenchmarkLane:
         self._lock = threading.Lock()
         self._turns: list[object] = []                  # runs in order of arrival; the first has the lane
         self._turn_free = threading.Condition(self._lock)
+        self._stopped: set[str] = set()     # Stop pressed: that visitor's run ends quietly, wherever it is
 
     # ---- claims ---------------------------------------------------------------------------
     def claim(self, token: str) -> None:
-        """Before a run joins the queue; a second claim while one holds is refused."""
+        """Before a run starts; a second claim while one holds is refused."""
         now = time.time()
         with self._lock:
+            self._stopped.discard(token)        # a Stop pressed with nothing running is not kept
             since, _ = self._claims.get(token, (now - self.lapse_seconds, False))
             if now - since < self.lapse_seconds:
                 raise ValueError("your benchmark is already queued or running: wait for its table")
             self._claims[token] = (now, False)
 
-    def take(self, token: str) -> None:
-        """When the run's turn comes: a run nobody claimed is refused at once."""
+    def take(self, token: str) -> bool:
+        """When the run starts: False where Stop came first (the run ends quietly); a run
+        nobody claimed is refused at once."""
         with self._lock:
+            if token in self._stopped:
+                self._stopped.discard(token)
+                return False
             if self._claims.get(token, (0.0, True))[1]:
                 raise ValueError("no benchmark waits for this page: press Run benchmark")
             self._claims[token] = (time.time(), True)
+            return True
 
     def release(self, token: str) -> None:
         with self._lock:
             self._claims.pop(token, None)
 
     def stop(self, token: str) -> None:
-        """The visitor pressed Stop: a run under way is killed at once; a claim whose run has
-        not started yet is given back, so the visitor can start another."""
+        """The visitor pressed Stop: a run under way is killed at once, one waiting for the
+        lane leaves the line, one about to start does not; each ends quietly (no result, no
+        error: its page says "Stopped"). A claim whose run has not started is given back, so
+        the visitor can start another."""
         with self._lock:
             proc = self._running.get(token)
             if token in self._claims and not self._claims[token][1]:
                 del self._claims[token]
+            self._stopped.add(token)
+            self._turn_free.notify_all()
         if proc is not None:
             _kill(proc)
 
@@ -129,8 +139,8 @@ class BenchmarkLane:
     def run(self, token: str, n: int, methods: list[str], model: str | None = None) -> Iterator[Progress | dict]:
         """Wait for the lane (first come first served), start the child (on `model`, else the
         lane's) and yield its Progress until it ends, then the result (the JSON of `bench
-        edits`). Closing the iterator, or `stop`, kills the child (or leaves the line). A
-        child that fails (or was stopped) raises ValueError with its last line."""
+        edits`). Closing the iterator, or `stop`, kills the child (or leaves the line); after
+        `stop` it ends without a result. A child that fails raises ValueError with its last line."""
         ticket = object()
         with self._lock:
             if len(self._turns) > MAX_WAITING:
@@ -144,14 +154,19 @@ class BenchmarkLane:
                     if ahead:
                         self._turn_free.wait(self.poll_seconds)
                         ahead = self._turns.index(ticket)
+                    if token in self._stopped:
+                        return
                 if not ahead:
                     break
-                yield Progress(0.0, "waiting: another benchmark holds the lane"
-                                    + (f" ({ahead} runs ahead of yours)" if ahead > 1 else ""), waiting=True)
+                left = self.seconds_left()
+                yield Progress(0.0, f"{ahead} run{'s' * (ahead > 1)} ahead of yours"
+                                    + (f"; the one running has about {max(1, round(left / 60))} min left at its pace"
+                                       if left is not None else ""), waiting=True)
             yield from self._run_child(token, n, methods, model)
         finally:
             with self._lock:
                 self._turns.remove(ticket)
+                self._stopped.discard(token)
                 self._turn_free.notify_all()
 
     def _run_child(self, token: str, n: int, methods: list[str], model: str | None) -> Iterator[Progress | dict]:
@@ -187,6 +202,9 @@ class BenchmarkLane:
                     with self._lock:
                         self._pace[token] = (self._pace[token][0], fraction)
                     yield Progress(fraction, f"{name}: {done}/{of} edits" + (", now scoring them" if done == of else ""))
+            with self._lock:
+                if token in self._stopped:
+                    return                          # killed by Stop: no result, no error
             if proc.returncode != 0 or not out.is_file():
                 last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 raise ValueError(f"the benchmark stopped: {last[-1][:300] if last else 'no output'}")

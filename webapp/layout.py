@@ -308,16 +308,18 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
         for dist_event in (dist_btn.click, dist_q.submit):
             dist_event(bind(cb.distances), [token, dist_q], dist_plot, **private)
         # One benchmark per visitor at a time: the lane is claimed (a second claim is refused
-        # in one line) before the run joins the queue, and the run refuses without a claim.
-        # Runs have their own queue (one at a time, each in its own low-priority process:
-        # lane.py), never the edits'; Stop cancels the event, which kills the process.
+        # in one line) before the run starts, and the run refuses without a claim. Runs wait
+        # for the lane in the lane (lane.py: one at a time, each in its own low-priority
+        # process, page and API runs in one line), never in the edits' queue.
         # The claim is queued (unlimited, so it never waits) because only a queued event shows
         # its refusal to the page; not queued, "already queued or running" reached only the log.
-        bench_run = bench_btn.click(bind(cb.claim_benchmark), token, bench_status, trigger_mode="once",
+        bench_btn.click(bind(cb.claim_benchmark), token, bench_status, trigger_mode="once",
                                     concurrency_limit=None, show_progress="hidden", **private).success(
             bind(cb.run_benchmark), [token, bench_n, bench_methods], [bench_status, bench_table, bench_plot],
-            show_progress_on=[bench_status], concurrency_limit=1, concurrency_id="bench", **private)
-        bench_stop.click(bind(cb.stop_benchmark), token, bench_status, cancels=[bench_run], queue=False, **private)
+            show_progress="hidden", concurrency_limit=None, **private)
+        # Stop tells the lane, which ends the run quietly wherever it is (cancelling the event
+        # instead left a bare "Error" on the page, now and then).
+        bench_stop.click(bind(cb.stop_benchmark), token, bench_status, queue=False, **private)
         run_pick.input(cb.published_run, run_pick, [run_caption, run_table, run_plot], **private)
 
         after_change(delete_btn.click(bind(cb.delete), [token, selected, deleted],
