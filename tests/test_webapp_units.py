@@ -330,6 +330,27 @@ def test_the_side_effect_rows_beyond_the_first_fold_under_a_summary():
     assert "<summary" in folded and "and 3 more that get it" in folded and folded.count("<tr class=") == 3
 
 
+def test_a_cut_off_last_sentence_is_offered_as_cut_off():
+    text = "A spider has eight legs. However, when referring to the actual number of legs, it's actually the"
+    assert [c[0][:40] for c in render.sentence_choices(text)] == [
+        "The whole answer", "Sentence 1: A spider has eight legs.", "Sentence 2: However, when referring to t"]
+    assert render.sentence_choices(text, cut=True)[2][0].startswith("Sentence 2 (cut off at the length limit): However")
+    assert render.sentence_choices(text, cut=True)[1][0] == "Sentence 1: A spider has eight legs."
+
+
+def test_the_summary_of_a_sentence_corrected_again_to_end_there_says_what_differs():
+    from types import SimpleNamespace
+
+    records = {"old": {"id": "old", "prompt": "q", "target": "Eight legs.", "prefix": ""},
+               "new": {"id": "new", "prompt": "q", "target": "Eight legs.", "prefix": "", "ends_answer": True}}
+    ed = SimpleNamespace(record=records.__getitem__)
+    r = SimpleNamespace(edit_id="new", steps=3, seconds=0.5, action="superseded", superseded=["old"], forgotten=[],
+                        moved=[], cluster="c1")
+    assert "It differs only in where the answer stops: this one ends it there." in render.edit_summary(ed, r)
+    records["new"] = dict(records["new"], target="Six legs.")
+    assert "differs only" not in render.edit_summary(ed, r)
+
+
 def test_the_side_effect_check_tells_the_fix_carrying_from_side_effects():
     """Rows the bank knows as phrasings of the edited question that get the fix are not
     side effects; other questions that get it are; rows it cannot place are said so."""

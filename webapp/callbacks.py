@@ -91,7 +91,8 @@ def shown_answer(question: str, ans):
     answer; the "end the answer there" box, hidden)."""
     shown = {"question": question.strip(), "text": ans.text}
     return (render.answer_html(render.with_ellipsis(ans)), shown,
-            gr.update(choices=render.sentence_choices(ans.text), value=0), gr.update(value=False, visible=False))
+            gr.update(choices=render.sentence_choices(ans.text, cut=ans.truncated), value=0),
+            gr.update(value=False, visible=False))
 
 
 @notices

@@ -108,13 +108,16 @@ def numbered_html(text: str) -> str:
     return "".join(out)
 
 
-def sentence_choices(text: str, width: int = 90) -> list[tuple[str, int]]:
-    """The choices of "what to correct": the whole answer (0), or sentence 1, 2, ..."""
+def sentence_choices(text: str, width: int = 90, cut: bool = False) -> list[tuple[str, int]]:
+    """The choices of "what to correct": the whole answer (0), or sentence 1, 2, ...; with
+    `cut` (the answer ran to the length limit) the last one is said to be cut off, not
+    offered as if it were a sentence the model finished."""
     spans = sentence_spans(text)
     out = [("The whole answer", 0)]
     for i, (a, b) in enumerate(spans, 1):
         s = text[a:b]
-        out.append((f"Sentence {i}: {s if len(s) <= width else s[:width - 1] + '…'}", i))
+        note = " (cut off at the length limit)" if cut and i == len(spans) else ""
+        out.append((f"Sentence {i}{note}: {s if len(s) <= width else s[:width - 1] + '…'}", i))
     return out if len(spans) > 1 else out[:1]
 
 
@@ -375,9 +378,13 @@ def edit_summary(ed, r, words: Words = QUESTIONS) -> str:
     if r.action == "beside":
         lines[0] += " " + _nearest_other(ed, entry["prompt"], r.cluster, words)
     for old in r.superseded:
+        before = ed.record(old)
+        # The same sentence again, now ending the answer: the texts alike, the ends not.
+        again = (" It differs only in where the answer stops: this one ends it there."
+                 if before["target"] == target and entry.get("ends_answer") and not before.get("ends_answer") else "")
         lines.append(f"It **replaces** your earlier edit `{old}` of the same question "
-                     f"({_quoted(ed.record(old)['target'])}): that one is kept as superseded and "
-                     f"comes back if you undo this one. **Active {words.reach} now:** {_quoted(target)}")
+                     f"({_quoted(before['target'])}): that one is kept as superseded and "
+                     f"comes back if you undo this one.{again} **Active {words.reach} now:** {_quoted(target)}")
     if r.forgotten:
         lines.append(f"Earlier edits no longer reached: {', '.join(f'`{e}`' for e in r.forgotten)}.")
     if r.moved:
