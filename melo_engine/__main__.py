@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="add the edits of an exported file")
     i.add_argument("file")
     sub.add_parser("stats", help="counts and sizes")
-    pb = sub.add_parser("probes", help="your own questions, checked after every edit: load FILE, list, remove SOURCE")
+    pb = sub.add_parser("probes", help="the shared question list of the model and key setting, checked after every edit in every workspace on them: load FILE, list, remove SOURCE")
     pb.add_argument("action", choices=["load", "list", "remove"])
     pb.add_argument("what", nargs="?", default=None,
                     help="load: a .txt (one question a line), .json or .csv file; remove: a source (see list)")
@@ -174,11 +174,12 @@ def command(ed, args) -> object:
 
 
 def probes(ed, action: str, what: str | None) -> dict:
-    """The probe bank of the workspace's model and key setting (shared with every workspace
-    on them): load a file of questions, list the sources, remove one."""
+    """The shared list of the workspace's model and key setting (every workspace on them
+    checks against it; a workspace's own questions come from the web page): load a file of
+    questions, list the sources, remove one."""
     if action != "list" and not what:
         raise ValueError(f"probes {action} needs {'a file' if action == 'load' else 'a source'}")
-    bank = ed.probe_bank()
+    bank = ed.probe_bank(shared=True)
     if action == "load":
         added, skipped = bank.add_file(what)
         return {"added": added, "skipped (already in the bank)": skipped, "questions": bank.count()}

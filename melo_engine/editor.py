@@ -272,10 +272,11 @@ class MeloEditor:
         """What every side-effect check runs over (None: the bundled reference questions)."""
         return None
 
-    def probe_bank(self):
+    def probe_bank(self, shared: bool = False):
         """Your own questions (probebank.ProbeBank: add_file, sources, remove_source), kept
-        once per model and key setting; every side-effect check runs against them too."""
-        return inspection.probe_bank(self)
+        per model and key setting: this workspace's, or with `shared` the list every
+        workspace on them sees. Every side-effect check runs against both."""
+        return inspection.probe_bank(self, shared)
 
     def index_snapshot(self) -> dict:
         """Everything needed to plot the index: keys, centers, radii, blocks and labels."""

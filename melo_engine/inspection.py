@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .answering import decide
 from .neighbours import Neighbour, merged, phrasings_marked, reference_keys, side_effects
-from .probebank import ProbeBank, bank_side_effects, collection_name, location, may_exist
+from .probebank import ProbeBank, bank_side_effects, collection_name, location, may_exist, owner_of
 
 
 def index_snapshot(ed) -> dict:
@@ -75,7 +75,9 @@ def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour
     return phrasings_marked(rows, entry.prompt)
 
 
-def probe_bank(ed) -> ProbeBank:
-    """The probe bank of the editor's key space, opened once per backbone and shared by
-    every workspace on the same model and key setting."""
-    return ed.backbone.companion(f"probes:{location()}:{collection_name(ed.keyer)}", lambda: ProbeBank.open(ed.keyer))
+def probe_bank(ed, shared: bool = False) -> ProbeBank:
+    """The probe bank of the editor's key space as its workspace sees it (the shared list
+    and its own questions; `shared`: the shared list alone, as the shell loads it). The
+    collection is opened once per backbone, for every workspace on it."""
+    bank = ed.backbone.companion(f"probes:{location()}:{collection_name(ed.keyer)}", lambda: ProbeBank.open(ed.keyer))
+    return bank if shared else bank.view(owner_of(ed.workspace))

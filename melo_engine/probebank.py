@@ -5,9 +5,16 @@ An edit fires for every question whose key falls inside its cluster, and the que
 that matter are the user's own: the eval set a lab measures on, the question list a class
 works through. The bundled reference bank (neighbours.py, 178 questions) cannot know them.
 So the user loads them, thousands at a time, once per model and key setting: their keys are
-computed once and kept in one chroma collection per key space, shared by every workspace
-on that model and key setting (under the cache directory, or on a chroma server named by
-MELO_CHROMA_URL when several machines share one bank).
+computed once and kept in one chroma collection per key space (under the cache directory,
+or on a chroma server named by MELO_CHROMA_URL when several machines share one bank).
+
+Whose questions a check sees. Every row has an owner: "" for the shared list (loaded from
+the shell by whoever runs the server, `python -m melo_engine probes load`: a teacher's list
+for the whole class), or one workspace (`owner_of`; loaded from the web page). A workspace
+sees the shared list and its own, never another visitor's: on a public server a stranger's
+file must not change what everybody's side-effect check says. Rows written before owners
+existed are the shared list (`_adopt_legacy`). A removed workspace's rows go with it
+(`forget`).
 
 This is the job chroma is for: a large, persisted set of vectors with text and metadata,
 searched by nearness. Its HNSW search is approximate, and a missed question would be a
@@ -125,9 +132,17 @@ def read_questions_file(path) -> list[str]:
 
 
 # ---- where the bank lives ----------------------------------------------------------------
-def question_id(question: str) -> str:
-    """A question's id: re-adding the same text finds it there."""
-    return hashlib.sha256(question.encode()).hexdigest()[:32]
+def question_id(question: str, owner: str = "") -> str:
+    """A question's id within its owner's rows: re-adding the same text finds it there. The
+    shared list's ids are the text's alone, as before owners existed."""
+    return hashlib.sha256((f"{owner}\n{question}" if owner else question).encode()).hexdigest()[:32]
+
+
+def owner_of(workspace) -> str:
+    """The owner name of a workspace's own questions: its folder, made absolute. The web
+    app's pool and the engine's replicas open a workspace by the same path, so they agree;
+    nobody can name another's folder from the page."""
+    return "ws-" + hashlib.sha256(str(Path(workspace).resolve()).encode()).hexdigest()[:24]
 
 
 def space_digest(keyer) -> str:
@@ -194,21 +209,27 @@ def client_for(root=None):
 
 
 # ---- the bank ------------------------------------------------------------------------------
-class ProbeBank:
-    """The user's probe questions in one key space: one chroma collection (L2, embeddings
-    always passed in), ids from the question text, metadata {source, question}."""
+SHARED = ""              # the owner of the shared list
 
-    def __init__(self, client, collection, keyer):
+
+class ProbeBank:
+    """The probe questions of one key space as one owner sees them: one chroma collection
+    (L2, embeddings always passed in), metadata {source, question, owner}. `owner` SHARED
+    sees and changes the shared list; a workspace's owner (`owner_of`) sees the shared list
+    and its own rows, and adds and removes only its own."""
+
+    def __init__(self, client, collection, keyer, owner: str = SHARED):
         self.client = client
         self.collection = collection
         self.keyer = keyer
+        self.owner = owner
         self.name = collection.name
 
     @classmethod
-    def open(cls, keyer, root=None) -> "ProbeBank":
+    def open(cls, keyer, root=None, owner: str = SHARED) -> "ProbeBank":
         client = client_for(root)
         cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH, "ef_construction": EF_CONSTRUCTION}}
-        meta = {"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(), "space": space_digest(keyer)}
+        meta = {"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(), "space": space_digest(keyer), "owners": 1}
         col = client.get_or_create_collection(collection_name(keyer), embedding_function=None,
                                               configuration=cfg, metadata=meta)
         with warnings.catch_warnings():       # chroma calls "no embedding function" legacy
@@ -218,11 +239,39 @@ class ProbeBank:
             raise ValueError(f"probe collection {col.name} is not in L2 space")
         if hnsw.get("ef_search") != EF_SEARCH:
             col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
-        return cls(client, col, keyer)
+        bank = cls(client, col, keyer, owner)
+        bank._adopt_legacy()
+        return bank
+
+    def view(self, owner: str) -> "ProbeBank":
+        """The same collection as `owner` sees it (one client, no second open)."""
+        return type(self)(self.client, self.collection, self.keyer, owner)
+
+    def _adopt_legacy(self) -> None:
+        """A bank written before rows had owners: its rows are the shared list. Done once
+        (the collection's "owners" mark); doing it twice at once changes nothing."""
+        meta = dict(self.collection.metadata or {})
+        if meta.get("owners") == 1:
+            return
+        got = self._all(["metadatas"], where=None)
+        old = [(i, m) for i, m in zip(got["ids"], got["metadatas"]) if "owner" not in (m or {})]
+        step = self._batch()
+        for i in range(0, len(old), step):
+            chunk = old[i:i + step]
+            self.collection.update(ids=[j for j, _ in chunk], metadatas=[{**(m or {}), "owner": SHARED} for _, m in chunk])
+        self.collection.modify(metadata={**meta, "owners": 1})
+
+    def _seen(self) -> dict:
+        """The rows this owner sees."""
+        return {"owner": SHARED} if self.owner == SHARED else {"owner": {"$in": [SHARED, self.owner]}}
+
+    def _own(self) -> dict:
+        return {"owner": self.owner}
 
     # ---- contents ------------------------------------------------------------------------
     def count(self) -> int:
-        return self.collection.count()
+        """How many questions this owner's checks run over (the shared list and its own)."""
+        return len(self._all([], where=self._seen())["ids"])
 
     def _batch(self) -> int:
         try:
@@ -231,20 +280,23 @@ class ProbeBank:
             return 1024
 
     def add(self, questions: list[str], source: str = "user", progress=None) -> tuple[int, int]:
-        """Add questions (keys computed here, in batches) from `source` (a file name, "user").
-        Returns (added, skipped): a question already in the bank, from any source, or twice
-        in the list, is skipped and keeps its first source. All are checked before any is
-        added."""
+        """Add questions (keys computed here, in batches) from `source` (a file name, "user")
+        as this owner's. Returns (added, skipped): a question this owner already sees (its
+        own or the shared list's, from any source) or twice in the list is skipped and keeps
+        its first source. All are checked before any is added."""
         source = clean_question(source, "source")
         qs = [clean_question(q, f"question {i + 1}") for i, q in enumerate(questions)]
-        fresh, seen = [], set()
-        ids = [question_id(q) for q in qs]
+        ids = [question_id(q, self.owner) for q in qs]
+        shared_ids = [question_id(q) for q in qs]
         step = self._batch()
         present = set()
         for i in range(0, len(ids), step):
             present.update(self.collection.get(ids=ids[i:i + step], include=[])["ids"])
-        for q, qid in zip(qs, ids):
-            if qid not in present and qid not in seen:
+            if self.owner != SHARED:
+                present.update(self.collection.get(ids=shared_ids[i:i + step], include=[])["ids"])
+        fresh, seen = [], set()
+        for q, qid, sid in zip(qs, ids, shared_ids):
+            if qid not in present and sid not in present and qid not in seen:
                 seen.add(qid)
                 fresh.append((q, qid))
         step = min(step, KEY_BATCH)
@@ -252,7 +304,7 @@ class ProbeBank:
             chunk = fresh[i:i + step]
             keys = self.keyer.keys([q for q, _ in chunk]).detach().to(torch.float32).numpy()
             self.collection.add(ids=[qid for _, qid in chunk], embeddings=keys, documents=[q for q, _ in chunk],
-                                metadatas=[{"source": source, "question": q} for q, _ in chunk])
+                                metadatas=[{"source": source, "question": q, "owner": self.owner} for q, _ in chunk])
             if progress is not None:
                 progress(min(i + step, len(fresh)), len(fresh))
         return len(fresh), len(qs) - len(fresh)
@@ -261,7 +313,7 @@ class ProbeBank:
         """read_questions_file, then add with the file's name as the source."""
         return self.add(read_questions_file(path), source or Path(path).name, progress)
 
-    def _all(self, include: list[str], where: dict | None = None) -> dict:
+    def _all(self, include: list[str], where: dict | None) -> dict:
         out = {"ids": []}
         for f in include:
             out[f] = []
@@ -276,56 +328,69 @@ class ProbeBank:
             offset += step
 
     def sources(self) -> dict[str, int]:
-        """How many questions each source brought."""
+        """How many questions each source brought, of those this owner sees."""
         out: dict[str, int] = {}
-        for m in self._all(["metadatas"])["metadatas"]:
+        for m in self._all(["metadatas"], where=self._seen())["metadatas"]:
             s = (m or {}).get("source", "")
             out[s] = out.get(s, 0) + 1
         return out
 
     def remove_source(self, source: str) -> int:
-        """Remove every question a source brought; returns how many."""
-        ids = self._all([], where={"source": source})["ids"]
+        """Remove every question a source brought to this owner's rows; returns how many."""
+        ids = self._all([], where={"$and": [{"source": source}, self._own()]})["ids"]
         step = self._batch()
         for i in range(0, len(ids), step):
             self.collection.delete(ids=ids[i:i + step])
         return len(ids)
 
     def everything(self) -> tuple[list[str], torch.Tensor]:
-        """Every question with its key (for brute-force checks and exports)."""
-        got = self._all(["documents", "embeddings"])
-        if not got["ids"]:
+        """Every question this owner sees, with its key (for brute-force checks and exports);
+        a question both shared and its own comes once."""
+        got = self._all(["documents", "embeddings"], where=self._seen())
+        first = {}
+        for i, q in enumerate(got["documents"]):
+            first.setdefault(q, i)
+        if not first:
             return [], torch.zeros(0, self.keyer.dim)
-        return list(got["documents"]), torch.from_numpy(np.asarray(got["embeddings"], dtype=np.float32))
+        keep = sorted(first.values())
+        return [got["documents"][i] for i in keep], torch.from_numpy(np.asarray([got["embeddings"][i] for i in keep], dtype=np.float32))
 
     # ---- search --------------------------------------------------------------------------
     def search(self, center: torch.Tensor, radius: float, at_least: int = 0):
-        """The questions within `radius` of `center`, and at least the `at_least` nearest,
-        nearest first: (questions, keys [m, dim], exact distances [m]). chroma proposes its
-        k nearest (HNSW, squared L2); they are re-ranked by the exact distance from their
-        stored keys, and k doubles while the farthest of them is still inside the radius."""
-        total = self.count()
+        """The questions this owner sees within `radius` of `center`, and at least the
+        `at_least` nearest, nearest first: (questions, keys [m, dim], exact distances [m]).
+        chroma proposes its k nearest (HNSW, squared L2); they are re-ranked by the exact
+        distance from their stored keys, and k doubles while the farthest of them is still
+        inside the radius. A question both shared and the owner's comes once."""
+        total = self.collection.count()        # every owner's rows: a bound on what a query returns
         c = center.detach().to(torch.float32).reshape(-1)
         if total == 0:
             return [], torch.zeros(0, c.shape[0]), torch.zeros(0)
-        k = min(total, max(START_K, 2 * int(at_least)))
+        k = min(total, max(START_K, 2 * int(at_least) + 2))
         while True:
-            got = self.collection.query(query_embeddings=c.numpy()[None], n_results=k,
+            got = self.collection.query(query_embeddings=c.numpy()[None], n_results=k, where=self._seen(),
                                         include=["embeddings", "documents"])
             keys = torch.from_numpy(np.asarray(got["embeddings"][0], dtype=np.float32)).reshape(-1, c.shape[0])
             dist = (keys - c).norm(dim=-1)
+            # Fewer than k back: this owner sees no more.
             if k >= total or len(dist) < k or float(dist.max()) > radius:
                 break
             k = min(total, 2 * k)
-        order = torch.argsort(dist, stable=True)
-        keep = [int(i) for n, i in enumerate(order) if n < at_least or float(dist[i]) <= radius]
+        if len(dist) == 0:
+            return [], torch.zeros(0, c.shape[0]), torch.zeros(0)
         docs = got["documents"][0]
+        order, seen = [], set()
+        for i in torch.argsort(dist, stable=True).tolist():
+            if docs[i] not in seen:
+                seen.add(docs[i])
+                order.append(i)
+        keep = [i for n, i in enumerate(order) if n < at_least or float(dist[i]) <= radius]
         idx = torch.tensor(keep, dtype=torch.long)
         return [docs[i] for i in keep], keys[idx], dist[idx]
 
     def within(self, center: torch.Tensor, radius: float, at_least: int = 0) -> list[tuple[str, float]]:
-        """Every bank question whose key lies within `radius` of `center` (and at least the
-        `at_least` nearest), with its exact distance, nearest first."""
+        """Every question this owner sees whose key lies within `radius` of `center` (and at
+        least the `at_least` nearest), with its exact distance, nearest first."""
         qs, _, d = self.search(center, radius, at_least)
         return list(zip(qs, d.tolist()))
 
@@ -335,6 +400,32 @@ class ProbeBank:
             self.client.close()
         except Exception:  # noqa: BLE001 - older clients have no close
             pass
+
+
+def forget(owner: str, root=None) -> int:
+    """Remove `owner`'s rows from every key space's collection (a workspace that was
+    removed); returns how many went. The shared list cannot be forgotten this way."""
+    if not owner or owner == SHARED:
+        raise ValueError("only a workspace's own questions can be forgotten")
+    if not may_exist() and root is None:
+        return 0
+    client = client_for(root)
+    gone = 0
+    try:
+        for col in client.list_collections():
+            name = col if isinstance(col, str) else col.name
+            if name.startswith("probes-"):
+                col = client.get_collection(name)
+                ids = col.get(where={"owner": owner}, include=[])["ids"]
+                if ids:
+                    col.delete(ids=ids)
+                    gone += len(ids)
+    finally:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - older clients have no close
+            pass
+    return gone
 
 
 # Margin on the radius for side-effect candidates: routing computes the same distance, but a

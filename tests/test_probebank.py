@@ -4,6 +4,7 @@ bank's own keys is the answer every search must give."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -221,3 +222,94 @@ def test_an_edits_side_effects_reach_the_users_own_questions(backbone, tmp_path,
     assert all(not rows[m].fires for m in mine[1:] if m in rows)
     assert any(not x.fires for x in rows.values() if x.question not in mine)   # the bundled ones stay
     ed.close()
+
+
+def test_a_workspaces_own_questions_are_seen_by_it_and_the_shared_list_by_all(keyer, tmp_path):
+    """Owners: the shared list (the shell's) is in every workspace's checks; a workspace's
+    own list (the page's) only in its own; removing a workspace's list leaves the others."""
+    from melo_engine.probebank import forget
+
+    shared = ProbeBank.open(keyer, tmp_path)
+    mine, yours = shared.view("ws-mine"), shared.view("ws-yours")
+    assert shared.add(["Who wrote Hamlet?"], "class.txt") == (1, 0)
+    assert mine.add(["Who wrote Macbeth?", "Who wrote Hamlet?"], "mine.txt") == (1, 1)   # Hamlet: shared already
+    assert yours.add(["Who wrote Macbeth?"], "yours.txt") == (1, 0)                      # not mine: its own row
+    assert (shared.count(), mine.count(), yours.count()) == (1, 2, 2)
+    macbeth = keyer.keys(["Who wrote Macbeth?"])[0]
+    assert [q for q, _ in mine.within(macbeth, 0.05)] == ["Who wrote Macbeth?"]
+    assert shared.within(macbeth, 0.05) == []                       # the shared list has no Macbeth
+    assert mine.sources() == {"class.txt": 1, "mine.txt": 1} and shared.sources() == {"class.txt": 1}
+    # A shared question a workspace also holds comes once in its searches and its view.
+    assert shared.add(["Who wrote Macbeth?"], "later.txt") == (1, 0)
+    assert [q for q, _ in mine.within(macbeth, 0.05)] == ["Who wrote Macbeth?"]
+    assert mine.everything()[0].count("Who wrote Macbeth?") == 1
+    # A workspace removes only its own rows; the shared list stays.
+    assert mine.remove_source("class.txt") == 0 and shared.count() == 2
+    # Its removal forgets its rows in every key space, and nobody else's.
+    assert forget("ws-mine", tmp_path) == 1
+    assert (mine.count(), yours.count(), shared.count()) == (2, 3, 2)
+    assert mine.sources() == {"class.txt": 1, "later.txt": 1}
+    with pytest.raises(ValueError, match="only a workspace"):
+        forget("", tmp_path)
+    shared.close()
+
+
+def test_a_bank_from_before_owners_is_the_shared_list(keyer, tmp_path):
+    """A collection written before rows had owners (no owner field, no mark): opening it
+    makes its rows the shared list, so every workspace keeps checking against them."""
+    import numpy as np
+
+    from melo_engine.probebank import question_id, space_digest
+
+    client = client_for(tmp_path)
+    old = client.get_or_create_collection(collection_name(keyer), embedding_function=None,
+                                          configuration={"hnsw": {"space": "l2"}},
+                                          metadata={"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(),
+                                                    "space": space_digest(keyer)})
+    qs = ["Who wrote Hamlet?", "What is the capital of Peru?"]
+    old.add(ids=[question_id(q) for q in qs], embeddings=keyer.keys(qs).float().numpy().astype(np.float32),
+            documents=qs, metadatas=[{"source": "old.txt", "question": q} for q in qs])
+    client.close()
+    bank = ProbeBank.open(keyer, tmp_path)
+    assert bank.count() == 2 and bank.view("ws-a").count() == 2
+    assert bank.collection.metadata["owners"] == 1 and bank.collection.metadata["model"] == str(keyer.cfg.model)
+    assert [q for q, _ in bank.view("ws-a").within(keyer.keys(["Who wrote Hamlet?"])[0], 0.05)] == ["Who wrote Hamlet?"]
+    assert bank.add(qs, "again.txt") == (0, 2)                        # the same ids as before
+    bank.close()
+
+
+def test_a_visitors_list_joins_only_its_own_checks_and_goes_with_its_workspace(backbone, tmp_path, monkeypatch):
+    """Through the web app's pool: visitor A loads a list (Settings); A's side-effect check
+    names the list's paraphrase, B's check of the same edit does not; A's folder is kept by
+    the sweep like one with edits; removing A's workspace takes its list out of the bank."""
+    from melo_engine.probebank import owner_of
+    from webapp.sessions import QUESTIONS_MARK, WorkspacePool
+
+    monkeypatch.setenv("MELO_PROBE_BANK", str(tmp_path / "probes"))
+    pool = WorkspacePool(backbone, tmp_path / "pool")
+    a, b = pool.tokens.new(), pool.tokens.new()
+    q, target = "Which planet is the largest in the solar system?", "Jupiter is the largest planet."
+    paraphrase = "What is the biggest planet of our solar system?"
+    (tmp_path / "mine.txt").write_text(paraphrase + "\nWho painted the Mona Lisa?\n")
+    assert pool.add_questions(a, tmp_path / "mine.txt")[:2] == (2, 0)
+    assert pool.add_questions(a, tmp_path / "mine.txt")[:2] == (0, 2)
+    with pytest.raises(ValueError, match="no questions"):                  # a refused file: B gets no workspace
+        (tmp_path / "empty.txt").write_text("\n")
+        pool.add_questions(b, tmp_path / "empty.txt")
+    assert pool.existing(b) is None
+    edits = {}
+    for t in (a, b):
+        with pool.writing(t) as ed:
+            edits[t] = ed.edit(q, target).edit_id
+    seen = {t: {n.question: n for n in pool.existing(t).side_effects(edits[t], n=50)} for t in (a, b)}
+    assert seen[a][paraphrase].fires and paraphrase not in seen[b]
+    assert (pool.root / pool.tokens.folder(a) / QUESTIONS_MARK).is_file()
+    # Visitor C only loads the list: an empty workspace, kept like one with edits.
+    c = pool.tokens.new()
+    assert pool.add_questions(c, tmp_path / "mine.txt")[:2] == (2, 0)
+    owners = {t: owner_of(pool.root / pool.tokens.folder(t) / "ws") for t in (a, c)}
+    bank = pool.existing(b).probe_bank()
+    assert pool.sweep(now=time.time() + 3600) == []
+    assert pool.sweep(now=time.time() + 2 * 24 * 3600) == sorted(pool.tokens.folder(t) for t in (a, b, c))
+    assert bank.view(owners[a]).count() == 0 and bank.view(owners[c]).count() == 0     # their lists went with them
+    pool.stop()

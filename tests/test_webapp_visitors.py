@@ -149,7 +149,8 @@ def test_published_results_are_shown_without_running_anything(app_server, browse
 
 def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_server, browser, tmp_path):
     """Settings loads a visitor's own questions into the probe bank; an edit's side-effect
-    check then names the loaded paraphrase that gets the fix. Loading it again adds nothing."""
+    check then names the loaded paraphrase that gets the fix. Loading it again adds nothing.
+    The list is the visitor's: another visitor's check of the same edit does not name it."""
     from test_webapp_browser import _edit
 
     url, _ = app_server
@@ -165,3 +166,9 @@ def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_se
         page.wait_for_function("() => document.querySelector('#side-effects').innerText.includes('mercury boil')",
                                timeout=LONG)
         assert "thank you in Finnish" not in page.locator("#side-effects").inner_text()
+    with fresh_page(browser, url) as other:
+        _edit(other, "What is the boiling point of mercury in degrees Celsius?", "Mercury boils at 356.7 degrees Celsius.")
+        # textContent, not innerText: the heading is drawn in capitals by CSS.
+        other.wait_for_function("() => document.querySelector('#side-effects').textContent.includes('Side-effect check for edit')",
+                                timeout=LONG)
+        assert "mercury boil" not in other.locator("#side-effects").inner_text()

@@ -11,7 +11,6 @@ import functools
 import html
 import inspect
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -327,14 +326,14 @@ def import_file(pool: WorkspacePool, token: str, file) -> str:
 
 @user_errors
 def load_probes(pool: WorkspacePool, token: str, file) -> str:
-    """Add a file of questions to the probe bank of the visitor's model and key."""
+    """Add a file of questions to the visitor's own list in the probe bank of its model and
+    key (the workspace is made if it was not there: the list is the workspace's)."""
     if file is None:
         raise ValueError("choose a file of questions (.txt, .json or .csv)")
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-    bank = pool.reader(token).probe_bank()       # the bank is per model and key, not per workspace
-    added, skipped = bank.add_file(path, source=Path(path).name)
-    return (f"Added {added} question{'s' if added != 1 else ''} ({skipped} already there); your probe bank "
-            f"holds {bank.count()}. Every edit's side-effect check now runs over them too.")
+    added, skipped, count = pool.add_questions(token, path)
+    return (f"Added {added} question{'s' if added != 1 else ''} ({skipped} already there); your checks "
+            f"run over {count}. Every side-effect check of your workspace now runs over them too.")
 
 
 def clear() -> str:

@@ -1,7 +1,8 @@
 """Which visitors' workspaces have rested too long: the sweep's rule, apart from how a
 workspace is removed (the pool's job, under its lock, sessions.py).
 
-A workspace that holds edits, or sits empty on a model its visitor chose, is worth a day
+A workspace that holds edits, or sits empty on a model its visitor chose or with a
+question list of its own, is worth a day
 (`idle_seconds`: a class comes back after lunch, a researcher the next morning); an empty
 one on the default model is worth minutes (`empty_idle_seconds`): it is what a client that
 only looked, or whose first edit was refused, leaves behind, and a crowd of those must not
@@ -39,7 +40,7 @@ class IdleRule:
 
     def stale(self, root: Path, now: float, chosen: Callable[[str], bool]) -> list[str]:
         """The workspace folders under `root` rested past their limit at `now`; `chosen(name)`
-        says whether the folder's model is one its visitor chose (kept like edits)."""
+        says whether its visitor chose something worth keeping like edits (a model, a list)."""
         out = []
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             if not d.is_dir() or d.name.startswith("."):

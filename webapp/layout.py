@@ -197,10 +197,11 @@ def build_demo(pool: WorkspacePool, downloads: Downloads, answer_concurrency: in
             iters = gr.Slider(1, 200, step=1, label="Max iterations", info=HELP["iters"], interactive=False)
             save_btn = gr.Button("Save settings", interactive=False, elem_id="save-settings")
             settings_msg = gr.Markdown()
-            gr.Markdown("**Your own questions.** Every edit's side-effect check also runs over a question list "
-                        "you load here (an eval set, your class's questions: thousands are fine), kept once for "
-                        "this model and key and shared by every workspace on them. Keys are computed once, when "
-                        "the file is loaded: large files take minutes.")
+            gr.Markdown("**Your own questions.** Every side-effect check of your workspace also runs over a "
+                        "question list you load here (an eval set, your class's questions: thousands are fine). "
+                        "The list is yours: other visitors' checks do not see it. A list for every workspace on "
+                        "this server is loaded from the shell by whoever runs it (README, \"Your own questions\"). "
+                        "Keys are computed once, when the file is loaded: large files take minutes.")
             with gr.Row():
                 probe_file = gr.File(label="Load questions (.txt one per line, .json or .csv)",
                                      file_types=[".txt", ".json", ".csv"], elem_id="probe-file")
