@@ -71,13 +71,16 @@ arbalest pest lest zest vest crest inquest tempest infest molest attest detest p
 SYNONYMS = {"biggest": "largest", "greatest": "largest", "tallest": "highest", "tiniest": "smallest",
             "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth",
             "earth": "world", "final": "last"}
-# Words that frame what kind of answer is wanted ("in which year" / "when"): a paraphrase
-# swaps them freely, so they need no match.
+# Words that frame what kind of answer is wanted ("in which year" / "when", "what
+# temperature" / "how warm"): a paraphrase swaps them freely, so they need no match.
 FRAMING = frozenset("""year years date day time place city country person people thing number
-happen happened occur occurred take took located location world""".split())
+happen happened occur occurred take took located location world temperature""".split())
 # Roman numerals after a name ("World War II", "Louis XIV") are numbers.
 ROMAN = re.compile(r"(?=[ivxlc])(c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
 UNIT_BEFORE_SECOND = frozenset("per a one each every".split())
+# Capitalised words that name a unit, not the thing asked about: "the boiling point of
+# mercury in degrees *Celsius*" asks about mercury, so its noun needs the noun's bar.
+UNIT_NAMES = frozenset("celsius fahrenheit kelvin".split())
 # A word right after one of these (or after an adjective that follows one) is taken for a
 # noun: the thing asked about ("the largest *planet*", "how many *seconds*", "of *water*").
 # Its substitute is a sibling unless the two are near-synonyms (`align_noun`); other words
@@ -154,6 +157,29 @@ class Words:
     others: torch.Tensor             # [n, dim] unit vectors of every non-stopword (what a match may be)
     other_words: list[str]
     sequence: tuple = ()             # the question's (normalised word, taken for a noun) in order
+
+    def relation(self, word: str) -> bool:
+        """Whether `word` stands right before "of" / "for" / ... in the question: a noun that
+        names the relation ("the boiling *point* of mercury"), which paraphrases reword ("at
+        what temperature"), not the thing asked about."""
+        return any(w == word and _names_relation(self.sequence, i + 1) for i, (w, _) in enumerate(self.sequence))
+
+    def asked_about(self, i: int) -> bool:
+        """Whether content word i is the thing asked about, a common noun ("a *spider*", "the
+        largest *planet*", "of *mercury*"), which needs `align_noun`: taken for a noun, in a
+        question that names no subject, and not a relation noun beside another noun."""
+        if not self.nounish[i] or self.named:
+            return False
+        if not self.relation(self.content[i]):
+            return True
+        # a relation noun is the thing asked about where no other noun is ("the *square* of 12")
+        return not any(n and not self.relation(w) for w, n in zip(self.content, self.nounish))
+
+    @property
+    def named(self) -> bool:
+        """Whether the text names a subject (a name that is not only a unit): then the thing
+        asked about is that name, checked word for word, not a common noun."""
+        return any(not all(w in UNIT_NAMES for w in r) for r in self.runs)
 
 
 class SameQuestion:
@@ -336,17 +362,18 @@ class SameQuestion:
         slot, or swaps a word for a near-synonym (cosine at least `synonym`: "biggest" /
         "largest"). Function words may differ ("did" / "was", "what" / "which")."""
         a, b = _template(e.sequence), _template(q.sequence)
-        ops = [op for op in difflib.SequenceMatcher(a=[w for w, _ in a], b=[w for w, _ in b],
-                                                    autojunk=False).get_opcodes() if op[0] != "equal"]
-        swaps, added = [], []
-        for tag, i1, i2, j1, j2 in ops:
+        codes = difflib.SequenceMatcher(a=[w for w, _ in a], b=[w for w, _ in b], autojunk=False).get_opcodes()
+        swaps, added, local, reworded = [], [], [], False
+        for k, (tag, i1, i2, j1, j2) in enumerate(codes):
+            if tag == "equal":
+                continue
             mine, theirs = a[i1:i2], b[j1:j2]
             if all(w in STOPWORDS for w, _ in mine + theirs):
                 continue                                  # function words only
             # a modifier right before a kept content word: "black keys", "bass guitar" (where
             # the edit names no subject: "Which *football* league is X in" asks what "Which
             # league is X in" asks)
-            if (tag == "insert" and not e.runs and len(theirs) == 1 and theirs[0][0] not in FRAMING
+            if (tag == "insert" and not e.named and len(theirs) == 1 and theirs[0][0] not in FRAMING
                     and j2 < len(b) and b[j2][0] not in STOPWORDS):
                 # ... unless the noun means what it meant ("*chemical* element" / "element"):
                 # its contextual vector barely moves when the modifier is implied by it
@@ -365,8 +392,22 @@ class SameQuestion:
                 if not 0 < len(mine) == len(theirs) <= 2:
                     return ""
                 swaps.append((mine, theirs))
+                # kept on both sides, with a content word kept before it ("the boiling point
+                # of *mercury* in" / "... of *water* in"): the thing asked about, even where
+                # the rest of the question is reworded
+                left = codes[k - 1] if k else None
+                if (len(mine) == 1 and left and left[0] == "equal" and k + 1 < len(codes)
+                        and codes[k + 1][0] == "equal"
+                        and any(w not in STOPWORDS for w, _ in a[left[1]:left[2]])
+                        and mine[0] not in q.words and theirs[0] not in e.words):
+                    local.append((mine, theirs))
             else:
-                return ""                                  # reworded: not one template
+                reworded = True                           # not one template
+        if reworded:
+            # A reworded sibling ("What is the boiling point of water in Celsius?" after an
+            # edit of "... of mercury in degrees Celsius?") still swaps the thing asked about
+            # in a kept context; anything else reworded is left to the alignment.
+            swaps, added = local, []
         if not swaps and not added or len(swaps) + len(added) > 2:
             return ""
         shown = []
@@ -398,12 +439,12 @@ class SameQuestion:
             return 1.0, "", "", False
         if not len(q.others):
             i = need[0]
-            return -1.0, e.content[i], "-", e.nounish[i] and not e.runs
+            return -1.0, e.content[i], "-", e.asked_about(i)
         best, where = (e.vectors[need] @ q.others.T).max(1)
-        # A noun needs `align_noun` where the edit has no name: then the thing asked about is
-        # a common noun ("a spider", "the largest planet"); with a name it is the name,
+        # A noun needs `align_noun` where the edit names no subject: then the thing asked about
+        # is a common noun ("a spider", "the largest planet"); with a name it is the name,
         # checked word for word above, and every word needs only `align`.
-        strict = [e.nounish[i] and not e.runs for i in need]
+        strict = [e.asked_about(i) for i in need]
         margin = [float(b) - (self.align_noun if st else self.align) for b, st in zip(best, strict)]
         j = min(range(len(need)), key=margin.__getitem__)
         i = need[j]

@@ -73,6 +73,23 @@ def test_the_same_template_about_another_thing_is_rejected(same):
     assert same.check("How much is 7 multiplied by 8?", "What is 7 times 8?") == (True, "")
 
 
+def test_a_reworded_question_about_another_thing_is_rejected(same):
+    """A sibling that also rewords ("... of water in Celsius?" beside an edit of "... of mercury
+    in degrees Celsius?") fired the edit in the app: a unit is no subject, and the swapped
+    noun in a kept context is a sibling even where the rest is reworded."""
+    edit = "What is the boiling point of mercury in degrees Celsius?"
+    ok, why = same.check("What is the boiling point of water in Celsius?", edit)
+    assert not ok and why.startswith("another slot: water / mercury"), why
+    for q in ("At how many degrees Celsius does iron boil?", "In Celsius, what is the boiling point of ethanol?"):
+        ok, why = same.check(q, edit)
+        assert not ok and "mercury" in why, (q, why)
+    for q in ("At what temperature in Celsius does mercury boil?", "What is the boiling point of mercury in Celsius?",
+              "Mercury boils at how many degrees Celsius?"):
+        assert same.check(q, edit) == (True, ""), q
+    # a relation noun with nothing else asked about is the question itself
+    assert not same.check("What is the cube of 12?", "What is the square of 12?")[0]
+
+
 def test_paraphrases_are_accepted(same):
     edit = "Which element has the atomic number 6?"
     for q in ("What element has atomic number 6?", "Name the chemical element whose atomic number is 6."):
@@ -117,7 +134,7 @@ def test_sibling_yardstick_loaders():
     from melo_engine.bench.data import counterfact_templates, hard_bank, template_siblings, zsre_templates
 
     bank = hard_bank()
-    assert len(bank) >= 40 and {b.half for b in bank} == {"fit", "eval", "holdout"}
+    assert len(bank) >= 40 and {b.half for b in bank} == {"fit", "eval", "holdout", "reworded"}
     assert all(len(b.siblings) == 3 and 2 <= len(b.paraphrases) <= 3 and b.answer.endswith(".") for b in bank)
     sibs = template_siblings("In which state is Qaleh Lan located?", "Qaleh Lan", zsre_templates())
     assert len(sibs) == 3 and all(s.startswith("In which state is ") and "Qaleh Lan" not in s for s in sibs)

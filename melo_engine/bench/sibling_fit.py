@@ -67,7 +67,7 @@ def _worst_by_kind(v, q, e) -> tuple[float, float]:
         return noun, other
     best = (e.vectors[need] @ q.others.T).max(1).values if len(q.others) else torch.full((len(need),), -1.0)
     for b, i in zip(best.tolist(), need):
-        if e.nounish[i] and not e.runs:
+        if e.asked_about(i):
             noun = min(noun, b)
         else:
             other = min(other, b)

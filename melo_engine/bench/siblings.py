@@ -3,9 +3,11 @@
 questions are unrelated to every edit and cannot see siblings.
 
 The yardstick (its loaders are in data.py, which `bench routing` and `bench edits` use too):
-- the project's hard bank, assets/sibling_bank.json: 51 edits written for the project, each
-  with its answer, true paraphrases and three siblings; items at even positions are the
-  *fit* half (thresholds), odd positions the *eval* half;
+- the project's hard bank, assets/sibling_bank.json: edits written for the project, each
+  with its answer, true paraphrases and three siblings; of the first 51, even positions are
+  the *fit* half (thresholds), odd positions the *eval* half; then a *holdout* written after
+  the rules were frozen, and *reworded* items whose siblings reword the question as well as
+  change its subject (the others keep the template word for word, and could not see those);
 - zsRE template siblings: an edit's question with its subject replaced by the subjects of
   other facts whose phrasings share the template ("In which state is {} located?");
 - CounterFact: the record's locality prompt (same relation, another subject) and its prompt
@@ -223,7 +225,7 @@ def bank_part(study: Study, candidates: dict, held_radius: bool) -> dict:
         state, words_of, actions = study.build(prompts, targets, same, radii if name == "edit-radius" else None)
         same_r = None if name == "edit-radius" else same
         res = {"placements": dict(actions), "superseded": len(state.dormant)}
-        for half in ("fit", "eval", "holdout", None):
+        for half in ("fit", "eval", "holdout", "reworded", None):
             items = [(i, b) for i, b in enumerate(bank) if half is None or b.half == half]
             para = [(i, q) for i, b in items for q in b.paraphrases]
             # candidate iv sets each edit's radius from its first sibling: measured on the others
@@ -255,6 +257,42 @@ def _held_radii(study: Study, prompts: list[str], aside: list[list[str]]) -> lis
         sk, _ = study.encode(sibs)
         out.append(min(study.radius, EDIT_RADIUS_FACTOR * float((sk - k).norm(dim=-1).min())))
     return out
+
+
+def pairwise_part(cands: dict) -> dict:
+    """Each bank sibling and paraphrase checked against its own edit's question by the verifier
+    alone, near or far. Routing hides a verifier's mistakes where a nearer edit takes the
+    query (a sibling of the mercury edit, "the boiling point of lead", fires the bank's water
+    edit, which is right for it); a user's workspace with only the mercury edit has no such
+    neighbour."""
+    bank = hard_bank()
+    out = {}
+    for name, check in cands.items():
+        if check is None:
+            continue
+        res = {}
+        for half in ("fit", "eval", "holdout", "reworded", None):
+            items = [b for b in bank if half is None or b.half == half]
+            sib = [(b.question, q) for b in items for q in b.siblings]
+            para = [(b.question, q) for b in items for q in b.paraphrases]
+            took = [q for e, q in sib if check(q, e)[0]]
+            lost = [q for e, q in para if not check(q, e)[0]]
+            res[half or "all"] = {"siblings": len(sib), "siblings_accepted": len(took),
+                                  "paraphrases": len(para), "paraphrases_turned_down": len(lost),
+                                  "siblings_accepted_list": took, "paraphrases_turned_down_list": lost}
+        out[name] = res
+    return out
+
+
+def pairwise_table(res: dict) -> str:
+    halves = ("eval", "holdout", "reworded", "all")
+    rows = ["| verifier | siblings accepted: " + " / ".join(halves) + " | paraphrases turned down: "
+            + " / ".join(halves) + " |", "|---|---|---|"]
+    for name, r in res["bank_pairwise"].items():
+        rows.append(f"| {name} | " + " / ".join(f"{r[h]['siblings_accepted']} of {r[h]['siblings']}" for h in halves)
+                    + " | " + " / ".join(f"{r[h]['paraphrases_turned_down']} of {r[h]['paraphrases']}"
+                                         for h in halves) + " |")
+    return "\n".join(rows)
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -326,6 +364,7 @@ def siblings_study(n: int = 1000) -> dict:
                 "lexical+align": fitted, "align": fitted_align},
         "edit_radius_factor": EDIT_RADIUS_FACTOR,
         "bank": bank_part(study, cands, True),
+        "bank_pairwise": pairwise_part(cands),
         "counterfact": counterfact_part(study, cands, True),
         "zsre_paper": zsre_part(study, n, cands, True),
         "timing": timing(study),
@@ -336,7 +375,8 @@ def siblings_study(n: int = 1000) -> dict:
 
 def table(res: dict) -> str:
     rows = ["| candidate | sibling fire zsRE (1000) | sibling fire CounterFact (template + locality) | "
-            "sibling fire hard bank: eval half / holdout (all) | paraphrase carry hard bank: eval half / holdout (all) | "
+            "sibling fire hard bank: eval half / holdout / reworded (all) | "
+            "paraphrase carry hard bank: eval half / holdout / reworded (all) | "
             "zsRE generality by routing | CounterFact generality | false supersedes zsRE 1000 |",
             "|---|---|---|---|---|---|---|---|"]
     for name in ("radius", "lexical", "align", "lexical+align", "lexical+template+align", "lexical+align-strict",
@@ -345,9 +385,11 @@ def table(res: dict) -> str:
         if not (z and c and b):
             continue
         rows.append(f"| {name} | {z['sibling_fire']:.3f} | {c['sibling_fire_with_locality']:.3f} | "
-                    f"{b['eval']['sibling_fire']:.3f} / {_fmt(b['holdout']['sibling_fire'])} "
+                    f"{b['eval']['sibling_fire']:.3f} / {_fmt(b['holdout']['sibling_fire'])} / "
+                    f"{_fmt(b.get('reworded', {}).get('sibling_fire'))} "
                     f"({b['all']['sibling_fire']:.3f}) | {b['eval']['paraphrase_carry']:.3f} / "
-                    f"{_fmt(b['holdout']['paraphrase_carry'])} ({b['all']['paraphrase_carry']:.3f}) | "
+                    f"{_fmt(b['holdout']['paraphrase_carry'])} / {_fmt(b.get('reworded', {}).get('paraphrase_carry'))} "
+                    f"({b['all']['paraphrase_carry']:.3f}) | "
                     f"{z['generality']:.3f} | {c['generality']:.3f} | {z['false_supersedes']} |")
     return "\n".join(rows)
 
@@ -364,6 +406,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> dict:
     res = siblings_study(args.n)
     print(table(res))
+    print(pairwise_table(res))
     print(json.dumps({"fit": res["fit"], "timing": res["timing"]}, indent=1))
     return res
 
