@@ -8,13 +8,14 @@ So the user loads them, thousands at a time, once per model and key setting: the
 computed once and kept in one chroma collection per key space (under the cache directory,
 or on a chroma server named by MELO_CHROMA_URL when several machines share one bank).
 
-Whose questions a check sees. Every row has an owner: "" for the shared list (loaded from
-the shell by whoever runs the server, `python -m melo_engine probes load`: a teacher's list
-for the whole class), or one workspace (`owner_of`; loaded from the web page). A workspace
-sees the shared list and its own, never another visitor's: on a public server a stranger's
-file must not change what everybody's side-effect check says. Rows written before owners
-existed are the shared list (`_adopt_legacy`). A removed workspace's rows go with it
-(`forget`).
+Whose questions a check sees. The shared list (loaded from the shell by whoever runs the
+server, `python -m melo_engine probes load`: a teacher's list for the whole class) is one
+collection per key space; a workspace's own list (loaded from the web page) is a collection
+of its own beside it (`owner_of`). A workspace's check sees the shared list and its own,
+never another visitor's: on a public server a stranger's file must not change what
+everybody's side-effect check says. A collection per owner, not an owner field on the rows:
+an owner filter on every chroma query made every check slower (docs/BENCHMARKS.md, "Probe
+bank"), and a removed workspace's list goes with one call (`forget`).
 
 This is the job chroma is for: a large, persisted set of vectors with text and metadata,
 searched by nearness. Its HNSW search is approximate, and a missed question would be a
@@ -132,10 +133,9 @@ def read_questions_file(path) -> list[str]:
 
 
 # ---- where the bank lives ----------------------------------------------------------------
-def question_id(question: str, owner: str = "") -> str:
-    """A question's id within its owner's rows: re-adding the same text finds it there. The
-    shared list's ids are the text's alone, as before owners existed."""
-    return hashlib.sha256((f"{owner}\n{question}" if owner else question).encode()).hexdigest()[:32]
+def question_id(question: str) -> str:
+    """A question's id within its collection: re-adding the same text finds it there."""
+    return hashlib.sha256(question.encode()).hexdigest()[:32]
 
 
 def owner_of(workspace) -> str:
@@ -158,6 +158,15 @@ def collection_name(keyer) -> str:
     def slug(s: str, n: int) -> str:
         return re.sub(r"[^a-zA-Z0-9]+", "-", s).strip("-")[:n].strip("-") or "x"
     return f"probes-{slug(keyer.cfg.model, 18)}-{slug(keyer.cfg.key_name(), 24)}-{space_digest(keyer)}"
+
+
+def _owner_tag(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:20]
+
+
+def own_collection_name(keyer, owner: str) -> str:
+    """`probes-own-<space digest>-<owner digest>`: one workspace's own list in one key space."""
+    return f"probes-own-{space_digest(keyer)}-{_owner_tag(owner)}"
 
 
 ROOT_ENV = "MELO_PROBE_BANK"
@@ -210,17 +219,18 @@ def client_for(root=None):
 
 # ---- the bank ------------------------------------------------------------------------------
 SHARED = ""              # the owner of the shared list
+HNSW = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH, "ef_construction": EF_CONSTRUCTION}}
 
 
 class ProbeBank:
-    """The probe questions of one key space as one owner sees them: one chroma collection
-    (L2, embeddings always passed in), metadata {source, question, owner}. `owner` SHARED
-    sees and changes the shared list; a workspace's owner (`owner_of`) sees the shared list
-    and its own rows, and adds and removes only its own."""
+    """The probe questions of one key space as one owner sees them. `owner` SHARED sees and
+    changes the shared list (one chroma collection: L2, embeddings always passed in,
+    metadata {source, question}); a workspace's owner (`owner_of`) sees the shared list and
+    its own collection, made when it first adds, and adds and removes only there."""
 
     def __init__(self, client, collection, keyer, owner: str = SHARED):
         self.client = client
-        self.collection = collection
+        self.collection = collection           # the shared list
         self.keyer = keyer
         self.owner = owner
         self.name = collection.name
@@ -228,50 +238,46 @@ class ProbeBank:
     @classmethod
     def open(cls, keyer, root=None, owner: str = SHARED) -> "ProbeBank":
         client = client_for(root)
-        cfg = {"hnsw": {"space": "l2", "ef_search": EF_SEARCH, "ef_construction": EF_CONSTRUCTION}}
-        meta = {"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(), "space": space_digest(keyer), "owners": 1}
-        col = client.get_or_create_collection(collection_name(keyer), embedding_function=None,
-                                              configuration=cfg, metadata=meta)
-        with warnings.catch_warnings():       # chroma calls "no embedding function" legacy
-            warnings.simplefilter("ignore", DeprecationWarning)
-            hnsw = (col.configuration or {}).get("hnsw") or {}
-        if hnsw.get("space", "l2") != "l2":
-            raise ValueError(f"probe collection {col.name} is not in L2 space")
-        if hnsw.get("ef_search") != EF_SEARCH:
-            col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
-        bank = cls(client, col, keyer, owner)
-        bank._adopt_legacy()
-        return bank
+        return cls(client, _collection(client, collection_name(keyer), keyer), keyer, owner)
 
     def view(self, owner: str) -> "ProbeBank":
-        """The same collection as `owner` sees it (one client, no second open)."""
+        """The same bank as `owner` sees it (one client, no second open)."""
         return type(self)(self.client, self.collection, self.keyer, owner)
 
-    def _adopt_legacy(self) -> None:
-        """A bank written before rows had owners: its rows are the shared list. Done once
-        (the collection's "owners" mark); doing it twice at once changes nothing."""
-        meta = dict(self.collection.metadata or {})
-        if meta.get("owners") == 1:
-            return
-        got = self._all(["metadatas"], where=None)
-        old = [(i, m) for i, m in zip(got["ids"], got["metadatas"]) if "owner" not in (m or {})]
-        step = self._batch()
-        for i in range(0, len(old), step):
-            chunk = old[i:i + step]
-            self.collection.update(ids=[j for j, _ in chunk], metadatas=[{**(m or {}), "owner": SHARED} for _, m in chunk])
-        self.collection.modify(metadata={**meta, "owners": 1})
+    def _own(self, make: bool = False):
+        """This owner's own collection: None for the shared view, or where it has none yet
+        (made when `make`)."""
+        if self.owner == SHARED:
+            return None
+        name = own_collection_name(self.keyer, self.owner)
+        if make:
+            return _collection(self.client, name, self.keyer, owner=self.owner)
+        try:
+            return self.client.get_collection(name)
+        except Exception:  # noqa: BLE001 - chroma raises NotFoundError or ValueError by version
+            return None
 
-    def _seen(self) -> dict:
-        """The rows this owner sees."""
-        return {"owner": SHARED} if self.owner == SHARED else {"owner": {"$in": [SHARED, self.owner]}}
+    def _writable(self, make: bool = False):
+        return self.collection if self.owner == SHARED else self._own(make)
 
-    def _own(self) -> dict:
-        return {"owner": self.owner}
+    def _seen(self) -> list:
+        """The collections this owner's checks run over: the shared list, then its own."""
+        own = self._own()
+        return [self.collection] + ([own] if own is not None else [])
 
     # ---- contents ------------------------------------------------------------------------
     def count(self) -> int:
-        """How many questions this owner's checks run over (the shared list and its own)."""
-        return len(self._all([], where=self._seen())["ids"])
+        """How many questions this owner's checks run over (the shared list and its own; a
+        question in both counts once)."""
+        total = self.collection.count()
+        own = self._own()
+        if own is not None:
+            ids = _all(own, [], self._batch())["ids"]
+            step = self._batch()
+            both = sum(len(self.collection.get(ids=ids[i:i + step], include=[])["ids"])
+                       for i in range(0, len(ids), step))
+            total += len(ids) - both
+        return total
 
     def _batch(self) -> int:
         try:
@@ -281,30 +287,29 @@ class ProbeBank:
 
     def add(self, questions: list[str], source: str = "user", progress=None) -> tuple[int, int]:
         """Add questions (keys computed here, in batches) from `source` (a file name, "user")
-        as this owner's. Returns (added, skipped): a question this owner already sees (its
-        own or the shared list's, from any source) or twice in the list is skipped and keeps
-        its first source. All are checked before any is added."""
+        to this owner's list. Returns (added, skipped): a question this owner already sees
+        (its own or the shared list's, from any source) or twice in the list is skipped and
+        keeps its first source. All are checked before any is added."""
         source = clean_question(source, "source")
         qs = [clean_question(q, f"question {i + 1}") for i, q in enumerate(questions)]
-        ids = [question_id(q, self.owner) for q in qs]
-        shared_ids = [question_id(q) for q in qs]
+        ids = [question_id(q) for q in qs]
         step = self._batch()
         present = set()
-        for i in range(0, len(ids), step):
-            present.update(self.collection.get(ids=ids[i:i + step], include=[])["ids"])
-            if self.owner != SHARED:
-                present.update(self.collection.get(ids=shared_ids[i:i + step], include=[])["ids"])
+        for col in self._seen():
+            for i in range(0, len(ids), step):
+                present.update(col.get(ids=ids[i:i + step], include=[])["ids"])
         fresh, seen = [], set()
-        for q, qid, sid in zip(qs, ids, shared_ids):
-            if qid not in present and sid not in present and qid not in seen:
+        for q, qid in zip(qs, ids):
+            if qid not in present and qid not in seen:
                 seen.add(qid)
                 fresh.append((q, qid))
+        target = self._writable(make=bool(fresh))
         step = min(step, KEY_BATCH)
         for i in range(0, len(fresh), step):
             chunk = fresh[i:i + step]
             keys = self.keyer.keys([q for q, _ in chunk]).detach().to(torch.float32).numpy()
-            self.collection.add(ids=[qid for _, qid in chunk], embeddings=keys, documents=[q for q, _ in chunk],
-                                metadatas=[{"source": source, "question": q, "owner": self.owner} for q, _ in chunk])
+            target.add(ids=[qid for _, qid in chunk], embeddings=keys, documents=[q for q, _ in chunk],
+                       metadatas=[{"source": source, "question": q} for q, _ in chunk])
             if progress is not None:
                 progress(min(i + step, len(fresh)), len(fresh))
         return len(fresh), len(qs) - len(fresh)
@@ -313,72 +318,60 @@ class ProbeBank:
         """read_questions_file, then add with the file's name as the source."""
         return self.add(read_questions_file(path), source or Path(path).name, progress)
 
-    def _all(self, include: list[str], where: dict | None) -> dict:
-        out = {"ids": []}
-        for f in include:
-            out[f] = []
-        step, offset = self._batch(), 0
-        while True:
-            got = self.collection.get(where=where, include=include, limit=step, offset=offset)
-            out["ids"] += got["ids"]
-            for f in include:
-                out[f] += list(got[f])
-            if len(got["ids"]) < step:
-                return out
-            offset += step
-
     def sources(self) -> dict[str, int]:
         """How many questions each source brought, of those this owner sees."""
         out: dict[str, int] = {}
-        for m in self._all(["metadatas"], where=self._seen())["metadatas"]:
-            s = (m or {}).get("source", "")
-            out[s] = out.get(s, 0) + 1
+        for col in self._seen():
+            for m in _all(col, ["metadatas"], self._batch())["metadatas"]:
+                s = (m or {}).get("source", "")
+                out[s] = out.get(s, 0) + 1
         return out
 
     def remove_source(self, source: str) -> int:
-        """Remove every question a source brought to this owner's rows; returns how many."""
-        ids = self._all([], where={"$and": [{"source": source}, self._own()]})["ids"]
+        """Remove every question a source brought to this owner's list; returns how many."""
+        col = self._writable()
+        if col is None:
+            return 0
+        ids = _all(col, [], self._batch(), where={"source": source})["ids"]
         step = self._batch()
         for i in range(0, len(ids), step):
-            self.collection.delete(ids=ids[i:i + step])
+            col.delete(ids=ids[i:i + step])
         return len(ids)
 
     def everything(self) -> tuple[list[str], torch.Tensor]:
         """Every question this owner sees, with its key (for brute-force checks and exports);
         a question both shared and its own comes once."""
-        got = self._all(["documents", "embeddings"], where=self._seen())
+        docs, embs = [], []
+        for col in self._seen():
+            got = _all(col, ["documents", "embeddings"], self._batch())
+            docs += got["documents"]
+            embs += list(got["embeddings"])
         first = {}
-        for i, q in enumerate(got["documents"]):
+        for i, q in enumerate(docs):
             first.setdefault(q, i)
         if not first:
             return [], torch.zeros(0, self.keyer.dim)
         keep = sorted(first.values())
-        return [got["documents"][i] for i in keep], torch.from_numpy(np.asarray([got["embeddings"][i] for i in keep], dtype=np.float32))
+        return [docs[i] for i in keep], torch.from_numpy(np.asarray([embs[i] for i in keep], dtype=np.float32))
 
     # ---- search --------------------------------------------------------------------------
     def search(self, center: torch.Tensor, radius: float, at_least: int = 0):
         """The questions this owner sees within `radius` of `center`, and at least the
         `at_least` nearest, nearest first: (questions, keys [m, dim], exact distances [m]).
-        chroma proposes its k nearest (HNSW, squared L2); they are re-ranked by the exact
-        distance from their stored keys, and k doubles while the farthest of them is still
-        inside the radius. A question both shared and the owner's comes once."""
-        total = self.collection.count()        # every owner's rows: a bound on what a query returns
+        In each collection chroma proposes its k nearest (HNSW, squared L2); they are
+        re-ranked by the exact distance from their stored keys, and k doubles while the
+        farthest of them is still inside the radius. A question both shared and the owner's
+        comes once."""
         c = center.detach().to(torch.float32).reshape(-1)
-        if total == 0:
+        docs, keys = [], []
+        for col in self._seen():
+            d, k = _near(col, c, radius, at_least)
+            docs += d
+            keys.append(k)
+        if not docs:
             return [], torch.zeros(0, c.shape[0]), torch.zeros(0)
-        k = min(total, max(START_K, 2 * int(at_least) + 2))
-        while True:
-            got = self.collection.query(query_embeddings=c.numpy()[None], n_results=k, where=self._seen(),
-                                        include=["embeddings", "documents"])
-            keys = torch.from_numpy(np.asarray(got["embeddings"][0], dtype=np.float32)).reshape(-1, c.shape[0])
-            dist = (keys - c).norm(dim=-1)
-            # Fewer than k back: this owner sees no more.
-            if k >= total or len(dist) < k or float(dist.max()) > radius:
-                break
-            k = min(total, 2 * k)
-        if len(dist) == 0:
-            return [], torch.zeros(0, c.shape[0]), torch.zeros(0)
-        docs = got["documents"][0]
+        keys = torch.cat(keys)
+        dist = (keys - c).norm(dim=-1)
         order, seen = [], set()
         for i in torch.argsort(dist, stable=True).tolist():
             if docs[i] not in seen:
@@ -402,24 +395,66 @@ class ProbeBank:
             pass
 
 
+def _collection(client, name: str, keyer, owner: str = SHARED):
+    """Get or make one of the bank's collections (L2, chroma's HNSW settings checked)."""
+    meta = {"model": str(keyer.cfg.model), "key": keyer.cfg.key_name(), "space": space_digest(keyer)}
+    if owner != SHARED:
+        meta["owner"] = owner
+    col = client.get_or_create_collection(name, embedding_function=None, configuration=HNSW, metadata=meta)
+    with warnings.catch_warnings():       # chroma calls "no embedding function" legacy
+        warnings.simplefilter("ignore", DeprecationWarning)
+        hnsw = (col.configuration or {}).get("hnsw") or {}
+    if hnsw.get("space", "l2") != "l2":
+        raise ValueError(f"probe collection {col.name} is not in L2 space")
+    if hnsw.get("ef_search") != EF_SEARCH:
+        col.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
+    return col
+
+
+def _all(col, include: list[str], step: int, where: dict | None = None) -> dict:
+    """Every row of a collection (or those matching `where`), in pages of `step`."""
+    out = {"ids": [], **{f: [] for f in include}}
+    offset = 0
+    while True:
+        got = col.get(where=where, include=include, limit=step, offset=offset)
+        out["ids"] += got["ids"]
+        for f in include:
+            out[f] += list(got[f])
+        if len(got["ids"]) < step:
+            return out
+        offset += step
+
+
+def _near(col, c: torch.Tensor, radius: float, at_least: int) -> tuple[list[str], torch.Tensor]:
+    """One collection's rows within `radius` of `c` and its `at_least` nearest (maybe more):
+    (documents, keys). k doubles while all k proposed lie inside the radius."""
+    total = col.count()
+    if total == 0:
+        return [], torch.zeros(0, c.shape[0])
+    k = min(total, max(START_K, 2 * int(at_least) + 2))
+    while True:
+        got = col.query(query_embeddings=c.numpy()[None], n_results=k, include=["embeddings", "documents"])
+        keys = torch.from_numpy(np.asarray(got["embeddings"][0], dtype=np.float32)).reshape(-1, c.shape[0])
+        if k >= total or len(keys) < k or float((keys - c).norm(dim=-1).max()) > radius:
+            return list(got["documents"][0]), keys
+        k = min(total, 2 * k)
+
+
 def forget(owner: str, root=None) -> int:
-    """Remove `owner`'s rows from every key space's collection (a workspace that was
-    removed); returns how many went. The shared list cannot be forgotten this way."""
+    """Remove `owner`'s own list in every key space (a workspace that was removed); returns
+    how many questions went. The shared list cannot be forgotten this way."""
     if not owner or owner == SHARED:
         raise ValueError("only a workspace's own questions can be forgotten")
     if not may_exist() and root is None:
         return 0
     client = client_for(root)
-    gone = 0
+    gone, tail = 0, "-" + _owner_tag(owner)
     try:
         for col in client.list_collections():
             name = col if isinstance(col, str) else col.name
-            if name.startswith("probes-"):
-                col = client.get_collection(name)
-                ids = col.get(where={"owner": owner}, include=[])["ids"]
-                if ids:
-                    col.delete(ids=ids)
-                    gone += len(ids)
+            if name.startswith("probes-own-") and name.endswith(tail):
+                gone += client.get_collection(name).count()
+                client.delete_collection(name)
     finally:
         try:
             client.close()

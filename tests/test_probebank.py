@@ -247,16 +247,16 @@ def test_a_workspaces_own_questions_are_seen_by_it_and_the_shared_list_by_all(ke
     assert mine.remove_source("class.txt") == 0 and shared.count() == 2
     # Its removal forgets its rows in every key space, and nobody else's.
     assert forget("ws-mine", tmp_path) == 1
-    assert (mine.count(), yours.count(), shared.count()) == (2, 3, 2)
+    assert (mine.count(), yours.count(), shared.count()) == (2, 2, 2)   # yours: Macbeth in both, once
     assert mine.sources() == {"class.txt": 1, "later.txt": 1}
     with pytest.raises(ValueError, match="only a workspace"):
         forget("", tmp_path)
     shared.close()
 
 
-def test_a_bank_from_before_owners_is_the_shared_list(keyer, tmp_path):
-    """A collection written before rows had owners (no owner field, no mark): opening it
-    makes its rows the shared list, so every workspace keeps checking against them."""
+def test_a_bank_from_before_own_lists_is_the_shared_list(keyer, tmp_path):
+    """A collection written before workspaces had lists of their own is the shared list, as
+    it stands: every workspace keeps checking against it, and nothing is rewritten."""
     import numpy as np
 
     from melo_engine.probebank import question_id, space_digest
@@ -272,7 +272,7 @@ def test_a_bank_from_before_owners_is_the_shared_list(keyer, tmp_path):
     client.close()
     bank = ProbeBank.open(keyer, tmp_path)
     assert bank.count() == 2 and bank.view("ws-a").count() == 2
-    assert bank.collection.metadata["owners"] == 1 and bank.collection.metadata["model"] == str(keyer.cfg.model)
+    assert bank.collection.metadata["model"] == str(keyer.cfg.model)
     assert [q for q, _ in bank.view("ws-a").within(keyer.keys(["Who wrote Hamlet?"])[0], 0.05)] == ["Who wrote Hamlet?"]
     assert bank.add(qs, "again.txt") == (0, 2)                        # the same ids as before
     bank.close()

@@ -155,7 +155,8 @@ def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_se
 
     url, _ = app_server
     mine = tmp_path / "class-questions.txt"
-    mine.write_text("At what temperature in Celsius does mercury boil?\nHow do you say thank you in Finnish?\n")
+    # (not a question of the bundled reference lists, which every check runs over)
+    mine.write_text("In degrees Celsius, at what temperature does mercury boil?\nHow do you say thank you in Finnish?\n")
     with fresh_page(browser, url) as page:
         tab(page, "Settings")
         page.locator("#probe-file input[type=file]").set_input_files(str(mine))
@@ -163,7 +164,7 @@ def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_se
         page.locator("#probe-file input[type=file]").set_input_files(str(mine))
         page.get_by_text("Added 0 questions (2 already there)").first.wait_for(timeout=LONG)
         _edit(page, "What is the boiling point of mercury in degrees Celsius?", "Mercury boils at 356.7 degrees Celsius.")
-        page.wait_for_function("() => document.querySelector('#side-effects').innerText.includes('mercury boil')",
+        page.wait_for_function("() => document.querySelector('#side-effects').innerText.includes('In degrees Celsius, at what')",
                                timeout=LONG)
         assert "thank you in Finnish" not in page.locator("#side-effects").inner_text()
     with fresh_page(browser, url) as other:
@@ -171,4 +172,4 @@ def test_a_question_list_loaded_in_settings_joins_every_side_effect_check(app_se
         # textContent, not innerText: the heading is drawn in capitals by CSS.
         other.wait_for_function("() => document.querySelector('#side-effects').textContent.includes('Side-effect check for edit')",
                                 timeout=LONG)
-        assert "mercury boil" not in other.locator("#side-effects").inner_text()
+        assert "In degrees Celsius, at what" not in other.locator("#side-effects").inner_text()
