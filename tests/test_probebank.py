@@ -13,8 +13,8 @@ from melo_engine.bench.probebank import bundled_questions
 from melo_engine.index import ClusterState
 from melo_engine.placement import add
 from melo_engine.neighbours import side_effects
-from melo_engine.probebank import (MAX_CHARS, START_K, ProbeBank, bank_side_effects, client_for,
-                                   collection_name, read_questions_file)
+from melo_engine.probebank import START_K, ProbeBank, bank_side_effects, client_for, collection_name
+from melo_engine.questionfile import MAX_CHARS, read_questions_file
 
 QUESTIONS = 300
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..probebank import clean_question
+from ..questionfile import clean_question
 from ..refdata import reference_list
 from .base import Benchmark
 from .data import ROOT, counterfact_records, zsre_records
@@ -115,7 +115,8 @@ def probebank_benchmark(n_questions: int = 10000, n_edits: int = 20, n: int = 8,
     from melo_engine.index import ClusterState
     from melo_engine.keys import Keyer
     from melo_engine.neighbours import side_effects
-    from melo_engine.probebank import ProbeBank, bank_side_effects, read_questions_file
+    from melo_engine.probebank import ProbeBank, bank_side_effects
+    from melo_engine.questionfile import read_questions_file
 
     t0 = time.perf_counter()
     bb = Backbone.load(DEFAULT_MODEL)
