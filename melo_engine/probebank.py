@@ -169,9 +169,11 @@ class ProbeBank:
         name = own_collection_name(self.keyer, self.owner)
         if make:
             return _collection(self.client, name, self.keyer, owner=self.owner)
+        from chromadb.errors import NotFoundError
+
         try:
             return self.client.get_collection(name)
-        except Exception:  # noqa: BLE001 - chroma raises NotFoundError or ValueError by version
+        except NotFoundError:          # only "none yet": an unreachable server is an error
             return None
 
     def _writable(self, make: bool = False):
@@ -195,6 +197,10 @@ class ProbeBank:
                        for i in range(0, len(ids), step))
             total += len(ids) - both
         return total
+
+    def empty(self) -> bool:
+        """Whether this owner's checks have no questions to run over (cheap: no rows read)."""
+        return all(col.count() == 0 for col in self._seen())
 
     def _batch(self) -> int:
         try:

@@ -108,6 +108,10 @@ class ServedWorkspace:
         if op not in OPERATIONS:
             raise ValueError(f"unknown operation {op!r}")
         kwargs = dict(kwargs or {})
+        if op == "probe_bank_add" and reach != "write":
+            # a read reaches the shared empty workspace of a visitor without one: its own
+            # list would be every such visitor's
+            raise ValueError("questions are added by a write")
         if reach == "write":
             with self.pool.writing(self.token) as ed:
                 return self._run(ed, op, args, kwargs)

@@ -71,10 +71,10 @@ arbalest pest lest zest vest crest inquest tempest infest molest attest detest p
 SYNONYMS = {"biggest": "largest", "greatest": "largest", "tallest": "highest", "tiniest": "smallest",
             "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth",
             "earth": "world", "final": "last"}
-# Words that frame what kind of answer is wanted ("in which year" / "when", "what
-# temperature" / "how warm"): a paraphrase swaps them freely, so they need no match.
+# Words that frame what kind of answer is wanted ("in which year" / "when"): a paraphrase
+# swaps them freely, so they need no match.
 FRAMING = frozenset("""year years date day time place city country person people thing number
-happen happened occur occurred take took located location world temperature""".split())
+happen happened occur occurred take took located location world""".split())
 # Roman numerals after a name ("World War II", "Louis XIV") are numbers.
 ROMAN = re.compile(r"(?=[ivxlc])(c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
 UNIT_BEFORE_SECOND = frozenset("per a one each every".split())

@@ -313,3 +313,26 @@ def test_a_visitors_list_joins_only_its_own_checks_and_goes_with_its_workspace(b
     assert pool.sweep(now=time.time() + 2 * 24 * 3600) == sorted(pool.tokens.folder(t) for t in (a, b, c))
     assert bank.view(owners[a]).count() == 0 and bank.view(owners[c]).count() == 0     # their lists went with them
     pool.stop()
+
+
+def test_the_sweep_leaves_a_workspace_alone_while_its_list_loads(backbone, tmp_path, monkeypatch):
+    """A long list loading into a new workspace (its write under way) is not swept as an
+    empty workspace; a refused file marks nothing; the mark comes before the load, so a
+    list that fails part way still leaves with its workspace."""
+    from webapp.sessions import QUESTIONS_MARK, WorkspacePool
+
+    monkeypatch.setenv("MELO_PROBE_BANK", str(tmp_path / "probes"))
+    pool = WorkspacePool(backbone, tmp_path / "pool")
+    t = pool.tokens.new()
+    folder = pool.tokens.folder(t)
+    (tmp_path / "bad.txt").write_text("Who wrote Hamlet?\n" + "x" * 600 + "\n")
+    with pool.writing(t) as ed:
+        assert ed.probe_bank().empty()
+        assert pool.sweep(now=time.time() + 2 * 24 * 3600) == []           # a write is under way
+    with pytest.raises(ValueError, match="line 2"):
+        pool.add_questions(t, tmp_path / "bad.txt")
+    assert not (pool.root / folder / QUESTIONS_MARK).exists()
+    (tmp_path / "ok.txt").write_text("Who wrote Hamlet?\n")
+    assert pool.add_questions(t, tmp_path / "ok.txt")[:2] == (1, 0)
+    assert not pool.existing(t).probe_bank().empty()
+    pool.stop()

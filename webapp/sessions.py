@@ -29,6 +29,7 @@ from melo_engine import MeloEditor, probebank
 from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
 from melo_engine.lock import WorkspaceLock
+from melo_engine.questionfile import read_questions_file
 
 from .idle import IdleRule, start_sweeper
 from .lane import BenchmarkLane
@@ -282,12 +283,15 @@ class WorkspacePool:
         file is refused. The folder is marked as holding a list, so the sweep keeps it like
         one with edits and its removal takes the list with it."""
         folder = self.tokens.folder(token)
+        read_questions_file(path)          # a refused file is refused before anything is marked
         with self.writing(token) as ed:
+            # Marked before the load: a load that fails part way, or a workspace removed
+            # meanwhile, still takes what was loaded out of the bank with it.
+            (self.root / folder).mkdir(parents=True, exist_ok=True)     # an engine replica makes the workspace
+            (self.root / folder / QUESTIONS_MARK).write_text("")
             bank = ed.probe_bank()
             added, skipped = bank.add_file(path, source=Path(path).name)
             count = bank.count()
-            (self.root / folder).mkdir(parents=True, exist_ok=True)     # an engine replica made the workspace
-            (self.root / folder / QUESTIONS_MARK).write_text("")
         return added, skipped, count
 
     def close(self, token: str) -> None:
@@ -301,11 +305,15 @@ class WorkspacePool:
         if ed is not None:
             ed.close()
 
-    def _remove(self, folder: str) -> bool:
+    def _remove(self, folder: str, idle: bool = False) -> bool:
         """Delete a workspace: one open here is closed first; one that another process
         holds open for writing (another app or engine replica on the same folder) is left
-        alone. Returns whether it went. Nobody opens it meanwhile (`_lookup` waits)."""
+        alone, and with `idle` (the sweep) so is one a write here is under way on (a long
+        question list loading). Returns whether it went. Nobody opens it meanwhile
+        (`_lookup` waits)."""
         with self._lock:
+            if idle and folder in self._writers:
+                return False
             self._mark_dropping(folder, +1)
             ed = self._editors.pop(folder, None)
             self._used.pop(folder, None)
@@ -354,7 +362,7 @@ class WorkspacePool:
             return (self.workspace_models.recorded(folder) != self.default_model
                     or (self.root / folder / QUESTIONS_MARK).is_file())
         stale = self.idle.stale(self.root, time.time() if now is None else now, kept)
-        return [folder for folder in stale if self._remove(folder)]
+        return [folder for folder in stale if self._remove(folder, idle=True)]
 
     def start_sweeper(self, every_seconds: float = 600) -> threading.Thread:
         return start_sweeper(self.sweep, every_seconds, self._stop)
