@@ -70,8 +70,10 @@ def edit_side_effects(ed, edit_id: str, reference, n: int = 8) -> list[Neighbour
             raise ValueError(f"edit {entry.id} is {entry.status}: it fires for no question")
         route = lambda q, k: decide(ed, k, q)       # noqa: E731 - as asking would route it
         rows = side_effects(ed.ws.state, entry.id, questions, keys, n=n, route=route)
-        if bank is not None and not bank.empty():
-            rows = merged(rows, bank_side_effects(ed.ws.state, entry.id, bank, n, route=route), n)
+        # (an empty bank finds nothing: asking first whether it is empty costs the same lookups)
+        extra = bank_side_effects(ed.ws.state, entry.id, bank, n, route=route) if bank is not None else []
+        if extra:
+            rows = merged(rows, extra, n)
     return phrasings_marked(rows, entry.prompt)
 
 

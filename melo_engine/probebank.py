@@ -191,16 +191,12 @@ class ProbeBank:
         total = self.collection.count()
         own = self._own()
         if own is not None:
-            ids = _all(own, [], self._batch())["ids"]
             step = self._batch()
+            ids = _all(own, [], step)["ids"]
             both = sum(len(self.collection.get(ids=ids[i:i + step], include=[])["ids"])
                        for i in range(0, len(ids), step))
             total += len(ids) - both
         return total
-
-    def empty(self) -> bool:
-        """Whether this owner's checks have no questions to run over (cheap: no rows read)."""
-        return all(col.count() == 0 for col in self._seen())
 
     def _batch(self) -> int:
         try:
@@ -354,7 +350,7 @@ def _near(col, c: torch.Tensor, radius: float, at_least: int) -> tuple[list[str]
     total = col.count()
     if total == 0:
         return [], torch.zeros(0, c.shape[0])
-    k = min(total, max(START_K, 2 * int(at_least) + 2))
+    k = min(total, max(START_K, 2 * int(at_least)))
     while True:
         got = col.query(query_embeddings=c.numpy()[None], n_results=k, include=["embeddings", "documents"])
         keys = torch.from_numpy(np.asarray(got["embeddings"][0], dtype=np.float32)).reshape(-1, c.shape[0])

@@ -158,28 +158,32 @@ class Words:
     other_words: list[str]
     sequence: tuple = ()             # the question's (normalised word, taken for a noun) in order
 
-    def relation(self, word: str) -> bool:
-        """Whether `word` stands right before "of" / "for" / ... in the question: a noun that
-        names the relation ("the boiling *point* of mercury"), which paraphrases reword ("at
-        what temperature"), not the thing asked about."""
-        return any(w == word and _names_relation(self.sequence, i + 1) for i, (w, _) in enumerate(self.sequence))
+    # Derived once per text (an edit's Words are kept by the router and checked often).
+    @functools.cached_property
+    def relations(self) -> frozenset:
+        """The words right before "of" / "for" / ... in the question: nouns that name the
+        relation ("the boiling *point* of mercury"), which paraphrases reword ("at what
+        temperature"), not the thing asked about."""
+        return frozenset(w for i, (w, _) in enumerate(self.sequence) if _names_relation(self.sequence, i + 1))
+
+    @functools.cached_property
+    def named(self) -> bool:
+        """Whether the text names a subject (a name that is not only a unit): then the thing
+        asked about is that name, checked word for word, not a common noun."""
+        return any(not all(w in UNIT_NAMES for w in r) for r in self.runs)
+
+    @functools.cached_property
+    def _asked(self) -> tuple:
+        nouns = [n and not self.named for n in self.nounish]
+        # a relation noun is the thing asked about where no other noun is ("the *square* of 12")
+        alone = not any(n and w not in self.relations for w, n in zip(self.content, nouns))
+        return tuple(n and (w not in self.relations or alone) for w, n in zip(self.content, nouns))
 
     def asked_about(self, i: int) -> bool:
         """Whether content word i is the thing asked about, a common noun ("a *spider*", "the
         largest *planet*", "of *mercury*"), which needs `align_noun`: taken for a noun, in a
         question that names no subject, and not a relation noun beside another noun."""
-        if not self.nounish[i] or self.named:
-            return False
-        if not self.relation(self.content[i]):
-            return True
-        # a relation noun is the thing asked about where no other noun is ("the *square* of 12")
-        return not any(n and not self.relation(w) for w, n in zip(self.content, self.nounish))
-
-    @property
-    def named(self) -> bool:
-        """Whether the text names a subject (a name that is not only a unit): then the thing
-        asked about is that name, checked word for word, not a common noun."""
-        return any(not all(w in UNIT_NAMES for w in r) for r in self.runs)
+        return self._asked[i]
 
 
 class SameQuestion:

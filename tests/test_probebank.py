@@ -327,12 +327,12 @@ def test_the_sweep_leaves_a_workspace_alone_while_its_list_loads(backbone, tmp_p
     folder = pool.tokens.folder(t)
     (tmp_path / "bad.txt").write_text("Who wrote Hamlet?\n" + "x" * 600 + "\n")
     with pool.writing(t) as ed:
-        assert ed.probe_bank().empty()
+        assert ed.probe_bank().count() == 0
         assert pool.sweep(now=time.time() + 2 * 24 * 3600) == []           # a write is under way
     with pytest.raises(ValueError, match="line 2"):
         pool.add_questions(t, tmp_path / "bad.txt")
     assert not (pool.root / folder / QUESTIONS_MARK).exists()
     (tmp_path / "ok.txt").write_text("Who wrote Hamlet?\n")
     assert pool.add_questions(t, tmp_path / "ok.txt")[:2] == (1, 0)
-    assert not pool.existing(t).probe_bank().empty()
+    assert pool.existing(t).probe_bank().count() == 1
     pool.stop()

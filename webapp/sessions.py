@@ -287,8 +287,8 @@ class WorkspacePool:
         with self.writing(token) as ed:
             # Marked before the load: a load that fails part way, or a workspace removed
             # meanwhile, still takes what was loaded out of the bank with it.
-            (self.root / folder).mkdir(parents=True, exist_ok=True)     # an engine replica makes the workspace
-            (self.root / folder / QUESTIONS_MARK).write_text("")
+            self._questions_mark(folder).parent.mkdir(parents=True, exist_ok=True)   # an engine replica makes the workspace
+            self._questions_mark(folder).write_text("")
             bank = ed.probe_bank()
             added, skipped = bank.add_file(path, source=Path(path).name)
             count = bank.count()
@@ -326,7 +326,7 @@ class WorkspacePool:
                     lock.acquire()
             except ValueError:
                 return False
-            listed = (self.root / folder / QUESTIONS_MARK).is_file()
+            listed = self._questions_mark(folder).is_file()
             try:
                 shutil.rmtree(self.root / folder, ignore_errors=True)
             finally:
@@ -337,6 +337,9 @@ class WorkspacePool:
         finally:
             with self._lock:
                 self._mark_dropping(folder, -1)
+
+    def _questions_mark(self, folder: str) -> Path:
+        return self.root / folder / QUESTIONS_MARK
 
     def _forget_questions(self, folder: str) -> None:
         """A removed workspace's own questions leave the probe bank with it; a bank that
@@ -360,7 +363,7 @@ class WorkspacePool:
         """Remove the workspaces rested past their limit (idle.py); return the folders removed."""
         def kept(folder: str) -> bool:          # its visitor chose a model, or loaded a list
             return (self.workspace_models.recorded(folder) != self.default_model
-                    or (self.root / folder / QUESTIONS_MARK).is_file())
+                    or self._questions_mark(folder).is_file())
         stale = self.idle.stale(self.root, time.time() if now is None else now, kept)
         return [folder for folder in stale if self._remove(folder, idle=True)]
 

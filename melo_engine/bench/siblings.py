@@ -213,6 +213,10 @@ def counterfact_part(study: Study, candidates: dict, held_radius: bool) -> dict:
     return out
 
 
+# The bank's parts (data.py, `BankEdit.half`), then the whole bank (None).
+HALVES = ("fit", "eval", "holdout", "reworded", None)
+
+
 def bank_part(study: Study, candidates: dict, held_radius: bool) -> dict:
     bank = hard_bank()
     prompts, targets = [b.question for b in bank], [b.answer for b in bank]
@@ -225,7 +229,7 @@ def bank_part(study: Study, candidates: dict, held_radius: bool) -> dict:
         state, words_of, actions = study.build(prompts, targets, same, radii if name == "edit-radius" else None)
         same_r = None if name == "edit-radius" else same
         res = {"placements": dict(actions), "superseded": len(state.dormant)}
-        for half in ("fit", "eval", "holdout", "reworded", None):
+        for half in HALVES:
             items = [(i, b) for i, b in enumerate(bank) if half is None or b.half == half]
             para = [(i, q) for i, b in items for q in b.paraphrases]
             # candidate iv sets each edit's radius from its first sibling: measured on the others
@@ -271,7 +275,7 @@ def pairwise_part(cands: dict) -> dict:
         if check is None:
             continue
         res = {}
-        for half in ("fit", "eval", "holdout", "reworded", None):
+        for half in HALVES:
             items = [b for b in bank if half is None or b.half == half]
             sib = [(b.question, q) for b in items for q in b.siblings]
             para = [(b.question, q) for b in items for q in b.paraphrases]
