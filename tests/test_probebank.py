@@ -283,7 +283,8 @@ def test_a_visitors_list_joins_only_its_own_checks_and_goes_with_its_workspace(b
     names the list's paraphrase, B's check of the same edit does not; A's folder is kept by
     the sweep like one with edits; removing A's workspace takes its list out of the bank."""
     from melo_engine.probebank import owner_of
-    from webapp.sessions import QUESTIONS_MARK, WorkspacePool
+    from webapp.questionlists import MARK as QUESTIONS_MARK, load
+    from webapp.sessions import WorkspacePool
 
     monkeypatch.setenv("MELO_PROBE_BANK", str(tmp_path / "probes"))
     pool = WorkspacePool(backbone, tmp_path / "pool")
@@ -291,11 +292,11 @@ def test_a_visitors_list_joins_only_its_own_checks_and_goes_with_its_workspace(b
     q, target = "Which planet is the largest in the solar system?", "Jupiter is the largest planet."
     paraphrase = "What is the biggest planet of our solar system?"
     (tmp_path / "mine.txt").write_text(paraphrase + "\nWho painted the Mona Lisa?\n")
-    assert pool.add_questions(a, tmp_path / "mine.txt")[:2] == (2, 0)
-    assert pool.add_questions(a, tmp_path / "mine.txt")[:2] == (0, 2)
+    assert load(pool, a, tmp_path / "mine.txt")[:2] == (2, 0)
+    assert load(pool, a, tmp_path / "mine.txt")[:2] == (0, 2)
     with pytest.raises(ValueError, match="no questions"):                  # a refused file: B gets no workspace
         (tmp_path / "empty.txt").write_text("\n")
-        pool.add_questions(b, tmp_path / "empty.txt")
+        load(pool, b, tmp_path / "empty.txt")
     assert pool.existing(b) is None
     edits = {}
     for t in (a, b):
@@ -306,7 +307,7 @@ def test_a_visitors_list_joins_only_its_own_checks_and_goes_with_its_workspace(b
     assert (pool.root / pool.tokens.folder(a) / QUESTIONS_MARK).is_file()
     # Visitor C only loads the list: an empty workspace, kept like one with edits.
     c = pool.tokens.new()
-    assert pool.add_questions(c, tmp_path / "mine.txt")[:2] == (2, 0)
+    assert load(pool, c, tmp_path / "mine.txt")[:2] == (2, 0)
     owners = {t: owner_of(pool.root / pool.tokens.folder(t) / "ws") for t in (a, c)}
     bank = pool.existing(b).probe_bank()
     assert pool.sweep(now=time.time() + 3600) == []
@@ -319,7 +320,8 @@ def test_the_sweep_leaves_a_workspace_alone_while_its_list_loads(backbone, tmp_p
     """A long list loading into a new workspace (its write under way) is not swept as an
     empty workspace; a refused file marks nothing; the mark comes before the load, so a
     list that fails part way still leaves with its workspace."""
-    from webapp.sessions import QUESTIONS_MARK, WorkspacePool
+    from webapp.questionlists import MARK as QUESTIONS_MARK, load
+    from webapp.sessions import WorkspacePool
 
     monkeypatch.setenv("MELO_PROBE_BANK", str(tmp_path / "probes"))
     pool = WorkspacePool(backbone, tmp_path / "pool")
@@ -330,9 +332,9 @@ def test_the_sweep_leaves_a_workspace_alone_while_its_list_loads(backbone, tmp_p
         assert ed.probe_bank().count() == 0
         assert pool.sweep(now=time.time() + 2 * 24 * 3600) == []           # a write is under way
     with pytest.raises(ValueError, match="line 2"):
-        pool.add_questions(t, tmp_path / "bad.txt")
+        load(pool, t, tmp_path / "bad.txt")
     assert not (pool.root / folder / QUESTIONS_MARK).exists()
     (tmp_path / "ok.txt").write_text("Who wrote Hamlet?\n")
-    assert pool.add_questions(t, tmp_path / "ok.txt")[:2] == (1, 0)
+    assert load(pool, t, tmp_path / "ok.txt")[:2] == (1, 0)
     assert pool.existing(t).probe_bank().count() == 1
     pool.stop()

@@ -17,7 +17,7 @@ import gradio as gr
 from melo_engine.registry import KEY_SOURCES, METHODS
 from melo_engine.trainproc import TrainingStopped
 
-from . import plots, published, render
+from . import plots, published, questionlists, render
 from .downloads import ROUTE, Downloads
 from .lane import Progress
 from .sessions import WorkspacePool
@@ -331,7 +331,7 @@ def load_probes(pool: WorkspacePool, token: str, file) -> str:
     if file is None:
         raise ValueError("choose a file of questions (.txt, .json or .csv)")
     path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-    added, skipped, count = pool.add_questions(token, path)
+    added, skipped, count = questionlists.load(pool, token, path)
     return (f"Added {added} question{'s' if added != 1 else ''} ({skipped} already there); your checks "
             f"run over {count}. Every side-effect check of your workspace now runs over them too.")
 

@@ -25,20 +25,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from melo_engine import MeloEditor, probebank
+from melo_engine import MeloEditor
 from melo_engine.backbone import Backbone
 from melo_engine.config import DEFAULT_MODEL
 from melo_engine.lock import WorkspaceLock
-from melo_engine.questionfile import read_questions_file
 
+from . import questionlists
 from .idle import IdleRule, start_sweeper
 from .lane import BenchmarkLane
 from .models import ModelShelf
 from .tokens import WorkspaceTokens
 from .workers import SharedWork
 from .workspace_models import WorkspaceModels
-
-QUESTIONS_MARK = "questions"     # in a visitor's folder: its workspace holds a list of its own
 
 
 def default_root() -> Path:
@@ -276,24 +274,6 @@ class WorkspacePool:
                     with self._lock:
                         self._mark_dropping(folder, -1)
 
-    def add_questions(self, token: str, path) -> tuple[int, int, int]:
-        """Load a file of questions into the visitor's own list (probebank.py: its checks see
-        it and the shared list, nobody else's do): (added, skipped, how many its checks now
-        run over). A write: the workspace is made if there is none, and goes again if the
-        file is refused. The folder is marked as holding a list, so the sweep keeps it like
-        one with edits and its removal takes the list with it."""
-        folder = self.tokens.folder(token)
-        read_questions_file(path)          # a refused file is refused before anything is marked
-        with self.writing(token) as ed:
-            # Marked before the load: a load that fails part way, or a workspace removed
-            # meanwhile, still takes what was loaded out of the bank with it.
-            self._questions_mark(folder).parent.mkdir(parents=True, exist_ok=True)   # an engine replica makes the workspace
-            self._questions_mark(folder).write_text("")
-            bank = ed.probe_bank()
-            added, skipped = bank.add_file(path, source=Path(path).name)
-            count = bank.count()
-        return added, skipped, count
-
     def close(self, token: str) -> None:
         """Let go of the token's workspace (and its lock), keeping its files: the next use
         opens it again, caught up from its journal. An engine replica closes the workspaces
@@ -326,28 +306,17 @@ class WorkspacePool:
                     lock.acquire()
             except ValueError:
                 return False
-            listed = self._questions_mark(folder).is_file()
+            listed = questionlists.marked(self.root / folder)
             try:
                 shutil.rmtree(self.root / folder, ignore_errors=True)
             finally:
                 lock.release()
             if listed:
-                self._forget_questions(folder)
+                questionlists.forget(self.root / folder)
             return True
         finally:
             with self._lock:
                 self._mark_dropping(folder, -1)
-
-    def _questions_mark(self, folder: str) -> Path:
-        return self.root / folder / QUESTIONS_MARK
-
-    def _forget_questions(self, folder: str) -> None:
-        """A removed workspace's own questions leave the probe bank with it; a bank that
-        cannot be reached now keeps them (nobody else sees them) and the removal stands."""
-        try:
-            probebank.forget(probebank.owner_of(self.root / folder / "ws"))
-        except Exception as err:  # noqa: BLE001 - the workspace is gone either way
-            print(f"workspace {folder} removed; its questions stay in the probe bank ({err})", flush=True)
 
     def _mark_dropping(self, folder: str, step: int) -> None:
         """(Under the pool's lock.) Count a removal of `folder` in (+1) or out (-1): two may
@@ -363,7 +332,7 @@ class WorkspacePool:
         """Remove the workspaces rested past their limit (idle.py); return the folders removed."""
         def kept(folder: str) -> bool:          # its visitor chose a model, or loaded a list
             return (self.workspace_models.recorded(folder) != self.default_model
-                    or self._questions_mark(folder).is_file())
+                    or questionlists.marked(self.root / folder))
         stale = self.idle.stale(self.root, time.time() if now is None else now, kept)
         return [folder for folder in stale if self._remove(folder, idle=True)]
 
